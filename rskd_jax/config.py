@@ -344,3 +344,117 @@ class DataRun:
     """Root config of `python -m rskd_jax.data`."""
 
     data: DataConfig = opt(DataConfig())
+
+
+# ----------------------------------------------------------------------------- shared sections
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh ("data", "fsdp", "tensor"); -1 on one axis takes all remaining devices."""
+
+    data: int = opt(-1, "data-parallel axis (batch split, params replicated)")
+    fsdp: int = opt(1, "batch split and params/optimizer state sharded along 'embed'")
+    tensor: int = opt(1, "model-parallel axis: heads, MLP units, vocabulary")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-process (multi-host) set-up: `jax.distributed.initialize` when enabled.
+
+    On Cloud TPU VMs and SLURM/Kubernetes GPU clusters JAX finds the coordinator itself:
+    set `enabled: true` and leave the rest empty. Elsewhere give all three values (the same
+    coordinator_address on every process, process_id 0..num_processes-1).
+    """
+
+    enabled: bool = opt(False, "call jax.distributed.initialize before anything else")
+    coordinator_address: str | None = opt(None, "host:port of process 0")
+    num_processes: int | None = opt(None, "number of processes")
+    process_id: int | None = opt(None, "this process's index")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Where a model comes from and, for `source: random`, its architecture."""
+
+    source: str = opt("random", "'smollm2', a .gguf file, an HF directory, or 'random'")
+    dtype: str = opt("float32", "compute dtype: float32 or bfloat16")
+    param_dtype: str = opt("float32", "parameter dtype: float32 or bfloat16")
+    remat: bool = opt(False, "recompute each layer's activations in the backward pass")
+    seed: int = opt(0, "random init seed (source: random)")
+    vocab_size: int | None = opt(None, "random: vocabulary (default: the tokenizer's)")
+    hidden_size: int = opt(64, "random: model width D")
+    intermediate_size: int = opt(192, "random: MLP width F")
+    num_layers: int = opt(2, "random: decoder layers")
+    num_heads: int = opt(4, "random: query heads")
+    num_kv_heads: int = opt(2, "random: key/value heads (GQA)")
+    head_dim: int | None = opt(None, "random: head dim (default hidden_size / num_heads)")
+    rope_theta: float = opt(10000.0, "random: RoPE base")
+    tie_embeddings: bool = opt(True, "random: share the embedding and the LM head")
+    max_position_embeddings: int = opt(2048, "random: longest sequence")
+
+    def __post_init__(self):
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16"):
+                raise ConfigError(f"{name} must be float32 or bfloat16, got {getattr(self, name)!r}")
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+METHODS = ("sample", "sample_wor", "top_k", "ghost", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputConfig:
+    """One teacher store written by the cache pass (several share one teacher forward)."""
+
+    name: str = opt("rskd_n50", "store name: written to <cache.output>/<name>")
+    method: Literal["sample", "sample_wor", "top_k", "ghost", "full"] = opt(
+        "sample", "sample (with replacement, counts), sample_wor (Gumbel-top-k), top_k, ghost, full")
+    num_draws: int = opt(50, "sample: draws N; sample_wor / top_k / ghost: ids kept k")
+    temperature: float = opt(1.0, "proposal temperature (sample, sample_wor); targets stay unbiased")
+    normalize: bool = opt(False, "sample_wor: self-normalised weights (consistent, biased)")
+    renormalize: bool = opt(True, "top_k: divide the kept probabilities by their sum")
+
+    def __post_init__(self):
+        if self.num_draws < 1:
+            raise ConfigError(f"outputs[{self.name}].num_draws must be >= 1, got {self.num_draws}")
+        if not self.temperature > 0:
+            raise ConfigError(f"outputs[{self.name}].temperature must be > 0, got {self.temperature}")
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"output name {self.name!r} must be a non-empty name without '/'")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """`python -m rskd_jax.cache`: token store + teacher -> teacher stores."""
+
+    tokens: str = opt("runs/tokens", "token store (path or kvstore URL)")
+    output: str = opt("runs/teacher", "directory/URL prefix; each output goes to <output>/<name>")
+    splits: tuple[str, ...] = opt(("train", "val"), "token-store splits to cache")
+    max_rows: int | None = opt(None, "cache only the first rows of each split (slices, dry runs)")
+    batch_size: int = opt(8, "sequences per step, global (all processes together)")
+    chunk_rows: int = opt(8, "rows per store chunk; processes own whole chunks")
+    seed: int = opt(0, "sampling seed; row r's key is fold_in(key(seed), r)")
+    diagnostics: bool = opt(True, "store the teacher's log-prob of the next token and its entropy")
+    overwrite: bool = opt(False, "replace existing stores written with a different manifest")
+    full_max_gb: float = opt(4.0, "refuse a `full` output projected above this many GB")
+    outputs: tuple[OutputConfig, ...] = opt((OutputConfig(),), "the stores to write")
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.chunk_rows < 1:
+            raise ConfigError("cache.batch_size and cache.chunk_rows must be >= 1")
+        names = [o.name for o in self.outputs]
+        if not names or len(set(names)) != len(names):
+            raise ConfigError(f"cache.outputs needs at least one output and unique names, got {names}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheRun:
+    """Root config of `python -m rskd_jax.cache`."""
+
+    cache: CacheConfig = opt(CacheConfig())
+    teacher: ModelSpec = opt(ModelSpec(source="smollm2"))
+    mesh: MeshConfig = opt(MeshConfig())
+    distributed: DistributedConfig = opt(DistributedConfig())

@@ -15,7 +15,6 @@ heads on tensor=2, say); `param_shardings` reports which.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from typing import Any, Mapping, Sequence
@@ -23,6 +22,8 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rskd_jax.config import MeshConfig
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +45,6 @@ DEFAULT_RULES: Mapping[str, tuple[str, ...] | None] = {
     "head_dim": None,
     "norm": None,
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """Mesh shape; -1 on one axis takes all remaining devices."""
-
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
 
 
 class ShardingError(ValueError):

