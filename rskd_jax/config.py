@@ -10,7 +10,8 @@ fields are sections named after programs, so one YAML layout serves all of them:
 and `data.seq_len=256` on the command line overrides it. Unknown keys, in the file or an
 override, are errors naming the key, the closest valid key and every valid one. Values are
 checked against the annotations (int, float, str, bool, Optional, list/tuple, Literal, nested
-dataclasses); YAML lists become tuples so configs stay hashable. Field help comes from
+dataclasses); YAML lists become tuples so configs stay hashable. Override values are read as
+YAML; what YAML rejects stays a string (`data.inputs=[@stdlib, docs/]` works unquoted). Field help comes from
 `field(metadata={"help": ...})` (see `opt`) and is printed by `--help`.
 
     cfg = load_config(DataRun, "configs/tiny/data.yaml", ["data.seq_len=256"])
@@ -160,16 +161,24 @@ def config_from_dict(cls: type[T], raw: dict[str, Any]) -> T:
 # ----------------------------------------------------------------------------- loading
 
 
+def _parse_value(text: str) -> Any:
+    """A YAML scalar/list; text YAML rejects (e.g. '@stdlib', '[@stdlib, docs/]') stays text."""
+    text = text.strip()
+    try:
+        return yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        if text.startswith("[") and text.endswith("]"):
+            return [_parse_value(item) for item in text[1:-1].split(",") if item.strip()]
+        return text
+
+
 def _set_dotted(cls: type, raw: dict[str, Any], override: str) -> None:
     """Applies one `a.b.c=value` override to the nested dict `raw`, checking the key path."""
     key, sep, text = override.partition("=")
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"override {override!r} is not of the form key=value (e.g. data.seq_len=256)")
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override {override!r}: value is not valid YAML ({err})") from err
+    value = _parse_value(text)
     parts, node, node_cls = key.split("."), raw, cls
     for i, part in enumerate(parts):
         if part not in {f.name for f in dataclasses.fields(node_cls)}:

@@ -86,6 +86,9 @@ def test_data_config_layout_and_checks(tmp_path):
     cfg = load_config(DataRun, None, ["data.seq_len=256", "data.inputs=[a.txt, docs/]"])
     assert cfg.data.seq_len == 256 and cfg.data.inputs == ("a.txt", "docs/")
     assert load_config(DataRun).data.inputs == ("@stdlib",)
+    # '@' cannot start a YAML token; overrides keep such values as text.
+    assert load_config(DataRun, None, ["data.inputs=@stdlib/json/*.py"]).data.inputs == ("@stdlib/json/*.py",)
+    assert load_config(DataRun, None, ["data.inputs=[@stdlib, docs/]"]).data.inputs == ("@stdlib", "docs/")
     with pytest.raises(ConfigError, match="val_fraction must be in"):
         load_config(DataRun, None, ["data.val_fraction=1.5"])
     with pytest.raises(ConfigError, match="unknown key 'seq_len'.*did you mean 'data.seq_len'"):
