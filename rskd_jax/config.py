@@ -11,8 +11,8 @@ and `data.seq_len=256` on the command line overrides it. Unknown keys, in the fi
 override, are errors naming the key, the closest valid key and every valid one. Values are
 checked against the annotations (int, float, str, bool, Optional, list/tuple, Literal, nested
 dataclasses); YAML lists become tuples so configs stay hashable. Override values are read as
-YAML; what YAML rejects stays a string (`data.inputs=[@stdlib, docs/]` works unquoted). Field help comes from
-`field(metadata={"help": ...})` (see `opt`) and is printed by `--help`.
+YAML; what YAML rejects stays a string (`data.inputs=[@stdlib, docs/]` works unquoted). Field
+help comes from `field(metadata={"help": ...})` (see `opt`) and is printed by `--help`.
 
     cfg = load_config(DataRun, "configs/tiny/data.yaml", ["data.seq_len=256"])
     cfg, flags = parse_cli(DataRun, sys.argv[1:], prog="python -m rskd_jax.data",
