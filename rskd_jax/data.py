@@ -65,9 +65,15 @@ def _walk(root: str, extensions: Sequence[str], skip_dirs: frozenset[str] = froz
                 yield os.path.join(d, f)
 
 
-def expand_inputs(inputs: Sequence[str], extensions: Sequence[str] = (".py",),
+def expand_inputs(inputs: Sequence[str], extensions: Sequence[str] = (".py", ".txt", ".md", ".rst"),
                   exclude: Sequence[str] = ()) -> tuple[list[Document], list[dict[str, Any]]]:
-    """Files, dirs, globs and '@stdlib' -> (documents sorted by path, per-input file counts)."""
+    """Files, dirs, globs and '@stdlib' -> (documents sorted by path, per-input file counts).
+
+    Directories are walked recursively keeping `extensions` (hidden dirs and __pycache__
+    skipped); files named directly or matched by a glob are kept whatever their suffix.
+    `exclude` holds fnmatch patterns matched against absolute paths. A file reached twice
+    counts once, for the first input that reaches it.
+    """
     found: dict[str, Document] = {}
     sources = []
     stdlib = sysconfig.get_paths()["stdlib"]
@@ -82,12 +88,14 @@ def expand_inputs(inputs: Sequence[str], extensions: Sequence[str] = (".py",),
             pairs = [(p, spec) for p in _walk(spec, extensions)]
         elif glob.has_magic(spec):
             base = spec[: min((spec.find(c) for c in "*?[" if c in spec))].rpartition("/")[0] or "."
-            pairs = []
-            for m in sorted(glob.glob(spec, recursive=True)):
+            pairs, matches = [], sorted(glob.glob(spec, recursive=True))
+            if not matches:
+                raise DataError(f"data.inputs: the glob {given!r} matches nothing")
+            for m in matches:
                 pairs += [(p, base) for p in _walk(m, extensions)] if os.path.isdir(m) else [(m, base)]
         else:
             raise DataError(f"data.inputs: {given!r} is not a file, a directory or a matching glob")
-        pairs = [(p, r) for p, r in pairs if not any(fnmatch.fnmatch(p, pat) for pat in exclude)]
+        pairs = [(p, r) for p, r in pairs if not any(fnmatch.fnmatch(os.path.abspath(p), pat) for pat in exclude)]
         new = 0
         for p, r in pairs:
             key = os.path.realpath(p)

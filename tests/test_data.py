@@ -131,6 +131,8 @@ def test_expand_inputs(corpus):
     assert [d.rel for d in expand_inputs(["@stdlib/json/*.py"])[0]][:2] == ["json/__init__.py", "json/decoder.py"]
     with pytest.raises(DataError, match="'nope/' is not a file, a directory or a matching glob"):
         expand_inputs(["nope/"])
+    with pytest.raises(DataError, match="the glob '.*/nope/\\*.py' matches nothing"):
+        expand_inputs([str(corpus), f"{corpus}/nope/*.py"])
 
 
 def test_split_by_content_hash_is_stable():
@@ -189,7 +191,7 @@ def test_data_program_empty_inputs(tmp_path):
     (tmp_path / "only.bin").write_bytes(b"x")
     (tmp_path / "empty.py").write_bytes(b"")
     with pytest.raises(DataError, match="give no files"):
-        run(load_config(DataRun, None, [f"data.inputs={tmp_path}/*.rst"]), progress=False)
+        run(load_config(DataRun, None, [f"data.inputs={tmp_path}", "data.extensions=.rst"]), progress=False)
     with pytest.raises(DataError, match="all 1 input files were skipped"):
         run(load_config(DataRun, None, [f"data.inputs={tmp_path}", f"data.output={tmp_path}/o"]), progress=False)
 
