@@ -13,17 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from rskd_jax.config import load_config, DataRun  # noqa: E402
-from rskd_jax.data import TokenRows, make_batch_iterator, run  # noqa: E402
-from rskd_jax.store.common import bytes_on_disk  # noqa: E402
-from rskd_jax.store.tokens import open_token_store  # noqa: E402
-from rskd_jax.tokenizer import load_tokenizer  # noqa: E402
+from rskd_jax.config import DataRun, load_config
+from rskd_jax.data import TokenRows, make_batch_iterator, run
+from rskd_jax.store.common import bytes_on_disk
+from rskd_jax.store.tokens import open_token_store
+from rskd_jax.tokenizer import load_tokenizer
 
 
 def main() -> None:
@@ -57,8 +54,8 @@ def main() -> None:
             "documents": summary["documents"], "skipped": summary["skipped"],
             "tokens": summary["tokens"], "rows": summary["rows"],
             "prep_seconds": summary["seconds"], "prep_tokens_per_s": summary["tokens_per_s"],
-            "store_bytes": bytes_on_disk(out),
-            "store_bytes_per_token": round(bytes_on_disk(out) / max(1, sum(summary["rows"].values()) * args.seq_len), 3),
+            "store_bytes": (size := bytes_on_disk(out)),
+            "store_bytes_per_token": round(size / (sum(summary["rows"].values()) * args.seq_len), 3),
             "read_batch": args.batch, "read_rows_per_s": round(rows / read_s),
             "read_tokens_per_s": round(rows * args.seq_len / read_s),
         }
