@@ -170,8 +170,8 @@ class TeacherStore:
             table = _open(self.url, "rank_to_id", write=False, missing_ok=False).read().result()
             if table.shape != (self.vocab_size,) or common.fingerprint(table.tolist()) != layout["rank_table"]:
                 raise StoreError(f"{self.url}rank_to_id does not match the manifest: the store is corrupt")
-            self._rank_to_id = table.astype(np.int64)
-            self._id_to_rank = np.empty_like(self._rank_to_id)
+            self._rank_to_id = table.astype(np.int32)
+            self._id_to_rank = np.empty(self.vocab_size, np.int64)
             self._id_to_rank[self._rank_to_id] = np.arange(self.vocab_size)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2) if writable else None
 
@@ -262,22 +262,28 @@ class TeacherStore:
                 present = weights > 0
         if (bad := _first_bad(present & ((ids < 0) | (ids >= self.vocab_size)))) is not None:
             raise StoreError(f"{where(bad)}: id {ids[bad]} outside [0, {self.vocab_size})")
-        key = ids if self._id_to_rank is None else self._id_to_rank[np.where(present, ids, 0)]
-        order = np.argsort(np.where(present, key, np.iinfo(np.int64).max), axis=-1, kind="stable")
+        # Sort each position's entries by rank, absent slots (key = V) last.
+        key_t = np.int64 if self.vocab_size >= 2**31 - 1 else np.int32
+        key = np.where(present, ids if self._id_to_rank is None else self._id_to_rank[np.where(present, ids, 0)],
+                       self.vocab_size).astype(key_t)
+        order = np.argsort(key, axis=-1, kind="stable")
         key = np.take_along_axis(key, order, -1)
-        present = np.take_along_axis(present, order, -1)  # a prefix of each position now
-        if (bad := _first_bad(present[..., 1:] & (key[..., 1:] == key[..., :-1]))) is not None:
-            raise StoreError(f"{where(bad)}: id {np.take_along_axis(ids, order, -1)[bad]} appears twice")
+        num = present.sum(-1)
+        present = np.arange(k) < num[..., None]  # sorted: a prefix of each position
         gaps = key.copy()
         gaps[..., 1:] -= key[..., :-1] + 1
-        out["num_ids"] = present.sum(-1).astype(self._arrays[split]["num_ids"].dtype.numpy_dtype)
-        out["ids"] = _pack(gaps, present, self._arrays[split]["ids"].dtype.numpy_dtype)
+        if (bad := _first_bad(present[..., 1:] & (gaps[..., 1:] < 0))) is not None:
+            raise StoreError(f"{where(bad)}: id {np.take_along_axis(ids, order, -1)[bad]} appears twice")
+        used = np.arange(length * k) < num.sum(-1)[:, None]
+        dtypes = {name: arr.dtype.numpy_dtype for name, arr in self._arrays[split].items()}
+        out["num_ids"] = num.astype(dtypes["num_ids"])
+        out["ids"] = _pack(gaps, present, used, dtypes["ids"])
         if "counts" in rows:
             c = np.take_along_axis(counts, order, -1) - 1
             c[..., 0] = 0  # restored on read as N - sum(others)
-            out["counts"] = _pack(c, present, self._arrays[split]["counts"].dtype.numpy_dtype)
+            out["counts"] = _pack(c, present, used, dtypes["counts"])
         if "weights" in rows:
-            out["weights"] = _pack(np.take_along_axis(weights, order, -1), present, np.float32)
+            out["weights"] = _pack(np.take_along_axis(weights, order, -1), present, used, np.float32)
         return out
 
     # ------------------------------------------------------------------------------ reading
@@ -330,31 +336,38 @@ class TeacherStore:
             if self.method == "sample":
                 out["counts"] = z.astype(np.int32)
             return out
-        n = raw["num_ids"].astype(np.int64)
+        n = raw["num_ids"]
         if n.max() > k or (self.method == "sample" and n.min() < 1):
             raise StoreError(f"{self.url}{split}: num_ids outside [1, {k}]: the store is corrupt")
+        # Packed order is row-major [L, K] order of the present slots, so two boolean masks
+        # move entries between the packed [b, L*K] and the dense [b, L, K] layout.
         valid = np.arange(k) < n[..., None]
-        start = np.cumsum(n, axis=1) - n
-        src = np.where(valid, start[..., None] + np.arange(k), 0).reshape(b, length * k)
-        unpack = lambda x: np.where(valid, np.take_along_axis(x, src, 1).reshape(b, length, k), 0)  # noqa: E731
-        gaps = unpack(raw["ids"].astype(np.int64))
-        ranks = np.cumsum(gaps + (np.arange(k) > 0), axis=-1)
-        if (ranks[valid] >= self.vocab_size).any():
+        used = np.arange(length * k) < n.sum(1, dtype=np.int64)[:, None]
+
+        def unpack(x: np.ndarray, dtype: type) -> np.ndarray:
+            dense = np.zeros((b, length, k), dtype)
+            dense[valid] = x[used]
+            return dense
+
+        int_t = np.int64 if self.vocab_size > 2**30 else np.int32
+        gaps = unpack(raw["ids"], int_t)
+        gaps[..., 1:] += valid[..., 1:]
+        ranks = np.cumsum(gaps, axis=-1, dtype=int_t)  # non-decreasing: max is the largest valid rank
+        if ranks.max() >= self.vocab_size:
             raise StoreError(f"{self.url}{split}: decoded id outside [0, {self.vocab_size}): the store is corrupt")
-        ranks = np.where(valid, ranks, 0)
         ids = ranks if self._rank_to_id is None else self._rank_to_id[ranks]
-        out["ids"] = np.where(valid, ids, 0).astype(np.int32)
+        out["ids"] = (ids * valid).astype(np.int32)
         out["num_ids"] = n.astype(np.int32)
         if self.method == "sample":
-            counts = np.where(valid, unpack(raw["counts"].astype(np.int64)) + 1, 0)
+            counts = unpack(raw["counts"], np.int32) + valid
             counts[..., 0] = k - counts[..., 1:].sum(-1)
             if counts[..., 0].min() < 1:
                 raise StoreError(f"{self.url}{split}: counts exceed N = {k}: the store is corrupt")
-            out["counts"] = counts.astype(np.int32)
+            out["counts"] = counts
             if "weights" not in raw:
-                out["weights"] = out["counts"].astype(np.float32) / np.float32(k)
+                out["weights"] = counts.astype(np.float32) / np.float32(k)
         if "weights" in raw:
-            out["weights"] = unpack(raw["weights"]).astype(np.float32)
+            out["weights"] = unpack(raw["weights"], np.float32)
         return out
 
     # ------------------------------------------------------------------------------ summary
@@ -418,14 +431,11 @@ def _as(rows: dict[str, np.ndarray], name: str, shape: tuple[int, ...], kind: ty
     return x
 
 
-def _pack(values_BxLxK: np.ndarray, present_BxLxK: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Concatenates each row's present entries (a prefix of every position) at the front of
-    its L*K slots; the rest is 0. [b, L, K] -> [b, L*K]."""
-    b = values_BxLxK.shape[0]
-    m_BxC = present_BxLxK.reshape(b, -1)
-    out_BxC = np.zeros(m_BxC.shape, dtype)
-    row, _ = np.nonzero(m_BxC)
-    out_BxC[row, (np.cumsum(m_BxC, axis=1) - 1)[m_BxC]] = values_BxLxK.reshape(b, -1)[m_BxC]
+def _pack(values_BxLxK: np.ndarray, present_BxLxK: np.ndarray, used_BxC: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Each row's present entries (a prefix of every position), in row-major [L, K] order, at
+    the front of its L*K slots (used_BxC marks them); the rest is 0. [b, L, K] -> [b, L*K]."""
+    out_BxC = np.zeros(used_BxC.shape, dtype)
+    out_BxC[used_BxC] = values_BxLxK[present_BxLxK]
     return out_BxC
 
 
