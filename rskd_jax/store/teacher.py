@@ -27,8 +27,9 @@ are concatenated ("packed") at the front of its L*K slots, the rest is 0; num_id
 position's entries start. Counts are stored as c - 1, except the first entry of each position,
 stored as 0 and restored as N - sum(others). Every array is a zarr3 shard of `chunk_rows` rows
 with one inner chunk per row (a random row read decodes just that row), blosc(zstd, byte
-shuffle). On SmolLM2 samples of stdlib text at N = 50 (11.8 unique ids / position) this is
-~19 B/token for ids + counts + num_ids, ~1.6 B/entry; diagnostics add ~3 B/token.
+shuffle). Measured on real SmolLM2 draws at N = 50: stdlib source (11.8 unique ids per
+position) 20.1 B/token for ids + counts + num_ids = 1.70 B/entry; Python docs (15.3 ids)
+25.0 B/token = 1.64 B/entry; the float16 diagnostics add 4.2 B/token (raw int32: 400 B/token).
 
 Reading returns entries in this canonical order (ascending rank; ascending id when there is
 no table), empty slots last with id 0, weight 0, count 0. Weights for `sample` at temperature 1
@@ -59,7 +60,7 @@ KIND = "teacher"
 LAYOUT_VERSION = 1
 METHODS = ("sample", "sample_wor", "top_k", "ghost", "full")
 DIAGNOSTICS = ("gold_logprob", "entropy")
-DEFAULT_COMPRESSION_LEVEL = 5  # blosc clevel (zstd): ~0.5 M tokens/s/core; 9 is ~5% smaller, ~5x slower
+DEFAULT_COMPRESSION_LEVEL = 5  # blosc clevel (zstd); 9 is ~4% smaller and ~3x slower to write
 _FULL_CHUNK_BYTES = 64 << 20
 
 
@@ -471,6 +472,8 @@ def create_teacher_store(
       weights). id_frequencies: [V] counts (e.g. the token store's unigram counts) for the
       frequency-rank id remap, ~13% smaller ids on real text; None = identity.
     chunk_rows: rows per chunk (and per `done` chunk): the unit of one write_rows block.
+    Several processes: one creates the store; after a barrier the others call this with the
+    same arguments, which reopens it (never let two processes create the same new store).
     """
     if method not in METHODS:
         raise StoreError(f"method must be one of {METHODS}, got {method!r}")
@@ -497,7 +500,10 @@ def create_teacher_store(
         "encoding": "per position: entries sorted by frequency rank, gaps (first: rank; then rank - prev - 1), "
                     "packed per row, num_ids per position; counts c - 1 with the first restored as N - sum",
     }
-    final = json.loads(json.dumps(dict(manifest, kind=KIND, layout_version=LAYOUT_VERSION, layout=layout)))
+    try:
+        final = json.loads(json.dumps(dict(manifest, kind=KIND, layout_version=LAYOUT_VERSION, layout=layout)))
+    except (TypeError, ValueError) as err:
+        raise StoreError(f"the manifest must be plain JSON (str, int, float, bool, None, lists, dicts): {err}") from err
     for key, value in (("kind", KIND), ("layout_version", LAYOUT_VERSION), ("seq_len", seq_len), ("method", method)):
         if key in manifest and manifest[key] != value:
             raise StoreError(f"manifest[{key!r}] = {manifest[key]!r} disagrees with the store's {value!r}")
