@@ -1,0 +1,333 @@
+"""`python -m rskd_jax.cache`: run the teacher once over a token store, write teacher stores.
+
+    python -m rskd_jax.cache --config configs/tiny/cache.yaml [key=value ...] [--dry-run]
+
+The teacher is sharded over a ("data", "fsdp", "tensor") mesh; each jitted step runs the
+forward, masks padded vocabulary rows, and draws every configured output from the same
+logits (`cache_step`). Work is assigned in blocks of `cache.chunk_rows` rows, the store's
+chunk size, so no two processes ever write the same chunk. Each process writes only its own
+rows, from a background writer that overlaps with the next step; a row's `done` flag is
+written after its data. A re-run skips finished blocks and, since every row's randomness is
+fold_in(seed, split, row), rewrites unfinished ones byte for byte.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import logging
+import math
+import sys
+import time
+from collections import deque
+from typing import Any, Sequence
+
+import numpy as np
+
+from rskd_jax.config import CacheRun, config_to_dict, parse_cli, save_config
+from rskd_jax.store.common import StoreError
+
+log = logging.getLogger("rskd_jax.cache")
+MAX_WRITES_IN_FLIGHT = 4
+DRY_RUN_STEPS = 3
+FREQ_ROWS = 4096
+
+
+class CacheError(ValueError):
+    """Bad input to the cache program: it says what to change."""
+
+
+def initialize_distributed(cfg) -> None:
+    """`jax.distributed.initialize` when configured (before any other jax call)."""
+    if not cfg.enabled:
+        return
+    import jax
+
+    jax.distributed.initialize(coordinator_address=cfg.coordinator_address,
+                               num_processes=cfg.num_processes, process_id=cfg.process_id)
+
+
+def store_manifest(run: CacheRun, out, model, tokens) -> dict[str, Any]:
+    """What a teacher store's bytes depend on; a re-run must match it to resume."""
+    return {
+        "method": out.method,
+        "params": {k: v for k, v in config_to_dict(out).items() if k not in ("name", "method")},
+        "seed": run.cache.seed,
+        "teacher": {"fingerprint": model.fingerprint, "vocab_size": model.config.vocab_size,
+                    "spec": config_to_dict(run.teacher)},
+        "tokenizer": tokens.manifest["tokenizer"],
+        "tokens": {"fingerprint": tokens.fingerprint, "seq_len": tokens.seq_len},
+        "key_rule": "fold_in(fold_in(key(seed), split_code), row); train 0, val 1",
+    }
+
+
+def plan_blocks(done_R: np.ndarray, chunk_rows: int) -> list[int]:
+    """Indices of the chunk_rows-row blocks that still have a row not done."""
+    n_blocks = -(-len(done_R) // chunk_rows)
+    return [b for b in range(n_blocks) if not done_R[b * chunk_rows:(b + 1) * chunk_rows].all()]
+
+
+def local_rows(blocks: Sequence[int], *, step: int, blocks_per_step: int, process_index: int,
+               blocks_per_process: int, chunk_rows: int, num_rows: int) -> np.ndarray:
+    """This process's rows for global step `step`, padded with -1 to a static length."""
+    start = step * blocks_per_step + process_index * blocks_per_process
+    mine = blocks[start:start + blocks_per_process]
+    rows = [r for b in mine for r in range(b * chunk_rows, min((b + 1) * chunk_rows, num_rows))]
+    out = np.full(blocks_per_process * chunk_rows, -1, np.int64)
+    out[:len(rows)] = rows
+    return out
+
+
+class Cacher:
+    """Holds the teacher, mesh, jitted step and open stores for one cache run."""
+
+    def __init__(self, run: CacheRun, *, store_prefix: str | None = None):
+        import jax
+        from flax import nnx
+
+        from rskd_jax import cache_step, sharding
+        from rskd_jax.model_spec import build_model
+        from rskd_jax.store.tokens import open_token_store
+
+        c = self.cfg = run.cache
+        self.run = run
+        self.tokens = open_token_store(c.tokens)
+        self.vocab = int(self.tokens.manifest["tokenizer"]["vocab_size"])
+        self.model = build_model(run.teacher, self.vocab)
+        self.mesh = sharding.make_mesh(run.mesh)
+        self.P, self.p = jax.process_count(), jax.process_index()
+        sharding.check_batch(c.batch_size, self.mesh, key="cache.batch_size")
+        local = c.batch_size // self.P
+        if local % c.chunk_rows:
+            raise CacheError(
+                f"cache.batch_size={c.batch_size} gives {local} rows per process, not a multiple of "
+                f"cache.chunk_rows={c.chunk_rows}; processes own whole chunks. Set cache.batch_size "
+                f"to a multiple of {c.chunk_rows * self.P}")
+        self.blocks_per_process = local // c.chunk_rows
+        self.blocks_per_step = self.blocks_per_process * self.P
+        missing = [s for s in c.splits if s not in self.tokens.splits]
+        if missing:
+            raise CacheError(f"cache.splits {missing} not in the token store (it has {self.tokens.splits})")
+        self.num_rows = {s: min(self.tokens.num_rows(s), c.max_rows or sys.maxsize) for s in c.splits}
+        self._check_full_size()
+
+        graphdef, state = nnx.split(self.model)
+        state_shardings = sharding.param_shardings(state, self.mesh)
+        self.state = jax.device_put(state, state_shardings)
+        rows_per_device = c.batch_size // sharding.batch_shards(self.mesh)
+        chunk = cache_step.position_chunk(self.tokens.seq_len, rows_per_device, self.model.config.vocab_size)
+        step = cache_step.make_step(graphdef, c.outputs, seed=c.seed, vocab_size=self.vocab,
+                                    with_diagnostics=c.diagnostics, chunk=chunk)
+        self.step = jax.jit(step, static_argnums=3, in_shardings=(
+            state_shardings, sharding.batch_sharding(self.mesh, 2), sharding.batch_sharding(self.mesh, 1)))
+        self.stores = self._open_stores((store_prefix or c.output).rstrip("/"))
+
+    def _open_stores(self, prefix: str) -> dict:
+        """Creates (or reopens, to resume) one store per output. Process 0 creates first and
+        the others reopen after a barrier, so no process deletes another's fresh arrays."""
+        from rskd_jax.store.teacher import create_teacher_store
+
+        c, freqs = self.cfg, self._id_frequencies()
+
+        def open_all():
+            return {o.name: create_teacher_store(
+                f"{prefix}/{o.name}", manifest=store_manifest(self.run, o, self.model, self.tokens),
+                num_rows=self.num_rows, seq_len=self.tokens.seq_len, method=o.method,
+                k=self.vocab if o.method == "full" else o.num_draws,
+                vocab_size=self.vocab, chunk_rows=c.chunk_rows, diagnostics=c.diagnostics,
+                overwrite=c.overwrite, temperature=o.temperature, id_frequencies=freqs)
+                for o in c.outputs}
+
+        if self.P == 1:
+            return open_all()
+        from jax.experimental import multihost_utils
+
+        stores = open_all() if self.p == 0 else None
+        multihost_utils.sync_global_devices("rskd_jax.cache: stores created")
+        return stores if stores is not None else open_all()
+
+    def _id_frequencies(self) -> np.ndarray:
+        """Unigram counts of the first FREQ_ROWS train rows: the store sorts and gap-codes ids
+        by this rank (ids + counts 22.5 -> 19.9 B/token on stdlib, tools/bench_store_codec.py)."""
+        split = "train" if "train" in self.tokens.splits else self.tokens.splits[0]
+        n = min(self.tokens.num_rows(split), FREQ_ROWS)
+        toks = self.tokens.read(split, np.arange(n))
+        return np.bincount(toks.reshape(-1), minlength=self.vocab)[: self.vocab]
+
+    def _check_full_size(self) -> None:
+        fulls = [o for o in self.cfg.outputs if o.method == "full"]
+        if not fulls:
+            return
+        rows = sum(self.num_rows.values())
+        gb = rows * self.tokens.seq_len * self.model.config.vocab_size * 2 / 1e9
+        if gb > self.cfg.full_max_gb:
+            raise CacheError(
+                f"a `full` output would take ~{gb:.1f} GB ({rows} rows x {self.tokens.seq_len} x "
+                f"V={self.model.config.vocab_size} x 2 bytes), above cache.full_max_gb="
+                f"{self.cfg.full_max_gb}; cache fewer rows (cache.max_rows) or raise the cap")
+        log.warning("`full` output: ~%.2f GB on disk (V log-probs per position)", gb)
+
+    def done_mask(self, split: str) -> np.ndarray:
+        masks = [s.done_mask(split)[: self.num_rows[split]] for s in self.stores.values()]
+        return np.logical_and.reduce(masks)
+
+    def _global(self, local: dict[str, np.ndarray]):
+        from jax.experimental import multihost_utils
+        from jax.sharding import PartitionSpec
+
+        from rskd_jax.sharding import BATCH_AXES
+
+        return {k: multihost_utils.host_local_array_to_global_array(
+            v, self.mesh, PartitionSpec(BATCH_AXES, *([None] * (v.ndim - 1)))) for k, v in local.items()}
+
+    def _local(self, out):
+        """Device outputs -> this process's rows as numpy (nothing is all-gathered)."""
+        import jax
+        from jax.experimental import multihost_utils
+        from jax.sharding import PartitionSpec
+
+        from rskd_jax.sharding import BATCH_AXES
+
+        if self.P == 1:
+            return jax.tree.map(np.asarray, out)
+        return jax.tree.map(lambda a: np.asarray(multihost_utils.global_array_to_host_local_array(
+            a, self.mesh, PartitionSpec(BATCH_AXES, *([None] * (a.ndim - 1))))), out)
+
+    def _read_tokens(self, split: str, rows_R: np.ndarray) -> np.ndarray:
+        valid = rows_R >= 0
+        toks = np.zeros((len(rows_R), self.tokens.seq_len), np.int32)
+        toks[valid] = self.tokens.read(split, rows_R[valid])
+        bad = (toks < 0) | (toks >= self.vocab)
+        if bad.any():
+            r = int(np.nonzero(bad.any(axis=1))[0][0])
+            raise CacheError(
+                f"{split} row {int(rows_R[r])} of {self.cfg.tokens} holds token id "
+                f"{int(toks[r][bad[r]][0])}, outside the teacher tokenizer's vocabulary "
+                f"[0, {self.vocab}): the token store was made with another tokenizer")
+        return toks
+
+    def _write(self, split: str, rows_R: np.ndarray, out: dict) -> None:
+        """Writes this process's finished blocks of one step (runs on the writer thread)."""
+        if not out["finite"][rows_R >= 0].all():
+            r = int(rows_R[np.nonzero(~out["finite"] & (rows_R >= 0))[0][0]])
+            raise CacheError(f"teacher logits are NaN/inf on {split} row {r}; nothing of its block "
+                             "was written. Check the teacher weights and dtype (try teacher.dtype=float32)")
+        futures = []
+        cr = self.cfg.chunk_rows
+        for i in range(0, len(rows_R), cr):
+            block = rows_R[i:i + cr]
+            block = block[block >= 0]
+            if not len(block):
+                continue
+            n = len(block)
+            for name, store in self.stores.items():
+                rows = {k: v[i:i + n] for k, v in out[name].items()}
+                if self.cfg.diagnostics:
+                    rows.update({k: v[i:i + n] for k, v in out["diagnostics"].items()})
+                futures.append(store.write_rows(split, int(block[0]), rows))
+        for f in futures:
+            f.result()
+
+    def cache_split(self, split: str, *, max_steps: int | None = None, progress: bool = True) -> dict:
+        """Computes and writes every unfinished block of `split`; returns counts and timing."""
+        from tqdm import tqdm
+
+        blocks = plan_blocks(self.done_mask(split), self.cfg.chunk_rows)
+        steps = -(-len(blocks) // self.blocks_per_step)
+        if max_steps is not None:
+            steps = min(steps, max_steps)
+        todo_rows = sum(min((b + 1) * self.cfg.chunk_rows, self.num_rows[split]) - b * self.cfg.chunk_rows
+                        for b in blocks[:steps * self.blocks_per_step])
+        L = self.tokens.seq_len
+        bar = tqdm(total=todo_rows, unit="row", desc=f"cache {split}", disable=not progress or self.p != 0,
+                   dynamic_ncols=True)
+        code = _split_code(split)
+        pending: deque = deque()
+        step_times, done_rows, t0 = [], 0, time.perf_counter()
+        with cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer") as writer:
+            prev = None
+            for i in range(steps + 1):
+                if i < steps:
+                    t_step = time.perf_counter()
+                    rows_R = local_rows(blocks, step=i, blocks_per_step=self.blocks_per_step,
+                                        process_index=self.p, blocks_per_process=self.blocks_per_process,
+                                        chunk_rows=self.cfg.chunk_rows, num_rows=self.num_rows[split])
+                    batch = self._global({"tokens": self._read_tokens(split, rows_R),
+                                          "rows": np.maximum(rows_R, 0).astype(np.int32)})
+                    out = self.step(self.state, batch["tokens"], batch["rows"], code)  # async dispatch
+                if prev is not None:  # fetch the previous step while this one computes
+                    prev_rows, prev_out, t_prev = prev
+                    local = self._local(prev_out)
+                    step_times.append(time.perf_counter() - t_prev)
+                    pending.append(writer.submit(self._write, split, prev_rows, local))
+                    while len(pending) > MAX_WRITES_IN_FLIGHT or (pending and pending[0].done()):
+                        pending.popleft().result()  # raises a writer error here, never swallowed
+                    n = int((prev_rows >= 0).sum()) * self.P
+                    done_rows += n
+                    bar.update(n)
+                    bar.set_postfix(tok_s=f"{done_rows * L / (time.perf_counter() - t0):,.0f}")
+                prev = (rows_R, out, t_step) if i < steps else None
+            while pending:
+                pending.popleft().result()
+        bar.close()
+        seconds = time.perf_counter() - t0
+        return {"rows": done_rows, "tokens": done_rows * L, "seconds": seconds, "step_times": step_times}
+
+
+def _split_code(split: str) -> int:
+    from rskd_jax.cache_step import split_code
+
+    return split_code(split)
+
+
+def run(cfg: CacheRun, *, dry_run: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Runs the cache program; returns the summary that `main` prints as JSON."""
+    initialize_distributed(cfg.distributed)
+    if dry_run:
+        return _dry_run(cfg, progress=progress)
+    cacher = Cacher(cfg)
+    if cacher.p == 0:
+        save_config(cfg, cfg.cache.output)
+    splits = {s: cacher.cache_split(s, progress=progress) for s in cfg.cache.splits}
+    tokens = sum(v["tokens"] for v in splits.values())
+    seconds = sum(v["seconds"] for v in splits.values())
+    return {
+        "output": cfg.cache.output,
+        "rows_written": {s: v["rows"] for s, v in splits.items()},
+        "tokens_per_s": round(tokens / seconds) if seconds else None,
+        "seconds": round(seconds, 2),
+        "stores": {name: store.stats() for name, store in cacher.stores.items()},
+    }
+
+
+def _dry_run(cfg: CacheRun, *, progress: bool) -> dict[str, Any]:
+    """A few steps into in-memory stores of the same layout; projects size and time."""
+    cacher = Cacher(cfg, store_prefix=f"memory://rskd-dry-run-{time.time_ns()}")
+    split = cfg.cache.splits[0]
+    res = cacher.cache_split(split, max_steps=DRY_RUN_STEPS, progress=progress)
+    total_tokens = sum(cacher.num_rows.values()) * cacher.tokens.seq_len
+    warm = res["step_times"][1:] or res["step_times"]
+    s_per_token = float(np.median(warm)) / (cfg.cache.batch_size * cacher.tokens.seq_len)
+    stores = {}
+    for name, store in cacher.stores.items():
+        st = store.stats()
+        stores[name] = {"bytes_per_token": st["bytes_per_token"], "mean_unique_ids": st["mean_unique_ids"],
+                        "projected_bytes": int(st["bytes_per_token"] * total_tokens)}
+    return {"dry_run": True, "steps": len(res["step_times"]), "tokens_total": total_tokens,
+            "projected_seconds": round(s_per_token * total_tokens, 1),
+            "tokens_per_s": round(1 / s_per_token), "stores": stores}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg, flags = parse_cli(CacheRun, argv, prog="python -m rskd_jax.cache", flags=("dry-run",))
+    try:
+        summary = run(cfg, dry_run=flags["dry_run"])
+    except (CacheError, StoreError) as err:
+        print(f"python -m rskd_jax.cache: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(json.dumps(summary, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
