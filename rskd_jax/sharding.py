@@ -78,12 +78,15 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | No
     """A ("data", "fsdp", "tensor") mesh over all (global) devices, or the given ones."""
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(cfg, len(devices))
+    # Auto axes: GSPMD propagates shardings from the jit's in/out shardings (explicit-axis
+    # meshes, jax.make_mesh's default, would demand a sharding on every gather).
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     if devices == list(jax.devices()):
         try:  # topology-aware placement on TPU/GPU slices; plain reshape elsewhere.
-            return jax.make_mesh(shape, MESH_AXES, devices=devices)
+            return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
         except (TypeError, ValueError, NotImplementedError):
             pass
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 
 def logical_to_spec(
