@@ -1,0 +1,280 @@
+"""The student train step: loss composition, chunked loss, gradient accumulation, jit shardings.
+
+Letters: B batch rows, M micro-batches, L positions, C positions per loss chunk, V student
+vocabulary (possibly padded beyond the tokenizer's), K stored teacher slots, D hidden size.
+
+Batch convention (host arrays, one global batch): `tokens [B, L] int32`, optional
+`mask [B, L]` (1 = real token). The student reads the whole row. Cross-entropy at position j
+predicts tokens[j + 1] (positions 0..L-2; the last has no label). Teacher targets exist for
+all L positions (teacher position j predicts token j + 1), so KD uses every position.
+Per method the batch also holds:
+  sparse       ids [B, L, K] int32, weights [B, L, K] f32   (sampled / without-replacement /
+               top-K stores: weights are final importance weights)
+  ghost        ids, weights (= teacher probs of the kept ids), tail_mass [B, L]
+  full_cached  logprobs [B, L, Vt] f32 (teacher log-probabilities)
+  full_online  nothing: a frozen teacher runs inside the step (its params are an argument)
+  ce           nothing
+
+Loss: L = alpha * CE + (1 - alpha) * KD + z * Zloss (method "ce": L = CE + z * Zloss), each
+term the mean over the positions of the WHOLE global batch: sums are accumulated over
+micro-batches and position chunks and divided by counts taken from the masks up front, so
+any micro-batching gives the same loss and gradient (up to float reassociation).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from rskd_jax import losses, metrics, sharding
+from rskd_jax.optim import TrainState
+
+METHODS = ("ce", "sparse", "ghost", "full_online", "full_cached")
+BATCH_KEYS = {
+    "ce": (),
+    "sparse": ("ids", "weights"),
+    "ghost": ("ids", "weights", "tail_mass"),
+    "full_cached": ("logprobs",),
+    "full_online": (),
+}
+
+
+class LossSpec(NamedTuple):
+    """The static loss settings of a step (explicit arguments, not a run config).
+
+    vocab_size: the tokenizer's vocabulary; student (and teacher) logits of ids >= it are
+    masked before every loss. chunk_size: positions per loss chunk (0: unchunked).
+    """
+
+    method: str = "sparse"
+    alpha: float = 0.0
+    kd_temperature: float = 1.0
+    z_loss: float = 0.0
+    vocab_size: int | None = None
+    chunk_size: int = 0
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict]:
+    """(graphdef, float32 master params as a plain nested dict)."""
+    graphdef, state = nnx.split(model, nnx.Param)
+    params = jax.tree.map(
+        lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+        state.to_pure_dict())
+    return graphdef, params
+
+
+def auto_mesh(mesh):
+    """The same mesh with Auto axis types. `jax.make_mesh` now defaults to Explicit axes
+    (sharding in types), under which the model's gather and einsums need explicit
+    out_shardings; the step relies on jit in/out shardings and GSPMD propagation instead."""
+    from jax.sharding import AxisType, Mesh  # noqa: PLC0415
+
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
+def model_shardings(model: nnx.Module, mesh) -> dict:
+    """NamedShardings of `split_model(model)[1]` from the params' logical axis names."""
+    return sharding.param_shardings(nnx.state(model, nnx.Param), mesh).to_pure_dict()
+
+
+# ------------------------------------------------------------------------------ targets
+
+
+def prepare_targets(batch: dict[str, jax.Array], method: str) -> dict[str, jax.Array]:
+    """Per-position arrays [B, L, ...] the losses read: labels, ce_where, kd_where + targets."""
+    tokens_BxL = batch["tokens"].astype(jnp.int32)
+    b, l = tokens_BxL.shape
+    mask_BxL = batch["mask"].astype(bool) if "mask" in batch else jnp.ones((b, l), bool)
+    # label of position j is token j + 1; the last position has none.
+    labels_BxL = jnp.concatenate([tokens_BxL[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
+    has_next_BxL = jnp.concatenate([mask_BxL[:, 1:], jnp.zeros((b, 1), bool)], axis=1)
+    t = {"tokens": tokens_BxL, "labels": labels_BxL,
+         "ce_where": mask_BxL & has_next_BxL, "kd_where": mask_BxL}
+    missing = [k for k in BATCH_KEYS[method] if k not in batch]
+    if missing:
+        raise KeyError(f"loss.method={method!r} needs batch keys {missing}; got {sorted(batch)}")
+    for k in BATCH_KEYS[method]:
+        t[k] = batch[k]
+    if method == "full_cached":
+        t["teacher_logits"] = t.pop("logprobs")
+    return t
+
+
+def _fit_vocab(logits_xV: jax.Array, v: int) -> jax.Array:
+    """Teacher logits padded (with MASKED_LOGIT) or cut to the student's vocabulary size."""
+    vt = logits_xV.shape[-1]
+    if vt >= v:
+        return logits_xV[..., :v]
+    pad = [(0, 0)] * (logits_xV.ndim - 1) + [(0, v - vt)]
+    return jnp.pad(logits_xV.astype(jnp.float32), pad, constant_values=metrics.MASKED_LOGIT)
+
+
+def chunk_sums(logits_xV, t, teacher_logits_xV, spec: LossSpec) -> dict[str, tuple]:
+    """The loss terms of one chunk of positions as {"ce"|"kd"|"z": (sum, count)}."""
+    logits_xV = metrics.mask_vocab(logits_xV, spec.vocab_size)  # padded ids never count
+    ce_x = losses.cross_entropy(logits_xV, t["labels"], where=t["ce_where"])
+    kdw = t["kd_where"]
+    if spec.method == "sparse":
+        kd_x = losses.sparse_kd_loss(logits_xV, t["ids"], t["weights"], where=kdw)
+    elif spec.method == "ghost":
+        kd_x = losses.ghost_kd_loss(logits_xV, t["ids"], t["weights"], t["tail_mass"], where=kdw)
+    elif spec.method in ("full_online", "full_cached"):
+        teacher_xV = metrics.mask_vocab(_fit_vocab(teacher_logits_xV, logits_xV.shape[-1]),
+                                        spec.vocab_size)
+        kd_x = losses.full_kd_loss(logits_xV, teacher_xV, temperature=spec.kd_temperature,
+                                   where=kdw)
+    else:
+        kd_x = jnp.zeros_like(ce_x)
+    z_x = losses.z_loss(logits_xV, where=t["ce_where"]) if spec.z_loss else jnp.zeros_like(ce_x)
+    return {"ce": losses.reduce_sum_count(ce_x, t["ce_where"]),
+            "kd": losses.reduce_sum_count(kd_x, kdw),
+            "z": losses.reduce_sum_count(z_x, t["ce_where"])}
+
+
+def _to_chunks(x_BxLx: jax.Array, c: int) -> jax.Array:
+    """[B, L, ...] -> [L/C, B, C, ...] (the scan axis first)."""
+    b, l = x_BxLx.shape[:2]
+    return jnp.moveaxis(x_BxLx.reshape(b, l // c, c, *x_BxLx.shape[2:]), 1, 0)
+
+
+def _tree_add(a, b):
+    return jax.tree.map(jnp.add, a, b)
+
+
+def loss_sums(params, teacher_params, t, *, graphdef, teacher_graphdef, spec: LossSpec):
+    """Loss sums of the rows in `t` (see chunk_sums), chunked over positions if asked.
+
+    Chunked: each chunk's float32 logits [B, C, V] are computed from the hidden states and
+    the lm-head weight, its losses taken, and the chunk wrapped in jax.checkpoint so the
+    backward pass recomputes them: no [B, L, V] array ever exists.
+    """
+    model = nnx.merge(graphdef, params)
+    online = spec.method == "full_online"
+    teacher = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params)) if online else None
+    if not spec.chunk_size:
+        teacher_logits = teacher(t["tokens"]) if online else t.get("teacher_logits")
+        return chunk_sums(model(t["tokens"]), t, teacher_logits, spec)
+
+    c, l = spec.chunk_size, t["tokens"].shape[1]
+    if l % c:
+        raise ValueError(f"loss.chunk_size={c} does not divide the sequence length {l}; "
+                         f"choose a divisor of {l} (or 0 to disable chunking)")
+    w_DxV = model.lm_head_weight()
+    xs = {"h": model.hidden_states(t["tokens"]), "t": t}
+    if online:
+        xs["th"] = teacher.hidden_states(t["tokens"])
+        tw_DxV = teacher.lm_head_weight()
+    xs = jax.tree.map(functools.partial(_to_chunks, c=c), xs)
+
+    # PERF: the backward recomputes each chunk's logits (and the teacher's, online): one
+    # extra lm-head matmul per chunk, in exchange for never holding [B, L, V] float32.
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def body(acc, x):
+        logits_BxCxV = jnp.einsum("bcd,dv->bcv", x["h"], w_DxV, preferred_element_type=jnp.float32)
+        teacher_logits = x["t"].get("teacher_logits")
+        if online:
+            teacher_logits = jnp.einsum("bcd,dv->bcv", x["th"], tw_DxV,
+                                        preferred_element_type=jnp.float32)
+        return _tree_add(acc, chunk_sums(logits_BxCxV, x["t"], teacher_logits, spec)), None
+
+    zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    sums, _ = jax.lax.scan(body, {"ce": zero, "kd": zero, "z": zero}, xs)
+    return sums
+
+
+# ------------------------------------------------------------------------------ the step
+
+
+def _to_micro(x_Bx: jax.Array, m: int) -> jax.Array:
+    """[B, ...] -> [M, B/M, ...]. Micro-batch i takes rows i, M+i, 2M+i, ...: with the batch
+    split in contiguous blocks over devices, every device holds B/M/shards rows of each."""
+    return jnp.moveaxis(x_Bx.reshape(x_Bx.shape[0] // m, m, *x_Bx.shape[1:]), 1, 0)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callable, spec: LossSpec,
+                    *, micro_batches: int = 1, teacher_graphdef=None, mesh=None) -> Callable:
+    """`step(state, batch, teacher_params=None) -> (state, metrics)`, un-jitted (see jit_step).
+
+    metrics: loss, ce, kd, z_loss (means over the global batch), grad_norm (before clipping),
+    lr (of this update), ce_tokens, kd_tokens.
+    """
+    if spec.method not in METHODS:
+        raise ValueError(f"loss.method={spec.method!r}; choose one of {METHODS}")
+    if spec.method == "full_online" and teacher_graphdef is None:
+        raise ValueError("loss.method='full_online' needs a teacher model")
+    ce_w, kd_w = (1.0, 0.0) if spec.method == "ce" else (spec.alpha, 1.0 - spec.alpha)
+    sums_fn = functools.partial(loss_sums, graphdef=graphdef, teacher_graphdef=teacher_graphdef,
+                                spec=spec)
+
+    def step(state: TrainState, batch: dict, teacher_params=None):
+        t = prepare_targets(batch, spec.method)
+        ce_n = jnp.maximum(jnp.sum(t["ce_where"].astype(jnp.float32)), 1.0)
+        kd_n = jnp.maximum(jnp.sum(t["kd_where"].astype(jnp.float32)), 1.0)
+
+        def objective(params, t_micro):
+            s = sums_fn(params, teacher_params, t_micro)
+            # L = alpha * CE + (1 - alpha) * KD + z * Z, means over the whole global batch.
+            loss = ce_w * s["ce"][0] / ce_n + kd_w * s["kd"][0] / kd_n + spec.z_loss * s["z"][0] / ce_n
+            return loss, s
+
+        grad_fn = jax.value_and_grad(objective, has_aux=True)
+        if micro_batches == 1:
+            (loss, sums), grads = grad_fn(state.params, t)
+        else:
+            t_micro = jax.tree.map(functools.partial(_to_micro, m=micro_batches), t)
+            if mesh is not None:  # keep every micro-batch spread over the batch axes
+                spec_ = lambda x: NamedSharding(mesh, PartitionSpec(None, sharding.BATCH_AXES))
+                t_micro = jax.lax.with_sharding_constraint(t_micro, jax.tree.map(spec_, t_micro))
+            first = jax.tree.map(lambda x: x[0], t_micro)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                 jax.eval_shape(grad_fn, state.params, first))
+
+            def accumulate(acc, tm):
+                return _tree_add(acc, grad_fn(state.params, tm)), None
+
+            ((loss, sums), grads), _ = jax.lax.scan(accumulate, zeros, t_micro)
+
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        out = {"loss": loss, "ce": sums["ce"][0] / ce_n, "kd": sums["kd"][0] / kd_n,
+               "z_loss": sums["z"][0] / ce_n, "grad_norm": optax.global_norm(grads),
+               "lr": schedule(state.step), "ce_tokens": ce_n, "kd_tokens": kd_n}
+        return TrainState(params, opt_state, state.step + 1, state.rng), out
+
+    return step
+
+
+def batch_shardings(batch: dict[str, Any], mesh) -> dict[str, NamedSharding]:
+    """Every batch array split over the batch axes along its leading dimension."""
+    return {k: sharding.batch_sharding(mesh, len(v.shape)) for k, v in batch.items()}
+
+
+def check_step_batch(global_batch_size: int, micro_batches: int, mesh) -> None:
+    """Refuses batch sizes that the micro-batching and the mesh's batch axes cannot split."""
+    sharding.check_batch(global_batch_size, mesh, key="train.batch_size")
+    if micro_batches < 1 or global_batch_size % micro_batches:
+        raise sharding.ShardingError(
+            f"train.batch_size={global_batch_size} is not divisible by "
+            f"train.grad_accum={micro_batches}; choose a divisor")
+    sharding.check_batch(global_batch_size // micro_batches, mesh,
+                         key="train.batch_size / train.grad_accum")
+
+
+def jit_step(step: Callable, state_shardings: TrainState, batch_shardings_: dict, mesh,
+             teacher_shardings=None) -> Callable:
+    """jax.jit with the state's, the batch's and the teacher's shardings; the state is donated."""
+    jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings_, teacher_shardings),
+                     out_shardings=(state_shardings, sharding.replicated(mesh)),
+                     donate_argnames=("state",))
+
+    def call(state, batch, teacher_params=None):
+        return jitted(state, batch, teacher_params)
+
+    call.jitted = jitted  # .lower(...) for memory analysis / benchmarks
+    return call
