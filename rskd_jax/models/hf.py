@@ -1,0 +1,287 @@
+"""Hugging Face interop: config.json <-> LlamaConfig, safetensors directories <-> Llama.
+
+Supported: LlamaForCausalLM and Qwen2ForCausalLM (q/k/v bias), tied or untied embeddings,
+default or llama3 RoPE. Anything that would silently change the math (o_proj or MLP bias,
+sliding-window attention, other activations or RoPE types) is refused with an error naming
+the field. Weights are read with numpy (memory-mapped) and become jax arrays once.
+
+The intermediate format shared with the GGUF loader is an HF-named dict of numpy arrays in
+HF layout (Linear weights [out, in]); `model_from_hf_tensors` turns it into a `Llama`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rskd_jax.models.llama import _DTYPES, Llama, LlamaConfig
+
+ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+_IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _unsupported(what: str) -> ValueError:
+    return ValueError(f"unsupported model config: {what}")
+
+
+def _rope_from_hf(hf: dict) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from a v5 `rope_parameters` or v4 `rope_theta`/`rope_scaling`."""
+    params = dict(hf.get("rope_parameters") or {})
+    legacy = dict(hf.get("rope_scaling") or {})
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = {k: v for k, v in (params or legacy).items() if k != "rope_theta"}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if scaling.get("partial_rotary_factor", 1.0) != 1.0 or hf.get("partial_rotary_factor", 1.0) != 1.0:
+        raise _unsupported("partial_rotary_factor != 1 (partial RoPE) is not implemented")
+    if rope_type in ("default", None):
+        return float(theta), None
+    if rope_type != "llama3":
+        raise _unsupported(f"rope type {rope_type!r} (only default and llama3 are implemented)")
+    return float(theta), {"rope_type": "llama3", **{k: v for k, v in scaling.items()
+                                                    if k not in ("rope_type", "type")}}
+
+
+def config_from_hf(hf: dict, **overrides) -> LlamaConfig:
+    """LlamaConfig from an HF config.json dict; overrides (dtype=..., remat=...) win."""
+    archs = hf.get("architectures") or []
+    arch = archs[0] if archs else None
+    if arch is not None and arch not in ARCHS:
+        raise _unsupported(f"architecture {arch!r}; supported: {sorted(ARCHS)}")
+    model_type = ARCHS.get(arch) or hf.get("model_type")
+    if model_type not in ARCHS.values():
+        raise _unsupported(f"model_type {model_type!r}; supported: {sorted(ARCHS.values())}")
+    act = hf.get("hidden_act", hf.get("hidden_activation", "silu"))
+    if act != "silu":
+        raise _unsupported(f"hidden_act={act!r} (only silu / SwiGLU is implemented)")
+    if hf.get("mlp_bias"):
+        raise _unsupported("mlp_bias=True (biases on the MLP projections)")
+    if model_type == "llama" and hf.get("attention_bias"):
+        raise _unsupported("attention_bias=True (Llama puts a bias on o_proj too; only "
+                           "q/k/v biases, as in Qwen2, are implemented)")
+    if hf.get("use_sliding_window"):
+        raise _unsupported("use_sliding_window=True (sliding-window attention)")
+    layer_types = set(hf.get("layer_types") or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        raise _unsupported(f"layer_types {sorted(layer_types)} (only full_attention)")
+    theta, scaling = _rope_from_hf(hf)
+    heads = hf["num_attention_heads"]
+    fields = dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or None,
+        rope_theta=theta,
+        rope_scaling=scaling,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=model_type == "qwen2",
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+    )
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+def config_to_hf(config: LlamaConfig, arch: str | None = None) -> dict:
+    """HF config.json dict. arch: LlamaForCausalLM / Qwen2ForCausalLM (default by qkv_bias)."""
+    c = config
+    arch = arch or ("Qwen2ForCausalLM" if c.qkv_bias else "LlamaForCausalLM")
+    if arch not in ARCHS:
+        raise _unsupported(f"export architecture {arch!r}; supported: {sorted(ARCHS)}")
+    if arch == "LlamaForCausalLM" and c.qkv_bias:
+        raise _unsupported("qkv_bias=True cannot be exported as LlamaForCausalLM; use Qwen2ForCausalLM")
+    if arch == "Qwen2ForCausalLM" and not c.qkv_bias:
+        raise _unsupported("Qwen2ForCausalLM always has q/k/v biases; export as LlamaForCausalLM")
+    rope_parameters = {"rope_type": "default", "rope_theta": c.rope_theta}
+    if c.rope_scaling is not None:
+        rope_parameters = {**c.rope_scaling, "rope_theta": c.rope_theta}
+    hf = dict(
+        architectures=[arch],
+        model_type=ARCHS[arch],
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.rms_norm_eps,
+        tie_word_embeddings=c.tie_embeddings,
+        # transformers >= 5 reads rope_parameters; 4.x reads rope_theta / rope_scaling.
+        rope_parameters=rope_parameters,
+        rope_theta=c.rope_theta,
+        rope_scaling=c.rope_scaling,
+        dtype=c.param_dtype,
+    )
+    if arch == "LlamaForCausalLM":
+        hf.update(attention_bias=False, mlp_bias=False)
+    else:
+        hf.update(use_sliding_window=False, sliding_window=None)
+    return hf
+
+
+# ---------------------------------------------------------------------------- weights
+
+_LAYER_NAMES = {  # our stacked name -> HF per-layer name
+    "attn_norm": "input_layernorm.weight",
+    "q_proj": "self_attn.q_proj.weight",
+    "k_proj": "self_attn.k_proj.weight",
+    "v_proj": "self_attn.v_proj.weight",
+    "o_proj": "self_attn.o_proj.weight",
+    "q_bias": "self_attn.q_proj.bias",
+    "k_bias": "self_attn.k_proj.bias",
+    "v_bias": "self_attn.v_proj.bias",
+    "mlp_norm": "post_attention_layernorm.weight",
+    "gate_proj": "mlp.gate_proj.weight",
+    "up_proj": "mlp.up_proj.weight",
+    "down_proj": "mlp.down_proj.weight",
+}
+
+
+def _to_ours(name: str, w: np.ndarray, c: LlamaConfig) -> np.ndarray:
+    """One layer's HF tensor -> our per-layer layout (a reshape: both are [out, in])."""
+    h, k, e = c.num_heads, c.num_kv_heads, c.head_dim
+    shapes = {"q_proj": (h, e, -1), "k_proj": (k, e, -1), "v_proj": (k, e, -1),
+              "o_proj": (-1, h, e), "q_bias": (h, e), "k_bias": (k, e), "v_bias": (k, e)}
+    return w.reshape(shapes[name]) if name in shapes else w
+
+
+def _to_hf(name: str, w: np.ndarray) -> np.ndarray:
+    """Inverse of _to_ours for one layer."""
+    if name in ("q_proj", "k_proj", "v_proj"):
+        return w.reshape(-1, w.shape[-1])
+    if name == "o_proj":
+        return w.reshape(w.shape[0], -1)
+    if name in ("q_bias", "k_bias", "v_bias"):
+        return w.reshape(-1)
+    return w
+
+
+def _set(var: nnx.Param, value: np.ndarray, name: str, dtype) -> None:
+    want = tuple(var.get_value().shape)
+    if tuple(value.shape) != want:
+        raise ValueError(f"weight {name}: shape {tuple(value.shape)}, model expects {want}")
+    var.set_value(jnp.asarray(np.ascontiguousarray(value), dtype=dtype))
+
+
+def model_from_hf_tensors(config: LlamaConfig, tensors: Mapping[str, np.ndarray],
+                          fingerprint: str) -> Llama:
+    """Build a Llama from HF-named numpy tensors without a random init (one copy to jax)."""
+    c = config
+    pd = _DTYPES[c.param_dtype]
+    model = nnx.eval_shape(lambda: Llama(c, rngs=nnx.Rngs(0), fingerprint=fingerprint))
+    used = set()
+
+    def get(name):
+        if name not in tensors:
+            raise ValueError(f"checkpoint lacks tensor {name!r}")
+        used.add(name)
+        return tensors[name]
+
+    _set(model.embed, get("model.embed_tokens.weight"), "model.embed_tokens.weight", pd)
+    _set(model.final_norm, get("model.norm.weight"), "model.norm.weight", pd)
+    if not c.tie_embeddings:
+        _set(model.lm_head, get("lm_head.weight"), "lm_head.weight", pd)
+    elif "lm_head.weight" in tensors:
+        used.add("lm_head.weight")  # some tied checkpoints store the copy; it is the embedding
+    for ours, theirs in _LAYER_NAMES.items():
+        if not hasattr(model.layers, ours):
+            continue
+        stacked = np.stack([_to_ours(ours, get(f"model.layers.{i}.{theirs}"), c)
+                            for i in range(c.num_layers)])
+        _set(getattr(model.layers, ours), stacked, f"model.layers.*.{theirs}", pd)
+    extra = sorted(n for n in tensors if n not in used and not n.endswith(_IGNORED_TENSOR_SUFFIXES))
+    if extra:
+        raise ValueError(f"checkpoint has tensors this architecture does not use: {extra[:8]}"
+                         f"{' ...' if len(extra) > 8 else ''}")
+    return model
+
+
+def hf_tensors(model: Llama) -> dict[str, np.ndarray]:
+    """The model's weights as HF-named numpy arrays in HF layout (param dtype)."""
+    c = model.config
+    out = {"model.embed_tokens.weight": np.asarray(model.embed[...]),
+           "model.norm.weight": np.asarray(model.final_norm[...])}
+    if not c.tie_embeddings:
+        out["lm_head.weight"] = np.asarray(model.lm_head[...])
+    for ours, theirs in _LAYER_NAMES.items():
+        if not hasattr(model.layers, ours):
+            continue
+        stacked = np.asarray(getattr(model.layers, ours)[...])
+        for i in range(c.num_layers):
+            out[f"model.layers.{i}.{theirs}"] = _to_hf(ours, stacked[i])
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------- directories
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / f for f in sorted(set(weight_map.values()))]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} has no *.safetensors files (pytorch_model.bin is not "
+                                "supported; re-save with safe_serialization=True)")
+    return files
+
+
+def _sha256_files(files: list[Path], h=None) -> "hashlib._Hash":
+    h = h or hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h
+
+
+def source_fingerprint(source_digest: str, config: LlamaConfig) -> str:
+    """sha256 hex over the source files' digest and the resolved config (incl. dtypes)."""
+    blob = json.dumps({"source": source_digest, "config": config.to_dict()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def load_hf_dir(path: str | os.PathLike, **overrides) -> Llama:
+    """A Llama from an HF directory (config.json + *.safetensors, sharded or not).
+
+    overrides: LlamaConfig fields (dtype, param_dtype, remat) applied on top of config.json.
+    """
+    from safetensors import safe_open  # noqa: PLC0415
+
+    path = Path(path)
+    hf = json.loads((path / "config.json").read_text())
+    config = config_from_hf(hf, **overrides)
+    files = _safetensors_files(path)
+    tensors = {}
+    for f in files:
+        with safe_open(str(f), framework="np") as st:
+            for name in st.keys():
+                tensors[name] = st.get_tensor(name)
+    digest = _sha256_files([path / "config.json", *files]).hexdigest()
+    return model_from_hf_tensors(config, tensors, source_fingerprint(digest, config))
+
+
+def save_pretrained(model: Llama, out_dir: str | os.PathLike, *, arch: str | None = None) -> None:
+    """Write config.json + model.safetensors that transformers' from_pretrained loads."""
+    from safetensors.numpy import save_file  # noqa: PLC0415
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf = config_to_hf(model.config, arch)
+    tensors = hf_tensors(model)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
