@@ -467,3 +467,117 @@ class CacheRun:
     teacher: ModelSpec = opt(ModelSpec(source="smollm2"))
     mesh: MeshConfig = opt(MeshConfig())
     distributed: DistributedConfig = opt(DistributedConfig())
+
+
+# ----------------------------------------------------------------------------- train / evaluate
+# (owned by the training code: rskd_jax.train, rskd_jax.evaluate)
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """`python -m rskd_jax.train`: token store + teacher store -> student checkpoints."""
+
+    tokens: str = opt("runs/tokens", "token store (path or kvstore URL)")
+    teacher_store: str | None = opt(None, "teacher store (sparse, ghost, full_cached losses)")
+    output: str = opt("runs/train", "run directory: checkpoints, metrics.jsonl, TensorBoard, hf/")
+    steps: int = opt(1000, "optimizer steps in total (a resumed run continues to this)")
+    batch_size: int = opt(8, "sequences per optimizer step, global (all processes)")
+    grad_accum: int = opt(1, "micro-batches per step (scanned inside the jitted step)")
+    seed: int = opt(0, "data order and state seed")
+    log_every: int = opt(1, "steps between metrics.jsonl / TensorBoard records")
+    eval_every: int = opt(0, "steps between validation passes (0: only at the end)")
+    eval_batches: int = opt(4, "validation batches per pass (of train.batch_size rows)")
+    checkpoint_every: int = opt(100, "steps between checkpoints (and one at the end)")
+    keep_checkpoints: int = opt(3, "latest checkpoints kept (the best by val_loss is kept too)")
+    async_checkpoints: bool = opt(True, "write checkpoints in the background")
+    export_hf: bool = opt(True, "export the final student to <output>/hf (HF safetensors)")
+    progress: bool = opt(True, "tqdm progress bar")
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every",
+                     "keep_checkpoints", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ConfigError(f"train.eval_every must be >= 0, got {self.eval_every}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """L = alpha * CE + (1 - alpha) * KD (+ z_loss * (log Z)^2); method picks the KD term."""
+
+    method: Literal["ce", "sparse", "ghost", "full_online", "full_cached"] = opt(
+        "sparse", "ce | sparse (sampled, without-replacement or top-K store) | ghost | "
+        "full_online (teacher runs in the step) | full_cached (store of full log-probs)")
+    alpha: float = opt(0.0, "weight of the cross-entropy term")
+    kd_temperature: float = opt(1.0, "softmax temperature of full_online / full_cached KD")
+    z_loss: float = opt(0.0, "coefficient of the (log Z)^2 auxiliary loss")
+    chunk_size: int = opt(0, "positions per loss chunk (no [B, L, V] logits); 0: unchunked")
+
+    def __post_init__(self):
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"loss.alpha must be in [0, 1], got {self.alpha}")
+        if not self.kd_temperature > 0:
+            raise ConfigError(f"loss.kd_temperature must be > 0, got {self.kd_temperature}")
+        if self.z_loss < 0 or self.chunk_size < 0:
+            raise ConfigError("loss.z_loss and loss.chunk_size must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay, global-norm clipping."""
+
+    learning_rate: float = opt(3e-4, "peak learning rate")
+    warmup_steps: int = opt(100, "linear warmup steps")
+    end_lr_ratio: float = opt(0.1, "final learning rate / peak (cosine decay to train.steps)")
+    b1: float = opt(0.9, "Adam beta1")
+    b2: float = opt(0.95, "Adam beta2")
+    eps: float = opt(1e-8, "Adam epsilon")
+    weight_decay: float = opt(0.1, "decoupled weight decay (not on norms, biases, 1-D params)")
+    clip_norm: float = opt(1.0, "global gradient-norm clip (0: none)")
+
+    def __post_init__(self):
+        if self.learning_rate <= 0 or self.warmup_steps < 0 or self.clip_norm < 0:
+            raise ConfigError("optim: learning_rate > 0, warmup_steps >= 0, clip_norm >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainRun:
+    """Root config of `python -m rskd_jax.train`."""
+
+    train: TrainConfig = opt(TrainConfig())
+    loss: LossConfig = opt(LossConfig())
+    optim: OptimConfig = opt(OptimConfig())
+    student: ModelSpec = opt(ModelSpec(source="random"))
+    teacher: ModelSpec = opt(ModelSpec(source="smollm2"))  # loss.method=full_online only
+    mesh: MeshConfig = opt(MeshConfig())
+    distributed: DistributedConfig = opt(DistributedConfig())
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """`python -m rskd_jax.evaluate`: a student checkpoint on a token-store split."""
+
+    checkpoint: str = opt("runs/train", "run dir (latest checkpoint), a checkpoint step dir, "
+                          "or an HF directory (config.json + safetensors)")
+    tokens: str = opt("runs/tokens", "token store")
+    split: str = opt("val", "token-store split")
+    teacher: str | None = opt(None, "KL / agreement reference: a teacher store (estimated KL), "
+                              "or a model source ('smollm2', .gguf, HF dir, 'random' = the "
+                              "teacher section)")
+    batch_size: int = opt(8, "sequences per batch, global")
+    max_batches: int | None = opt(None, "evaluate only this many batches")
+    chunk_size: int = opt(0, "positions per logits chunk (0: whole rows)")
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.chunk_size < 0:
+            raise ConfigError("evaluate.batch_size must be >= 1 and evaluate.chunk_size >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateRun:
+    """Root config of `python -m rskd_jax.evaluate`."""
+
+    evaluate: EvaluateConfig = opt(EvaluateConfig())
+    teacher: ModelSpec = opt(ModelSpec(source="smollm2"))
+    mesh: MeshConfig = opt(MeshConfig())
+    distributed: DistributedConfig = opt(DistributedConfig())
