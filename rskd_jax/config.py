@@ -557,9 +557,9 @@ class TrainRun:
 class EvaluateConfig:
     """`python -m rskd_jax.evaluate`: a student checkpoint on a token-store split."""
 
-    checkpoint: str = opt("runs/train", "run dir (latest checkpoint), a checkpoint step dir, "
-                          "or an HF directory (config.json + safetensors)")
-    tokens: str = opt("runs/tokens", "token store")
+    checkpoint: str | None = opt(None, "run dir (latest checkpoint), a checkpoint step dir, or "
+                                 "an HF directory; default: train.output")
+    tokens: str | None = opt(None, "token store; default: train.tokens")
     split: str = opt("val", "token-store split")
     teacher: str | None = opt(None, "KL / agreement reference: a teacher store (estimated KL), "
                               "or a model source ('smollm2', .gguf, HF dir, 'random' = the "
@@ -574,10 +574,8 @@ class EvaluateConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class EvaluateRun:
-    """Root config of `python -m rskd_jax.evaluate`."""
+class EvaluateRun(TrainRun):
+    """Root config of `python -m rskd_jax.evaluate`: a train config plus `evaluate`, so the
+    train YAML of a run serves both programs."""
 
     evaluate: EvaluateConfig = opt(EvaluateConfig())
-    teacher: ModelSpec = opt(ModelSpec(source="smollm2"))
-    mesh: MeshConfig = opt(MeshConfig())
-    distributed: DistributedConfig = opt(DistributedConfig())
