@@ -147,45 +147,59 @@ def _tree_add(a, b):
     return jax.tree.map(jnp.add, a, b)
 
 
-def loss_sums(params, teacher_params, t, *, graphdef, teacher_graphdef, spec: LossSpec):
-    """Loss sums of the rows in `t` (see chunk_sums), chunked over positions if asked.
+def sum_over_positions(fn: Callable, model, teacher, t: dict, *, chunk_size: int = 0,
+                       remat: bool = True) -> Any:
+    """sum over position chunks of fn(logits [B, C, V] f32, t chunk, teacher logits or None).
 
-    Chunked: each chunk's float32 logits [B, C, V] are computed from the hidden states and
-    the lm-head weight, its losses taken, and the chunk wrapped in jax.checkpoint so the
-    backward pass recomputes them: no [B, L, V] array ever exists.
+    `fn` returns a pytree of additive sums. The teacher logits come from `teacher` (a model,
+    run here) or else from t["teacher_logits"] (cached), or are None. Chunked
+    (chunk_size > 0): each chunk's logits are computed from the hidden states and the
+    lm-head weight, so no [B, L, V] array ever exists; with remat the chunk is wrapped in
+    jax.checkpoint so the backward pass recomputes its logits instead of storing them.
     """
-    model = nnx.merge(graphdef, params)
-    online = spec.method == "full_online"
-    teacher = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params)) if online else None
-    if not spec.chunk_size:
-        teacher_logits = teacher(t["tokens"]) if online else t.get("teacher_logits")
-        return chunk_sums(model(t["tokens"]), t, teacher_logits, spec)
+    tokens_BxL = t["tokens"]
+    if not chunk_size:
+        teacher_logits = teacher(tokens_BxL) if teacher is not None else t.get("teacher_logits")
+        return fn(model(tokens_BxL), t, teacher_logits)
 
-    c, l = spec.chunk_size, t["tokens"].shape[1]
+    c, l = chunk_size, tokens_BxL.shape[1]
     if l % c:
-        raise ValueError(f"loss.chunk_size={c} does not divide the sequence length {l}; "
+        raise ValueError(f"chunk_size={c} does not divide the sequence length {l}; "
                          f"choose a divisor of {l} (or 0 to disable chunking)")
     w_DxV = model.lm_head_weight()
-    xs = {"h": model.hidden_states(t["tokens"]), "t": t}
-    if online:
-        xs["th"] = teacher.hidden_states(t["tokens"])
+    xs = {"h": model.hidden_states(tokens_BxL), "t": t}
+    if teacher is not None:
+        xs["th"] = teacher.hidden_states(tokens_BxL)
         tw_DxV = teacher.lm_head_weight()
     xs = jax.tree.map(functools.partial(_to_chunks, c=c), xs)
 
-    # PERF: the backward recomputes each chunk's logits (and the teacher's, online): one
-    # extra lm-head matmul per chunk, in exchange for never holding [B, L, V] float32.
-    @functools.partial(jax.checkpoint, prevent_cse=False)
     def body(acc, x):
         logits_BxCxV = jnp.einsum("bcd,dv->bcv", x["h"], w_DxV, preferred_element_type=jnp.float32)
         teacher_logits = x["t"].get("teacher_logits")
-        if online:
+        if teacher is not None:
             teacher_logits = jnp.einsum("bcd,dv->bcv", x["th"], tw_DxV,
                                         preferred_element_type=jnp.float32)
-        return _tree_add(acc, chunk_sums(logits_BxCxV, x["t"], teacher_logits, spec)), None
+        out = fn(logits_BxCxV, x["t"], teacher_logits)
+        return out if acc is None else _tree_add(acc, out), None
 
-    zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    sums, _ = jax.lax.scan(body, {"ce": zero, "kd": zero, "z": zero}, xs)
+    # PERF: with remat the backward recomputes each chunk's logits (and the teacher's): one
+    # extra lm-head matmul per chunk, in exchange for never holding [B, L, V] float32.
+    scan_body = jax.checkpoint(body, prevent_cse=False) if remat else body
+    first = jax.tree.map(lambda x: x[0], xs)
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                         jax.eval_shape(lambda x: body(None, x)[0], first))
+    sums, _ = jax.lax.scan(scan_body, zeros, xs)
     return sums
+
+
+def loss_sums(params, teacher_params, t, *, graphdef, teacher_graphdef, spec: LossSpec):
+    """{"ce"|"kd"|"z": (sum, count)} of the rows in `t` (see chunk_sums), chunked if asked."""
+    model = nnx.merge(graphdef, params)
+    teacher = None
+    if spec.method == "full_online":  # frozen: no gradient flows into the teacher
+        teacher = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
+    return sum_over_positions(functools.partial(chunk_sums, spec=spec), model, teacher, t,
+                              chunk_size=spec.chunk_size, remat=True)
 
 
 # ------------------------------------------------------------------------------ the step

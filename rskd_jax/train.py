@@ -1,0 +1,304 @@
+"""`python -m rskd_jax.train`: train a student from a token store and a teacher store.
+
+    python -m rskd_jax.train --config configs/tiny/train.yaml [key=value ...]
+
+The run directory (`train.output`) holds config.yaml (the resolved config), checkpoints/
+(orbax: train state + input-pipeline position), metrics.jsonl (one JSON object per logged
+step: step, loss, ce, kd, z_loss, grad_norm, lr, tokens_per_s; eval records carry
+"eval": true), tb/ (TensorBoard) and, at the end, hf/ (the student as an HF directory).
+
+Resume: re-running the same command continues from the latest committed checkpoint, with
+the data iterator where it was, after cutting metrics.jsonl (and TensorBoard) back to that
+step, so a run killed at any moment logs exactly the losses of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rskd_jax.config import TrainRun, config_to_dict, load_config, parse_cli, save_config
+
+log = logging.getLogger("rskd_jax.train")
+# Config keys a resumed run must share with the run it continues.
+RESUME_KEYS = ("train.tokens", "train.teacher_store", "train.batch_size", "train.grad_accum",
+               "train.seed", "loss", "optim", "student")
+
+
+class TrainError(ValueError):
+    """A train config that cannot run, with what to change."""
+
+
+class MetricsLog:
+    """metrics.jsonl + TensorBoard on process 0, cut back to `resume_step` on open."""
+
+    def __init__(self, output: str, resume_step: int, enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(output, "metrics.jsonl")
+        self.tb = None
+        if not enabled:
+            return
+        truncate_jsonl(self.path, resume_step)
+        self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self.tb = _summary_writer(os.path.join(output, "tb"), purge_step=resume_step + 1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()  # a SIGKILL loses nothing flushed; a checkpoint follows its records
+        if self.tb is not None:
+            group = "eval" if record.get("eval") else "train"
+            for k, v in record.items():
+                if k not in ("step", "eval") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{group}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def _summary_writer(logdir: str, purge_step: int):
+    """tensorboardX's SummaryWriter; `purge_step` drops events of steps >= it (a resume)."""
+    # PERF: tensorboardX imports torch when it is installed (3 s here), only to accept torch
+    # tensors, which we never pass: hide torch during the import unless it is already loaded.
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide:
+            sys.modules.pop("torch", None)
+    return SummaryWriter(logdir, purge_step=purge_step)
+
+
+def truncate_jsonl(path: str, step: int) -> None:
+    """Keeps the complete records with record["step"] <= step (drops a torn last line)."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if line.endswith("\n") and record.get("step", math.inf) <= step:
+                kept.append(line)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+def check_resume_config(cfg: TrainRun, output: str) -> None:
+    """Refuses to continue a run whose saved config differs in what shapes the run."""
+    path = os.path.join(output, "config.yaml")
+    if not os.path.exists(path):
+        return
+    old, new = config_to_dict(load_config(TrainRun, path)), config_to_dict(cfg)
+    for key in RESUME_KEYS:
+        a, b = old, new
+        for part in key.split("."):
+            a, b = a[part], b[part]
+        if a != b:
+            raise TrainError(f"{output} holds a run with {key}={a!r}, this config has {b!r}; "
+                             "resuming would mix two runs. Use another train.output, or restore "
+                             "the original value.")
+
+
+def _to_float(metrics_: dict) -> dict[str, float]:
+    return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics_).items()}
+
+
+def run(cfg: TrainRun, *, stop_after: int | None = None) -> dict[str, Any]:
+    """Trains (or resumes) the run `cfg` describes; returns a summary dict.
+
+    stop_after: stop after this many steps of this call without a final checkpoint, eval or
+    export (what a preemption looks like; used by the resume tests).
+    """
+    from tqdm import tqdm
+
+    from rskd_jax import evaluate, optim, sharding
+    from rskd_jax import train_step as ts
+    from rskd_jax.checkpoint import Checkpointer
+    from rskd_jax.data import make_batch_iterator
+    from rskd_jax.model_spec import build_model
+    from rskd_jax.store.teacher import open_teacher_store
+    from rskd_jax.store.tokens import open_token_store
+    from rskd_jax.train_data import LOSS_FIELDS, check_stores, host_batch, split_rows, tokenizer_vocab
+
+    t, lc, oc = cfg.train, cfg.loss, cfg.optim
+    started = time.perf_counter()
+    mesh = sharding.make_mesh(cfg.mesh)
+    ts.check_step_batch(t.batch_size, t.grad_accum, mesh)
+    main = jax.process_index() == 0
+
+    # ---- stores, checked against each other and the student
+    tokens = open_token_store(t.tokens)
+    vocab = tokenizer_vocab(tokens)
+    store = open_teacher_store(t.teacher_store) if t.teacher_store else None
+    if LOSS_FIELDS[lc.method] and store is None:
+        raise TrainError(f"loss.method={lc.method!r} trains from a teacher store: set train.teacher_store")
+    student = build_model(cfg.student, vocab)
+    check_stores(tokens, store, student_vocab=student.config.vocab_size, method=lc.method)
+    fields = LOSS_FIELDS[lc.method]
+    train_rows = split_rows(tokens, store, "train", fields)
+    eval_fields = evaluate.teacher_fields(store)
+    val_rows = split_rows(tokens, store, "val", eval_fields) if "val" in tokens.splits else None
+
+    # ---- model, optimizer, sharded state
+    graphdef, params = ts.split_model(student)
+    schedule = optim.lr_schedule(oc.learning_rate, oc.warmup_steps, t.steps, oc.end_lr_ratio)
+    tx = optim.make_optimizer(schedule, b1=oc.b1, b2=oc.b2, eps=oc.eps,
+                              weight_decay=oc.weight_decay, clip_norm=oc.clip_norm)
+    param_sh = ts.model_shardings(student, mesh)
+    state_sh = optim.state_shardings(params, param_sh, tx, mesh)
+    teacher_graphdef = teacher_params = teacher_sh = None
+    if lc.method == "full_online":
+        teacher = build_model(cfg.teacher, vocab)
+        teacher_graphdef, teacher_params = ts.split_model(teacher)
+        teacher_sh = ts.model_shardings(teacher, mesh)
+        teacher_params = jax.device_put(teacher_params, teacher_sh)
+    spec = ts.LossSpec(lc.method, lc.alpha, lc.kd_temperature, lc.z_loss, vocab, lc.chunk_size)
+    step_fn = ts.make_train_step(graphdef, tx, schedule, spec, micro_batches=t.grad_accum,
+                                 teacher_graphdef=teacher_graphdef, mesh=mesh)
+    eval_fn = evaluate.jit_eval_fn(
+        evaluate.make_eval_fn(graphdef, vocab_size=vocab, teacher_graphdef=teacher_graphdef,
+                              chunk_size=lc.chunk_size), param_sh, mesh, teacher_sh)
+
+    # ---- run directory: config, checkpoints, iterator, metrics (resumed if present)
+    os.makedirs(t.output, exist_ok=True)
+    check_resume_config(cfg, t.output)
+    ckpt = Checkpointer(os.path.join(os.path.abspath(t.output), "checkpoints"),
+                        keep=t.keep_checkpoints, async_save=t.async_checkpoints)
+    it = make_batch_iterator(train_rows, global_batch_size=t.batch_size, seed=t.seed, shuffle=True,
+                             num_epochs=None, process_index=jax.process_index(),
+                             process_count=jax.process_count())
+    start = ckpt.latest_step() or 0
+    if start:
+        state, data_state = ckpt.restore(start, optim.abstract_state(params, tx, state_sh))
+        it.set_state(data_state)
+    else:
+        state = optim.create_state(params, tx, t.seed, state_sh)
+    del params, student
+    if main:
+        save_config(cfg, t.output)
+    logs = MetricsLog(t.output, start, enabled=main)
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    log.info("%s: %s steps %d -> %d, %.2fM params, loss %s, mesh %s, batch %d x %d tokens",
+             t.output, "resuming" if start else "training", start, t.steps, n_params / 1e6,
+             lc.method, dict(mesh.shape), t.batch_size, tokens.seq_len)
+
+    def run_eval(step: int) -> dict[str, float]:
+        if val_rows is None:
+            return {}
+        val = make_batch_iterator(val_rows, global_batch_size=t.batch_size, seed=0, shuffle=False,
+                                  num_epochs=1, drop_remainder=False,
+                                  process_index=jax.process_index(), process_count=jax.process_count())
+        out = evaluate.evaluate_batches(eval_fn, state.params, (host_batch(b, eval_fields) for b in val),
+                                        mesh, teacher_params=teacher_params, max_batches=t.eval_batches)
+        logs.write({"step": step, "eval": True, **out})
+        return out
+
+    # ---- the loop
+    tokens_per_step = t.batch_size * tokens.seq_len
+    pending: list = []  # (step, device metrics, dispatch time): fetched one step late
+    clock = {"step": start, "time": time.perf_counter()}
+    last: dict[str, float] = {}
+
+    def flush(upto: int) -> None:
+        while pending and pending[0][0] <= upto:
+            step, m, when = pending.pop(0)
+            rec = {"step": step, **_to_float(m)}
+            rec["tokens_per_s"] = (step - clock["step"]) * tokens_per_step / max(when - clock["time"], 1e-9)
+            clock.update(step=step, time=when)
+            logs.write(rec)
+            last.update(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+
+    bar = tqdm(total=t.steps, initial=start, disable=not (t.progress and main), unit="step",
+               dynamic_ncols=True)
+    jitted = None
+    step, evaluation = start, {}
+    for step in range(start + 1, t.steps + 1):
+        batch = sharding.global_batch(host_batch(next(it), fields), mesh)
+        if jitted is None:
+            jitted = ts.jit_step(step_fn, state_sh, ts.batch_shardings(batch, mesh), mesh, teacher_sh)
+        state, m = jitted(state, batch, teacher_params)
+        bar.update(1)
+        if step % t.log_every == 0 or step == t.steps:
+            pending.append((step, m, time.perf_counter()))
+        is_eval = (t.eval_every and step % t.eval_every == 0) or step == t.steps
+        is_ckpt = step % t.checkpoint_every == 0 or is_eval
+        if is_ckpt or (stop_after and step - start >= stop_after):
+            flush(step)  # records up to a checkpoint's step are written before it is
+        else:
+            flush(step - 1)
+        evaluation = run_eval(step) if is_eval else {}
+        if is_ckpt:
+            metric = {"val_loss": evaluation["val_loss"]} if "val_loss" in evaluation else None
+            ckpt.save(step, state, it.get_state(), metrics=metric)
+        if stop_after and step - start >= stop_after:
+            break
+    flush(step)
+    bar.close()
+    stopped = bool(stop_after) and step < t.steps
+    hf_dir = None
+    if not stopped:
+        ckpt.wait()
+        if t.export_hf:
+            hf_dir = export_hf(graphdef, state.params, os.path.join(t.output, "hf"), main)
+    best, latest = ckpt.best_step(), ckpt.latest_step()
+    ckpt.close()
+    logs.close()
+    return {"output": t.output, "steps": t.steps, "start_step": start, "end_step": int(step),
+            "stopped_early": stopped, "loss": last.get("loss"), "eval": evaluation,
+            "checkpoint_step": latest, "best_step": best, "hf": hf_dir,
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+def export_hf(graphdef, params, out_dir: str, main: bool) -> str:
+    """Writes the student as an HF directory (config.json + safetensors) from process 0."""
+    from flax import nnx
+    from jax.experimental import multihost_utils
+
+    from rskd_jax.models import save_pretrained
+
+    if jax.process_count() > 1:
+        params = multihost_utils.process_allgather(params, tiled=True)
+    if main:
+        host = jax.device_get(params)  # float32 master weights -> the model's param dtype
+        dtype = jnp.dtype(nnx.merge(graphdef, host).config.param_dtype)
+        save_pretrained(nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), host)), out_dir)
+    return out_dir
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = parse_cli(TrainRun, argv, prog="python -m rskd_jax.train")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax: "no metrics" per plain save
+    if cfg.distributed.enabled:
+        from rskd_jax.cache import initialize_distributed
+
+        initialize_distributed(cfg.distributed)
+    summary = run(cfg)
+    if jax.process_index() == 0:
+        print(json.dumps(summary, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()

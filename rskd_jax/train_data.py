@@ -1,0 +1,125 @@
+"""Stores -> checked row sources -> global batches, for the train and evaluate programs.
+
+Cached teacher targets depend on the exact context, so the student must see exactly the
+sequences the teacher saw. The teacher store's manifest records the token store it was
+computed from (content fingerprint, seq_len) and the tokenizer; `check_stores` refuses any
+mismatch with a message naming both values. The teacher store keeps no per-row token echo or
+hash, so the per-row guarantee rests on the token store's content fingerprint (which covers
+every token of every split) and on joining rows by the same index.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+
+from rskd_jax.store.common import StoreError
+
+log = logging.getLogger("rskd_jax.train")
+
+# teacher-store method -> loss methods that can train from it
+STORE_LOSSES = {
+    "sample": ("sparse",), "sample_wor": ("sparse",), "top_k": ("sparse",),
+    "ghost": ("ghost", "sparse"), "full": ("full_cached",),
+}
+# batch fields each loss method reads from the teacher store
+LOSS_FIELDS = {"ce": (), "full_online": (), "sparse": ("ids", "weights"),
+               "ghost": ("ids", "weights", "tail_mass"), "full_cached": ("logprobs",)}
+
+
+class DataMismatch(StoreError):
+    """The token store, teacher store and student do not belong together."""
+
+
+def _get(manifest: dict, *keys: str) -> Any:
+    for k in keys:
+        manifest = manifest.get(k) if isinstance(manifest, dict) else None
+    return manifest
+
+
+def tokenizer_vocab(tokens) -> int:
+    vocab = _get(tokens.manifest, "tokenizer", "vocab_size")
+    if not isinstance(vocab, int):
+        raise StoreError(f"token store {tokens.url} has no tokenizer.vocab_size in its manifest")
+    return vocab
+
+
+def check_stores(tokens, teacher, *, student_vocab: int, method: str | None) -> None:
+    """Refuses a token store / teacher store / student / loss combination that cannot work."""
+    vocab = tokenizer_vocab(tokens)
+    if student_vocab < vocab:
+        raise DataMismatch(f"student vocab_size {student_vocab} is smaller than the tokenizer's "
+                           f"{vocab} (token store {tokens.url}); set student.vocab_size >= {vocab}")
+    if teacher is None:
+        return
+    pairs = [
+        ("token-store fingerprint", _get(teacher.manifest, "tokens", "fingerprint"), tokens.fingerprint),
+        ("seq_len", teacher.seq_len, tokens.seq_len),
+        ("tokenizer fingerprint", _get(teacher.manifest, "tokenizer", "fingerprint"),
+         _get(tokens.manifest, "tokenizer", "fingerprint")),
+        ("tokenizer vocab_size", teacher.vocab_size, vocab),
+    ]
+    for what, theirs, ours in pairs:
+        if theirs != ours:
+            raise DataMismatch(
+                f"teacher store {teacher.url} was computed for {what} {theirs!r}, but the token "
+                f"store {tokens.url} has {ours!r}: the targets would not belong to these "
+                "sequences. Re-run `python -m rskd_jax.cache` on this token store, or point "
+                "train.tokens at the store the cache was made from.")
+    if method is not None and method not in ("ce", "full_online"):
+        allowed = STORE_LOSSES.get(teacher.method, ())
+        if method not in allowed:
+            raise DataMismatch(f"loss.method={method!r} cannot train from a {teacher.method!r} "
+                               f"teacher store ({teacher.url}); it supports {list(allowed)}")
+
+
+class Rows:
+    """A row source: selected fields of a token-store split, optionally joined with the
+    same rows of a teacher-store split, limited to the first `num_rows` rows."""
+
+    def __init__(self, tokens, split: str, teacher=None, fields: Sequence[str] = (),
+                 num_rows: int | None = None):
+        self.tokens, self.teacher, self.split, self.fields = tokens, teacher, split, tuple(fields)
+        self.num_rows = tokens.num_rows(split) if num_rows is None else num_rows
+
+    def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        idx = np.asarray(indices, np.int64)
+        out = {"tokens": self.tokens.read(self.split, idx), "index": idx}
+        if self.teacher is not None and self.fields:
+            rows = self.teacher.read_rows(self.split, idx)
+            out.update({k: rows[k] for k in self.fields})
+        return out
+
+
+def split_rows(tokens, teacher, split: str, fields: Sequence[str]) -> Rows:
+    """The rows of `split` both stores hold (all teacher rows must be done)."""
+    n = tokens.num_rows(split)
+    if teacher is None or not fields:
+        return Rows(tokens, split, None, (), n)
+    if split not in teacher.splits:
+        raise DataMismatch(f"teacher store {teacher.url} has no {split!r} split "
+                           f"(it has {list(teacher.splits)}); cache that split first")
+    nt = teacher.num_rows(split)
+    done = teacher.done_mask(split)
+    if not done.all():
+        raise DataMismatch(f"teacher store {teacher.url}: only {int(done.sum())} of {nt} {split} "
+                           "rows are done; finish `python -m rskd_jax.cache` (it resumes) first")
+    if nt > n:
+        raise DataMismatch(f"teacher store {teacher.url} has {nt} {split} rows, the token store "
+                           f"{tokens.url} only {n}: they do not belong together")
+    if nt < n:
+        log.warning("teacher store %s covers %d of the %d %s rows (cache.max_rows); using those",
+                    teacher.url, nt, n, split)
+    return Rows(tokens, split, teacher, fields, nt)
+
+
+def host_batch(batch: dict[str, np.ndarray], fields: Sequence[str]) -> dict[str, np.ndarray]:
+    """The arrays the step reads: tokens, mask (rows padded with index -1 are masked), fields."""
+    tokens = np.asarray(batch["tokens"], np.int32)
+    valid = np.asarray(batch["index"]) >= 0
+    out = {"tokens": tokens, "mask": np.broadcast_to(valid[:, None], tokens.shape).astype(np.int32)}
+    for k in fields:
+        out[k] = batch[k]
+    return out

@@ -1,0 +1,192 @@
+"""The train and evaluate programs end to end on tiny stores built through the store APIs:
+SIGKILL mid-run + resume == an uninterrupted run, HF export parity, refusals."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from rskd_jax.config import ConfigError, TrainRun, load_config, parse_cli
+from rskd_jax.store.common import StoreError
+from rskd_jax.store.teacher import create_teacher_store
+from rskd_jax.store.tokens import write_token_store
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB, L, K = 60, 32, 8
+TOKENIZER = {"spec": "test", "fingerprint": "test-tokenizer", "vocab_size": VOCAB, "eos_id": 0,
+             "bos_id": None}
+
+
+def make_tokens(url, seed=0, rows=(64, 16), seq_len=L):
+    rng = np.random.default_rng(seed)
+    splits = {"train": rng.integers(0, VOCAB, (rows[0], seq_len)).astype(np.int32),
+              "val": rng.integers(0, VOCAB, (rows[1], seq_len)).astype(np.int32)}
+    return splits, write_token_store(url, splits, {"tokenizer": TOKENIZER})
+
+
+def make_teacher(url, splits, token_manifest, seed=0, done_rows=None):
+    """A `sample` store (N = K draws) from random teacher distributions, with entropies."""
+    rng = np.random.default_rng(seed)
+    seq_len = token_manifest["seq_len"]
+    manifest = {"tokens": {"fingerprint": token_manifest["content_hash"], "seq_len": seq_len},
+                "tokenizer": TOKENIZER, "teacher": {"fingerprint": "test", "vocab_size": VOCAB}}
+    store = create_teacher_store(url, manifest=manifest, num_rows={s: len(a) for s, a in splits.items()},
+                                 seq_len=seq_len, method="sample", k=K, vocab_size=VOCAB, chunk_rows=8)
+    for split, toks in splits.items():
+        s = done_rows or len(toks)
+        logits = rng.normal(size=(s, seq_len, VOCAB)) * 2.0
+        t = np.exp(logits - logits.max(-1, keepdims=True))
+        t /= t.sum(-1, keepdims=True)
+        cdf = np.cumsum(t, -1)
+        draws = np.minimum((cdf[..., None, :] < rng.random((s, seq_len, K, 1))).sum(-1), VOCAB - 1)
+        ids, counts = np.zeros((s, seq_len, K), np.int32), np.zeros((s, seq_len, K), np.int32)
+        for i in range(s):
+            for j in range(seq_len):
+                u, c = np.unique(draws[i, j], return_counts=True)
+                ids[i, j, :len(u)], counts[i, j, :len(u)] = u, c
+        store.write_rows(split, 0, {
+            "ids": ids, "counts": counts, "entropy": -(t * np.log(t)).sum(-1),
+            "gold_logprob": np.log(np.take_along_axis(t, np.roll(toks[:s], -1, 1)[..., None], -1)[..., 0]),
+        }).result()
+    store.close()
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stores")
+    splits, manifest = make_tokens(str(root / "tokens"))
+    make_teacher(str(root / "teacher"), splits, manifest)
+    return str(root / "tokens"), str(root / "teacher")
+
+
+def overrides(stores, output, *extra):
+    return [f"train.tokens={stores[0]}", f"train.teacher_store={stores[1]}", f"train.output={output}",
+            "student.hidden_size=32", "student.intermediate_size=64", "student.vocab_size=64",
+            "loss.chunk_size=8", "train.progress=false", *extra]
+
+
+def _cli(module, args, **kw):
+    cmd = [sys.executable, "-m", module, "--config", os.path.join(ROOT, "configs/tiny/train.yaml"), *args]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _records(path):
+    with open(path, encoding="utf-8") as f:
+        return [(r["step"], r.get("loss"), r.get("val_loss"), r.get("kl_to_teacher"))
+                for r in map(json.loads, f)]
+
+
+def test_kill_resume_export_and_evaluate(stores, tmp_path):
+    from rskd_jax import train
+
+    run_args = ["train.steps=10", "train.checkpoint_every=2", "train.eval_every=5", "loss.alpha=0.25"]
+    out = str(tmp_path / "run")
+    # 1. a run killed with SIGKILL in the middle (after >= 5 logged steps)
+    proc = _cli("rskd_jax.train", overrides(stores, out, *run_args))
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and sum('"loss"' in x for x in open(metrics)) >= 5:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    # 2. the same command again resumes from the last committed checkpoint and finishes
+    proc = _cli("rskd_jax.train", overrides(stores, out, *run_args))
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert 0 < summary["start_step"] < 10 and summary["end_step"] == 10
+    # 3. an uninterrupted run logs exactly the same losses
+    ref = str(tmp_path / "ref")
+    train.run(load_config(TrainRun, os.path.join(ROOT, "configs/tiny/train.yaml"),
+                          overrides(stores, ref, *run_args)))
+    got, want = _records(metrics), _records(os.path.join(ref, "metrics.jsonl"))
+    assert got == want
+    assert [s for s, *_ in got if _[1] is not None] == [5, 10]  # two eval records
+    assert os.path.exists(os.path.join(out, "config.yaml")) and os.listdir(os.path.join(out, "tb"))
+
+    # 4. evaluate the run: one JSON object, the same val_loss as the run's final eval
+    proc = _cli("rskd_jax.evaluate", overrides(stores, out) + [
+        f"evaluate.checkpoint={out}", f"evaluate.tokens={stores[0]}", f"evaluate.teacher={stores[1]}"])
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    ev = json.loads(stdout.strip())
+    assert ev["step"] == 10 and {"val_loss", "perplexity", "ece", "kl_to_teacher"} <= set(ev)
+    assert ev["val_loss"] == pytest.approx(got[-1][2], rel=1e-6)
+    assert ev["kl_to_teacher"] == pytest.approx(got[-1][3], rel=1e-5)
+
+    # 5. the exported HF directory gives transformers the trained student's logits
+    _check_hf_export(out)
+
+
+def _check_hf_export(out):
+    import jax
+    import torch
+    from flax import nnx
+    from transformers import LlamaForCausalLM
+
+    from rskd_jax import evaluate, sharding
+
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=1), jax.devices()[:1])
+    graphdef, params, info = evaluate.load_student(out, VOCAB, mesh)
+    assert info["step"] == 10
+    tokens = np.random.default_rng(1).integers(0, VOCAB, (2, L))
+    ours = np.asarray(nnx.merge(graphdef, params)(tokens))
+    hf = LlamaForCausalLM.from_pretrained(os.path.join(out, "hf"), torch_dtype=torch.float32)
+    with torch.no_grad():
+        theirs = hf(torch.as_tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=2e-4, rtol=1e-4)
+
+
+def test_unknown_and_bad_keys_are_refused(capsys):
+    with pytest.raises(ConfigError, match="did you mean 'train.steps'"):
+        load_config(TrainRun, None, ["train.stepz=3"])
+    with pytest.raises(ConfigError, match="loss.method"):
+        load_config(TrainRun, None, ["loss.method=topk"])
+    with pytest.raises(SystemExit) as err:
+        parse_cli(TrainRun, ["--config", os.path.join(ROOT, "configs/tiny/train.yaml"), "optim.lr=1"])
+    assert err.value.code == 2 and "unknown key 'optim.lr'" in capsys.readouterr().err
+
+
+def _run_expect(stores, tmp_path, error, match, *extra):
+    from rskd_jax import train
+
+    cfg = load_config(TrainRun, os.path.join(ROOT, "configs/tiny/train.yaml"),
+                      overrides(stores, str(tmp_path / "never"), "train.steps=1", *extra))
+    with pytest.raises(error, match=match):
+        train.run(cfg)
+
+
+def test_mismatched_stores_are_refused(stores, tmp_path):
+    other = str(tmp_path / "other_tokens")
+    _, manifest = make_tokens(other, seed=1)
+    _run_expect((other, stores[1]), tmp_path, StoreError,
+                f"token-store fingerprint '[0-9a-f]+'.*has '{manifest['content_hash']}'")
+    _run_expect(stores, tmp_path, ConfigError, "vocab_size 50.*60", "student.vocab_size=50")
+    _run_expect(stores, tmp_path, StoreError, "cannot train from a 'sample'", "loss.method=full_cached")
+    _run_expect((stores[0], None), tmp_path, ValueError, "set train.teacher_store",
+                "train.teacher_store=null")
+
+
+def test_corrupt_or_unfinished_store_is_refused(stores, tmp_path):
+    broken = str(tmp_path / "broken")
+    shutil.copytree(stores[1], broken)
+    with open(os.path.join(broken, "manifest.json"), "w") as f:
+        f.write('{"kind": "teach')
+    _run_expect((stores[0], broken), tmp_path, StoreError, "not valid JSON")
+    shutil.rmtree(broken)
+    shutil.copytree(stores[1], broken)
+    shutil.rmtree(os.path.join(broken, "train", "ids"))
+    _run_expect((stores[0], broken), tmp_path, StoreError, "train/ids")
+    partial = str(tmp_path / "partial")
+    splits, manifest = make_tokens(str(tmp_path / "tok"))
+    make_teacher(partial, splits, manifest, done_rows=8)
+    _run_expect((str(tmp_path / "tok"), partial), tmp_path, StoreError, "only 8 of 64 train rows")
