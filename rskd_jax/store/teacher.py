@@ -19,6 +19,8 @@ Layout (one store = one method; arrays per split; chunks of `chunk_rows` rows, s
     {split}/gold_logprob   float16 [S, L]          (diagnostics: teacher log t(next token))
     {split}/entropy        float16 [S, L]          (diagnostics: teacher entropy, nats)
     {split}/logprobs       float16 [S, L, V]       (full)
+    {split}/token_hash     uint64 [S], chunks [chunk_rows]  (if token_hash: `token_hash` of the
+                           row's tokens as the teacher saw them, written with the row's data)
 
 Entry encoding (lossless, chosen by measurement: tools/bench_store_codec.py): the entries of a
 position are sorted by frequency rank (rank_to_id; identity if no table) and stored as gaps:
@@ -31,6 +33,11 @@ shuffle). Measured on real SmolLM2 draws at N = 50: stdlib source (11.8 unique i
 position) 20.1 B/token for ids + counts + num_ids = 1.70 B/entry; Python docs (15.3 ids)
 25.0 B/token = 1.64 B/entry; the float16 diagnostics add 4.2 B/token (raw int32: 400 B/token).
 
+Token check: a store created with token_hash=True takes each block's `tokens` [b, L] in
+write_rows and keeps token_hash(tokens) per row; read_rows returns it, so a reader (the
+trainer) can check that a batch's tokens are the ones the teacher saw:
+`token_hash(batch_tokens) == rows["token_hash"]` (~5 us per row of 512 tokens).
+
 Reading returns entries in this canonical order (ascending rank; ascending id when there is
 no table), empty slots last with id 0, weight 0, count 0. Weights for `sample` at temperature 1
 are counts / N (exact float32). A tempered `sample` also stores the final float32 weights
@@ -40,7 +47,7 @@ are counts / N (exact float32). A tempered `sample` also stores the final float3
                                  seq_len=512, method="sample", k=50, vocab_size=49152,
                                  chunk_rows=8, diagnostics=True, overwrite=False)
     store.write_rows("train", 0, {"ids": ids_BxLxK, "counts": c_BxLxK, "gold_logprob": g_BxL,
-                                  "entropy": h_BxL}).result()
+                                  "entropy": h_BxL}).result()   # + "tokens": tokens_BxL if token_hash
     batch = open_teacher_store("runs/teacher").read_rows("train", np.array([3, 0]))
 """
 
@@ -71,6 +78,37 @@ class _Array(NamedTuple):
     per_row: bool  # inner chunks of one row (sharding) for row-granular reads
 
 
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser (a bijection of uint64 with full avalanche), elementwise."""
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+def token_hash(tokens_BxL: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each row of tokens: int [B, L] -> uint64 [B] (ids taken as int32).
+
+    h = mix(L xor sum_i mix(i << 32 | uint32(token_i)) mod 2^64), mix = splitmix64's
+    finaliser: every (position, token) pair is hashed on its own, so any change of a token,
+    of the order or of the length changes h except with probability ~2^-64. Vectorised
+    numpy (wrapping uint64 arithmetic), ~10 passes over the tokens.
+
+    >>> h = token_hash(np.array([[1, 2, 3], [1, 2, 3], [3, 2, 1]]))
+    >>> h.dtype.name, bool(h[0] == h[1]), bool(h[0] == h[2])
+    ('uint64', True, False)
+    """
+    x = np.asarray(tokens_BxL)
+    if x.ndim != 2 or not np.issubdtype(x.dtype, np.integer):
+        raise ValueError(f"token_hash takes integer tokens [B, L], got {x.dtype} {list(x.shape)}")
+    length = x.shape[1]
+    token = x.astype(np.int64).astype(np.uint64) & np.uint64(0xFFFFFFFF)  # int32 bits as uint32
+    v_BxL = _mix64(token | (np.arange(length, dtype=np.uint64) << np.uint64(32)))
+    return _mix64(v_BxL.sum(axis=1, dtype=np.uint64) ^ np.uint64(length))
+
+
 def _uint_for(max_value: int) -> np.dtype:
     for dt in (np.uint8, np.uint16, np.uint32):
         if max_value <= np.iinfo(dt).max:
@@ -99,6 +137,8 @@ def _layout_arrays(layout: dict[str, Any], split: str) -> dict[str, _Array]:
             arrays["tail_mass"] = per_pos(np.float32)
     if layout["diagnostics"]:
         arrays.update({name: per_pos(np.float16) for name in DIAGNOSTICS})
+    if layout.get("token_hash", False):  # absent in stores made before it existed
+        arrays["token_hash"] = _Array((s,), np.dtype(np.uint64), (cr,), False)
     return arrays
 
 
@@ -199,6 +239,7 @@ class TeacherStore:
           sample_wor, top_k: ids, weights [b, L, K];  ghost: + tail_mass [b, L]
           full:        logprobs float [b, L, V]
           diagnostics: gold_logprob, entropy float [b, L] (NaN allowed: "not available")
+          token_hash:  tokens int [b, L] (the rows' tokens; their `token_hash` is stored)
         Empty slots have count / weight 0; their id is ignored. Raises StoreError (naming the
         row) on invalid input before anything is written. Returns a Future; its result() is
         None once the data is durable and, after that, the done flags are written.
@@ -225,14 +266,19 @@ class TeacherStore:
             raise StoreError(f"writing rows [{start}, {stop}) of {split!r} to {self.url} failed: {err}") from err
 
     def _encode(self, split: str, start: int, b: int, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        want = set(_layout_arrays(self.layout, split)) - {"done", "num_ids"}
+        want = set(_layout_arrays(self.layout, split)) - {"done", "num_ids", "token_hash"}
+        if self.layout.get("token_hash", False):
+            want.add("tokens")
         if set(rows) != want:
             raise StoreError(f"write_rows for method {self.method!r} (diagnostics="
-                             f"{self.layout['diagnostics']}) takes keys {sorted(want)}, got {sorted(rows)}")
+                             f"{self.layout['diagnostics']}, token_hash={self.layout.get('token_hash', False)}) "
+                             f"takes keys {sorted(want)}, got {sorted(rows)}")
         length, k = self.seq_len, self.k
         where = lambda idx: f"split {split!r} row {start + idx[0]}" + (  # noqa: E731
             f" position {idx[1]}" if len(idx) > 1 else "") + (f" slot {idx[2]}" if len(idx) > 2 else "")
         out: dict[str, np.ndarray] = {}
+        if "tokens" in rows:
+            out["token_hash"] = token_hash(_as(rows, "tokens", (b, length), np.integer))
         for name in set(rows) & {"tail_mass", *DIAGNOSTICS}:
             x = _as(rows, name, (b, length), np.floating)
             if name == "tail_mass" and (bad := _first_bad(~np.isfinite(x) | (x < 0))) is not None:
@@ -295,7 +341,8 @@ class TeacherStore:
         Returns ids int32 [b, L, K] and weights float32 [b, L, K] (sparse methods; canonical
         order, see the module doc), num_ids int32 [b, L], counts int32 [b, L, K] (sample),
         tail_mass float32 [b, L] (ghost), logprobs float32 [b, L, V] (full), gold_logprob and
-        entropy float32 [b, L] (diagnostics). One batched TensorStore read per array.
+        entropy float32 [b, L] (diagnostics), token_hash uint64 [b] (stores made with
+        token_hash=True; compare with `token_hash(tokens)`). One batched TensorStore read per array.
         Raises StoreError if a row is not done, or the store is corrupt.
         """
         arrays = self._split(split)
@@ -329,6 +376,8 @@ class TeacherStore:
             if name in self._arrays[split]:
                 shape = (b, length, self.vocab_size) if name == "logprobs" else (b, length)
                 out[name] = raw[name].astype(np.float32) if b else np.zeros(shape, np.float32)
+        if "token_hash" in self._arrays[split]:
+            out["token_hash"] = raw["token_hash"].astype(np.uint64) if b else np.zeros(0, np.uint64)
         if self.method == "full":
             return out
         if not b:
@@ -459,6 +508,7 @@ def create_teacher_store(
     temperature: float = 1.0,
     id_frequencies: np.ndarray | None = None,
     compression_level: int = DEFAULT_COMPRESSION_LEVEL,
+    token_hash: bool = False,
 ) -> TeacherStore:
     """Creates a teacher store, or reopens it for resume if it exists with the same manifest.
 
@@ -472,6 +522,7 @@ def create_teacher_store(
       weights). id_frequencies: [V] counts (e.g. the token store's unigram counts) for the
       frequency-rank id remap, ~13% smaller ids on real text; None = identity.
     chunk_rows: rows per chunk (and per `done` chunk): the unit of one write_rows block.
+    token_hash: also keep a hash of each row's tokens (write_rows then takes `tokens`).
     Several processes: one creates the store; after a barrier the others call this with the
     same arguments, which reopens it (never let two processes create the same new store).
     """
@@ -500,6 +551,8 @@ def create_teacher_store(
         "encoding": "per position: entries sorted by frequency rank, gaps (first: rank; then rank - prev - 1), "
                     "packed per row, num_ids per position; counts c - 1 with the first restored as N - sum",
     }
+    if token_hash:  # only when set, so stores made before the option keep their manifest
+        layout["token_hash"] = True
     try:
         final = json.loads(json.dumps(dict(manifest, kind=KIND, layout_version=LAYOUT_VERSION, layout=layout)))
     except (TypeError, ValueError) as err:
