@@ -7,8 +7,19 @@ forward, masks padded vocabulary rows, and draws every configured output from th
 logits (`cache_step`). Work is assigned in blocks of `cache.chunk_rows` rows, the store's
 chunk size, so no two processes ever write the same chunk. Each process writes only its own
 rows, from a background writer that overlaps with the next step; a row's `done` flag is
-written after its data. A re-run skips finished blocks and, since every row's randomness is
-fold_in(seed, split, row), rewrites unfinished ones byte for byte.
+written after its data, and with it a hash of the row's tokens (`store.teacher.token_hash`)
+that the trainer checks its batches against. A re-run skips finished blocks and, since every
+row's randomness is fold_in(seed, split, row), rewrites unfinished ones byte for byte.
+
+Exactness (tests/test_cache.py): the store's bytes are identical for any batch size, any
+number of data-parallel devices (mesh.data) and processes, and across kill-and-resume. With
+mesh.fsdp or mesh.tensor > 1 the teacher's matmuls reduce in another order, so logits differ
+in the last float bits: float outputs agree to ~1e-7 relative, the float16 diagnostics are
+unchanged, and a draw that lands within rounding of a CDF boundary moves to the
+neighbouring id (2-3 of 4,096 positions at N = 50 on the tiny teacher). Such a store is as
+valid a sample, but resume it with the same fsdp / tensor sizes to keep it one run's bytes.
+All processes plan each split from process 0's done mask (broadcast, which is also a
+barrier), so a block finished by a fast process never shifts a slow one's plan.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from rskd_jax.config import CacheRun, config_to_dict, parse_cli, save_config
+from rskd_jax.config import CacheRun, ConfigError, config_to_dict, parse_cli, save_config
 from rskd_jax.store.common import StoreError
 
 log = logging.getLogger("rskd_jax.cache")
@@ -43,6 +54,10 @@ def initialize_distributed(cfg) -> None:
         return
     import jax
 
+    # CPU processes need cross-process collectives (the done-mask broadcast, barriers); gloo
+    # is jax 0.10's default for jax_cpu_collectives_implementation, older ones had none.
+    if jax.config.jax_cpu_collectives_implementation is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=cfg.coordinator_address,
                                num_processes=cfg.num_processes, process_id=cfg.process_id)
 
@@ -81,7 +96,8 @@ def local_rows(blocks: Sequence[int], *, step: int, blocks_per_step: int, proces
 class Cacher:
     """Holds the teacher, mesh, jitted step and open stores for one cache run."""
 
-    def __init__(self, run: CacheRun, *, store_prefix: str | None = None):
+    def __init__(self, run: CacheRun, *, store_prefix: str | None = None,
+                 devices: Sequence[Any] | None = None):
         import jax
         from flax import nnx
 
@@ -94,7 +110,7 @@ class Cacher:
         self.tokens = open_token_store(c.tokens)
         self.vocab = int(self.tokens.manifest["tokenizer"]["vocab_size"])
         self.model = build_model(run.teacher, self.vocab)
-        self.mesh = sharding.make_mesh(run.mesh)
+        self.mesh = sharding.make_mesh(run.mesh, devices)
         self.P, self.p = jax.process_count(), jax.process_index()
         sharding.check_batch(c.batch_size, self.mesh, key="cache.batch_size")
         local = c.batch_size // self.P
@@ -118,8 +134,10 @@ class Cacher:
         chunk = cache_step.position_chunk(self.tokens.seq_len, rows_per_device, self.model.config.vocab_size)
         step = cache_step.make_step(graphdef, c.outputs, seed=c.seed, vocab_size=self.vocab,
                                     with_diagnostics=c.diagnostics, chunk=chunk)
-        self.step = jax.jit(step, static_argnums=3, in_shardings=(
-            state_shardings, sharding.batch_sharding(self.mesh, 2), sharding.batch_sharding(self.mesh, 1)))
+        # The split code is traced (not static): one compile serves every split.
+        self.step = jax.jit(step, in_shardings=(
+            state_shardings, sharding.batch_sharding(self.mesh, 2), sharding.batch_sharding(self.mesh, 1),
+            sharding.replicated(self.mesh)))
         self.stores = self._open_stores((store_prefix or c.output).rstrip("/"))
 
     def _open_stores(self, prefix: str) -> dict:
@@ -135,7 +153,9 @@ class Cacher:
                 num_rows=self.num_rows, seq_len=self.tokens.seq_len, method=o.method,
                 k=self.vocab if o.method == "full" else o.num_draws,
                 vocab_size=self.vocab, chunk_rows=c.chunk_rows, diagnostics=c.diagnostics,
-                overwrite=c.overwrite, temperature=o.temperature, id_frequencies=freqs)
+                overwrite=c.overwrite, id_frequencies=None if o.method == "full" else freqs, token_hash=True,
+                # only `sample` stores the proposal temperature; the others' weights carry it
+                temperature=o.temperature if o.method == "sample" else 1.0)
                 for o in c.outputs}
 
         if self.P == 1:
@@ -151,8 +171,8 @@ class Cacher:
         by this rank (ids + counts 22.5 -> 19.9 B/token on stdlib, tools/bench_store_codec.py)."""
         split = "train" if "train" in self.tokens.splits else self.tokens.splits[0]
         n = min(self.tokens.num_rows(split), FREQ_ROWS)
-        toks = self.tokens.read(split, np.arange(n))
-        return np.bincount(toks.reshape(-1), minlength=self.vocab)[: self.vocab]
+        toks = self._read_tokens(split, np.arange(n))  # refuses foreign token ids before any work
+        return np.bincount(toks.reshape(-1), minlength=self.vocab)
 
     def _check_full_size(self) -> None:
         fulls = [o for o in self.cfg.outputs if o.method == "full"]
@@ -170,6 +190,25 @@ class Cacher:
     def done_mask(self, split: str) -> np.ndarray:
         masks = [s.done_mask(split)[: self.num_rows[split]] for s in self.stores.values()]
         return np.logical_and.reduce(masks)
+
+    def _shared_done_mask(self, split: str) -> np.ndarray:
+        """The done mask every process plans `split` from: process 0's, broadcast. The
+        broadcast is also a barrier, so no process writes a block of `split` before all have
+        planned (a process that read the mask after another's first write would take other
+        blocks: rows skipped, others computed twice)."""
+        done = self.done_mask(split)
+        if self.P == 1:
+            return done
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.broadcast_one_to_all(done.astype(np.uint8))).astype(bool)
+
+    def _replicated_scalar(self, value: int):
+        import jax
+
+        from rskd_jax.sharding import replicated
+
+        return jax.make_array_from_callback((), replicated(self.mesh), lambda _: np.int32(value))
 
     def _global(self, local: dict[str, np.ndarray]):
         from jax.experimental import multihost_utils
@@ -206,7 +245,7 @@ class Cacher:
                 f"[0, {self.vocab}): the token store was made with another tokenizer")
         return toks
 
-    def _write(self, split: str, rows_R: np.ndarray, out: dict) -> None:
+    def _write(self, split: str, rows_R: np.ndarray, tokens_RxL: np.ndarray, out: dict) -> None:
         """Writes this process's finished blocks of one step (runs on the writer thread)."""
         if not out["finite"][rows_R >= 0].all():
             r = int(rows_R[np.nonzero(~out["finite"] & (rows_R >= 0))[0][0]])
@@ -222,6 +261,7 @@ class Cacher:
             n = len(block)
             for name, store in self.stores.items():
                 rows = {k: v[i:i + n] for k, v in out[name].items()}
+                rows["tokens"] = tokens_RxL[i:i + n]  # stored as token_hash: the trainer's check
                 if self.cfg.diagnostics:
                     rows.update({k: v[i:i + n] for k, v in out["diagnostics"].items()})
                 futures.append(store.write_rows(split, int(block[0]), rows))
@@ -232,16 +272,17 @@ class Cacher:
         """Computes and writes every unfinished block of `split`; returns counts and timing."""
         from tqdm import tqdm
 
-        blocks = plan_blocks(self.done_mask(split), self.cfg.chunk_rows)
+        blocks = plan_blocks(self._shared_done_mask(split), self.cfg.chunk_rows)
         steps = -(-len(blocks) // self.blocks_per_step)
         if max_steps is not None:
             steps = min(steps, max_steps)
-        todo_rows = sum(min((b + 1) * self.cfg.chunk_rows, self.num_rows[split]) - b * self.cfg.chunk_rows
-                        for b in blocks[:steps * self.blocks_per_step])
+        cr, bps = self.cfg.chunk_rows, self.blocks_per_step
+        rows_of = lambda bs: sum(min((b + 1) * cr, self.num_rows[split]) - b * cr for b in bs)  # noqa: E731
+        todo_rows = rows_of(blocks[:steps * bps])
         L = self.tokens.seq_len
         bar = tqdm(total=todo_rows, unit="row", desc=f"cache {split}", disable=not progress or self.p != 0,
                    dynamic_ncols=True)
-        code = _split_code(split)
+        code = self._replicated_scalar(_split_code(split))
         pending: deque = deque()
         step_times, done_rows, t0 = [], 0, time.perf_counter()
         with cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer") as writer:
@@ -252,21 +293,21 @@ class Cacher:
                     rows_R = local_rows(blocks, step=i, blocks_per_step=self.blocks_per_step,
                                         process_index=self.p, blocks_per_process=self.blocks_per_process,
                                         chunk_rows=self.cfg.chunk_rows, num_rows=self.num_rows[split])
-                    batch = self._global({"tokens": self._read_tokens(split, rows_R),
-                                          "rows": np.maximum(rows_R, 0).astype(np.int32)})
+                    tokens_RxL = self._read_tokens(split, rows_R)
+                    batch = self._global({"tokens": tokens_RxL, "rows": np.maximum(rows_R, 0).astype(np.int32)})
                     out = self.step(self.state, batch["tokens"], batch["rows"], code)  # async dispatch
                 if prev is not None:  # fetch the previous step while this one computes
-                    prev_rows, prev_out, t_prev = prev
+                    prev_rows, prev_tokens, prev_out, t_prev = prev
                     local = self._local(prev_out)
                     step_times.append(time.perf_counter() - t_prev)
-                    pending.append(writer.submit(self._write, split, prev_rows, local))
+                    pending.append(writer.submit(self._write, split, prev_rows, prev_tokens, local))
                     while len(pending) > MAX_WRITES_IN_FLIGHT or (pending and pending[0].done()):
                         pending.popleft().result()  # raises a writer error here, never swallowed
-                    n = int((prev_rows >= 0).sum()) * self.P
+                    n = rows_of(blocks[(i - 1) * bps:i * bps])  # all processes' rows of that step
                     done_rows += n
                     bar.update(n)
                     bar.set_postfix(tok_s=f"{done_rows * L / (time.perf_counter() - t0):,.0f}")
-                prev = (rows_R, out, t_step) if i < steps else None
+                prev = (rows_R, tokens_RxL, out, t_step) if i < steps else None
             while pending:
                 pending.popleft().result()
         bar.close()
@@ -280,12 +321,14 @@ def _split_code(split: str) -> int:
     return split_code(split)
 
 
-def run(cfg: CacheRun, *, dry_run: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Runs the cache program; returns the summary that `main` prints as JSON."""
+def run(cfg: CacheRun, *, dry_run: bool = False, progress: bool = True,
+        devices: Sequence[Any] | None = None) -> dict[str, Any]:
+    """Runs the cache program; returns the summary that `main` prints as JSON. `devices`
+    restricts the mesh to these devices (default: all, of every process)."""
     initialize_distributed(cfg.distributed)
     if dry_run:
-        return _dry_run(cfg, progress=progress)
-    cacher = Cacher(cfg)
+        return _dry_run(cfg, progress=progress, devices=devices)
+    cacher = Cacher(cfg, devices=devices)
     if cacher.p == 0:
         save_config(cfg, cfg.cache.output)
     splits = {s: cacher.cache_split(s, progress=progress) for s in cfg.cache.splits}
@@ -300,30 +343,46 @@ def run(cfg: CacheRun, *, dry_run: bool = False, progress: bool = True) -> dict[
     }
 
 
-def _dry_run(cfg: CacheRun, *, progress: bool) -> dict[str, Any]:
-    """A few steps into in-memory stores of the same layout; projects size and time."""
-    cacher = Cacher(cfg, store_prefix=f"memory://rskd-dry-run-{time.time_ns()}")
-    split = cfg.cache.splits[0]
-    res = cacher.cache_split(split, max_steps=DRY_RUN_STEPS, progress=progress)
-    total_tokens = sum(cacher.num_rows.values()) * cacher.tokens.seq_len
-    warm = res["step_times"][1:] or res["step_times"]
-    s_per_token = float(np.median(warm)) / (cfg.cache.batch_size * cacher.tokens.seq_len)
-    stores = {}
-    for name, store in cacher.stores.items():
-        st = store.stats()
-        stores[name] = {"bytes_per_token": st["bytes_per_token"], "mean_unique_ids": st["mean_unique_ids"],
-                        "projected_bytes": int(st["bytes_per_token"] * total_tokens)}
+def _dry_run(cfg: CacheRun, *, progress: bool, devices: Sequence[Any] | None = None) -> dict[str, Any]:
+    """A few steps into throw-away local stores of the same layout; projects size and time.
+
+    (A local temporary directory, not memory://: TensorStore's memory kvstore lives in one
+    Context, and every open here makes a new one, so a store's arrays would vanish.)"""
+    import shutil
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="rskd-dry-run-")
+    try:
+        cacher = Cacher(cfg, store_prefix=tmp, devices=devices)
+        split = cfg.cache.splits[0]
+        res = cacher.cache_split(split, max_steps=DRY_RUN_STEPS, progress=progress)
+        total_tokens = sum(cacher.num_rows.values()) * cacher.tokens.seq_len
+        warm = res["step_times"][1:] or res["step_times"]
+        s_per_token = float(np.median(warm)) / (cfg.cache.batch_size * cacher.tokens.seq_len)
+        stores = {}
+        for name, store in cacher.stores.items():
+            st = store.stats()
+            # per-row arrays scale with the tokens; the rest (rank table, metadata) is fixed
+            per_token = sum(v for v in st["bytes_per_token_by_array"].values() if v is not None)
+            fixed = st["bytes_on_disk"] - per_token * st["positions_done"]
+            stores[name] = {"bytes_per_token": per_token, "mean_unique_ids": st["mean_unique_ids"],
+                            "projected_bytes": int(fixed + per_token * total_tokens)}
+            store.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return {"dry_run": True, "steps": len(res["step_times"]), "tokens_total": total_tokens,
             "projected_seconds": round(s_per_token * total_tokens, 1),
             "tokens_per_s": round(1 / s_per_token), "stores": stores}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from rskd_jax.sharding import ShardingError
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg, flags = parse_cli(CacheRun, argv, prog="python -m rskd_jax.cache", flags=("dry-run",))
     try:
         summary = run(cfg, dry_run=flags["dry_run"])
-    except (CacheError, StoreError) as err:
+    except (CacheError, StoreError, ConfigError, ShardingError) as err:
         print(f"python -m rskd_jax.cache: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     print(json.dumps(summary, sort_keys=True))
