@@ -1,0 +1,356 @@
+"""Sparse teacher targets from teacher logits: sampled (RS-KD), top-K and ghost-token.
+
+Pure jax: no flax, no I/O, no config. Every function takes logits of any leading shape
+`[..., V]` and returns `[..., K]` arrays (K static). The public functions are jitted (sizes,
+temperatures and flags static) and compose with an outer jit, vmap or sharding.
+Letters: V vocabulary, N draws, K stored slots, P flattened positions, R children per node
+of the sampling tree (below), L its levels.
+
+Estimators (see shared PAPER.md), for one position with teacher t = softmax(logits):
+- with replacement: N i.i.d. draws from q = softmax(logits / temperature); each unique id i
+  drawn c_i times gets w_i = (c_i / N) * t_i / q_i, so E[w_i] = t_i exactly.
+- without replacement: Gumbel-top-k keeps k ids from q; w_i = t_i / pi_i with
+  pi_i = 1 - exp(-exp(log q_i - kappa)), kappa the (k+1)-th largest perturbed log q
+  (Kool et al. 2019), so E[sum_{i kept} w_i f(i)] = sum_i t_i f(i) exactly.
+- `normalize=True` divides the weights by their sum (self-normalised importance sampling):
+  lower variance, consistent, but BIASED for finite N / k.
+- top-K and ghost-token targets are deterministic and biased (the paper's baselines).
+
+Randomness: position p (row-major flat index over the leading dims) uses the key
+`jax.random.fold_in(key, p)`, so its draws depend only on (key, p).
+Preconditions: every position has at least one finite logit; logits are finite or -inf.
+Ids whose logit is -inf (masked or padded vocabulary rows) are never drawn.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class SparseTargets(NamedTuple):
+    """Sparse teacher targets: ids int32 [..., K], importance weights float32 [..., K].
+
+    Empty slots have weight 0 (their id is 0). The weights are final: losses use them as is.
+    """
+
+    ids: jax.Array
+    weights: jax.Array
+
+
+class SampledCounts(NamedTuple):
+    """With-replacement draws, for exact storage: ids, counts (int32) and weights [..., N].
+
+    counts sum to N per position; empty slots have count 0, weight 0 and id 0.
+    weights = (counts / N) * t / q (= counts / N at temperature 1).
+    """
+
+    ids: jax.Array
+    counts: jax.Array
+    weights: jax.Array
+
+
+class GhostTargets(NamedTuple):
+    """Top-k ids int32 [..., k], their teacher probs f32 [..., k] (not renormalised) and the
+    remaining mass tail_mass f32 [...] = 1 - sum(probs), computed without cancellation."""
+
+    ids: jax.Array
+    probs: jax.Array
+    tail_mass: jax.Array
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_static(num_draws: int, temperature: float) -> None:
+    if int(num_draws) != num_draws or num_draws < 1:
+        raise ValueError(f"num_draws must be a positive integer, got {num_draws!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+
+
+def _flatten(logits_xV: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
+    """[..., V] -> float32 [P, V] and the leading shape."""
+    logits_xV = jnp.asarray(logits_xV)
+    if logits_xV.ndim < 1:
+        raise ValueError("teacher_logits must have a vocabulary axis: shape [..., V]")
+    lead = logits_xV.shape[:-1]
+    return logits_xV.reshape(-1, logits_xV.shape[-1]).astype(jnp.float32), lead
+
+
+def _position_keys(key: jax.Array, num_positions: int) -> jax.Array:
+    """One key per flattened position: fold_in(key, p)."""
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(num_positions))
+
+
+# Children per node of the sampling tree. 16 keeps each level's work tiny (N x 16) and the
+# tree shallow (4 levels at V = 49,152, 5 at V = 262,144).
+_RADIX = 16
+
+
+def _rows(x_M: jax.Array, fill: float) -> jax.Array:
+    """[M] -> [ceil(M / R), R], padded with `fill` (zero mass)."""
+    size = -(-x_M.shape[-1] // _RADIX) * _RADIX
+    return jnp.pad(x_M, (0, size - x_M.shape[-1]), constant_values=fill).reshape(-1, _RADIX)
+
+
+def _pick_child(mass_NxR: jax.Array, u_N: jax.Array) -> jax.Array:
+    """Inverse CDF within each row: the first child whose cumulative mass exceeds u * total,
+    among children with positive mass. int32 [N]; -1 only for a row with no mass.
+
+    Masking with mass > 0, rather than trusting cdf[i] == cdf[i-1] across a zero entry (a
+    parallel cumsum does not guarantee it), makes zero-mass children impossible to pick;
+    total is the largest cdf over positive children and u * total is clamped below it, so a
+    positive child above it always exists. The row's own total is used, not 1, so float32
+    rounding of the masses never shifts mass onto the last child.
+    """
+    cdf_NxR = jnp.cumsum(mass_NxR, axis=-1)
+    positive_NxR = mass_NxR > 0
+    total_Nx1 = jnp.max(jnp.where(positive_NxR, cdf_NxR, 0.0), axis=-1, keepdims=True)
+    target_Nx1 = jnp.minimum(u_N[:, None] * total_Nx1, jnp.nextafter(total_Nx1, 0.0))
+    hit_NxR = (cdf_NxR > target_Nx1) & positive_NxR
+    first_N = jnp.min(jnp.where(hit_NxR, jnp.arange(_RADIX, dtype=jnp.int32), _RADIX), axis=-1)
+    return jnp.where(first_N < _RADIX, first_N, -1)
+
+
+def _draw_one(key: jax.Array, s_V: jax.Array, num_draws: int) -> tuple[jax.Array, jax.Array]:
+    """N i.i.d. draws from softmax(s_V) for one position, O(V + N R log_R V), R = 16.
+
+    Inverse-CDF search down a tree of partial sums: leaves are the V tokens in rows of R,
+    each internal level holds the masses of R-sized groups of the level below. One fused pass
+    over V computes the bottom masses (exp(s - max) summed per row, never materialised);
+    the levels above are small. Each draw walks from the root, choosing a child of its node
+    with one uniform per level (only the R children of the N current nodes are read), and
+    recomputes exp for the R logits of its leaf row. Returns ids int32 [N] and
+    log Z = logsumexp(s_V).
+    """
+    s_rows = _rows(s_V, -jnp.inf)  # [V/R, R]
+    s_max = jnp.max(s_V)
+    mass = jnp.sum(jnp.exp(s_rows - s_max), axis=-1)  # [V/R], fused: PERF the only O(V) pass
+    levels = []  # bottom-up; the last one is a single row (the root's children)
+    while mass.shape[-1] > 1:
+        levels.append(_rows(mass, 0.0))
+        mass = jnp.sum(levels[-1], axis=-1)
+    u_LxN = jax.random.uniform(key, (len(levels) + 1, num_draws), jnp.float32)
+    node_N = jnp.zeros((num_draws,), jnp.int32)
+    for depth, level in enumerate(reversed(levels)):
+        # A node with positive mass has a positive child (its mass is their sum): never -1.
+        node_N = node_N * _RADIX + jnp.maximum(_pick_child(level[node_N], u_LxN[depth]), 0)
+    leaf_s_NxR = s_rows[node_N]
+    leaf_N = _pick_child(jnp.exp(leaf_s_NxR - s_max), u_LxN[-1])
+    # -1 only if exp rounded differently from the fused pass: take the row's largest logit,
+    # which is finite because the row had positive mass.
+    leaf_N = jnp.where(leaf_N >= 0, leaf_N, jnp.argmax(leaf_s_NxR, axis=-1))
+    ids_N = node_N * _RADIX + leaf_N
+    return ids_N.astype(jnp.int32), s_max + jnp.log(mass[0])
+
+
+def _unique_counts(ids_N: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Sorted unique ids first, with their counts; empty slots id 0, count 0. [N] -> 2 x [N]."""
+    num = ids_N.shape[-1]
+    sorted_N = jnp.sort(ids_N)
+    first_N = jnp.concatenate([jnp.ones((1,), bool), sorted_N[1:] != sorted_N[:-1]])
+    slot_N = jnp.cumsum(first_N) - 1
+    counts_N = jnp.zeros((num,), jnp.int32).at[slot_N].add(1)
+    uniq_N = jnp.zeros((num,), jnp.int32).at[slot_N].max(sorted_N)
+    return uniq_N, counts_N
+
+
+def _top_k(x_xV: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """lax.top_k behind an optimization barrier.
+
+    PERF: on CPU, top_k lowers to sort + slice and XLA turns it back into a fast TopK only if
+    every user is that exact slice; any further slice (e.g. the (k+1)-th value) fused into it
+    leaves a full O(V log V) sort (~100x slower at V = 49,152). The barrier keeps the pattern.
+    """
+    return jax.lax.optimization_barrier(jax.lax.top_k(x_xV, k))
+
+
+def _normalized(w_xK: jax.Array) -> jax.Array:
+    return w_xK / jnp.sum(w_xK, axis=-1, keepdims=True)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+@functools.partial(jax.jit, static_argnames=("num_draws", "temperature"))
+def draw_categorical(
+    key: jax.Array, logits: jax.Array, num_draws: int, *, temperature: float = 1.0
+) -> jax.Array:
+    """N i.i.d. draws from q = softmax(logits / temperature): int32 [..., N].
+
+    Exact (up to float32 rounding) but O(V + N R log_R V) per position (R = 16), unlike
+    `jax.random.categorical(key, logits, shape=(N, ...))`, which adds N x V Gumbel noise.
+    Ids with logit -inf are never drawn.
+
+    >>> draw_categorical(jax.random.key(0), jnp.log(jnp.array([0.5, 0.5, 0.0])), 4).shape
+    (4,)
+    """
+    _check_static(num_draws, temperature)
+    return _sample(key, logits, num_draws, temperature)[0]
+
+
+def _sample(key, logits, num_draws, temperature):
+    """Shared core: ids [..., N], log Z_q [...], flattened logits [P, V], leading shape."""
+    logits_PxV, lead = _flatten(logits)
+    s_PxV = logits_PxV / temperature if temperature != 1.0 else logits_PxV
+    keys_P = _position_keys(key, logits_PxV.shape[0])
+    ids_PxN, log_zq_P = jax.vmap(_draw_one, in_axes=(0, 0, None))(keys_P, s_PxV, num_draws)
+    return ids_PxN.reshape(*lead, num_draws), log_zq_P, logits_PxV, lead
+
+
+@functools.partial(jax.jit, static_argnames=("num_draws", "temperature"))
+def sample_counts(
+    key: jax.Array, teacher_logits: jax.Array, num_draws: int, *, temperature: float = 1.0
+) -> SampledCounts:
+    """RS-KD with replacement, with integer counts for exact storage.
+
+    teacher_logits [..., V] -> SampledCounts(ids, counts, weights), each [..., N]:
+    N = num_draws i.i.d. draws from q = softmax(logits / temperature); the unique ids come
+    first in increasing order, counts c_i (summing to N), weights
+    w_i = (c_i / N) * t_i / q_i with t = softmax(logits) (= c_i / N at temperature 1),
+    so E[w_i] = t_i for every id. Empty slots: id 0, count 0, weight 0.
+
+    >>> sc = sample_counts(jax.random.key(0), jnp.array([0.0, 0.0, -jnp.inf]), 4)
+    >>> int(sc.counts.sum()), bool((sc.ids[sc.counts > 0] < 2).all())
+    (4, True)
+    """
+    _check_static(num_draws, temperature)
+    ids_xN, log_zq_P, logits_PxV, lead = _sample(key, teacher_logits, num_draws, temperature)
+    uniq_PxN, counts_PxN = jax.vmap(_unique_counts)(ids_xN.reshape(-1, num_draws))
+    frac_PxN = counts_PxN.astype(jnp.float32) / num_draws
+    if temperature == 1.0:
+        w_PxN = frac_PxN
+    else:
+        # log t_i - log q_i = (l_i - logZ_t) - (l_i / tau - logZ_q); one more pass over V.
+        log_zt_P = jax.nn.logsumexp(logits_PxV, axis=-1)
+        l_PxN = jnp.take_along_axis(logits_PxV, uniq_PxN, axis=-1)
+        log_ratio_PxN = (l_PxN - log_zt_P[:, None]) - (l_PxN / temperature - log_zq_P[:, None])
+        safe_PxN = jnp.where(counts_PxN > 0, log_ratio_PxN, 0.0)  # empty slots: id 0 may be -inf
+        w_PxN = jnp.where(counts_PxN > 0, frac_PxN * jnp.exp(safe_PxN), 0.0)
+    shape = (*lead, num_draws)
+    return SampledCounts(uniq_PxN.reshape(shape), counts_PxN.reshape(shape), w_PxN.reshape(shape))
+
+
+def _gumbel_top_k_one(key, l_V, k, temperature, log_zt):
+    """Gumbel-top-k for one position: ids [k], unbiased weights t_i / pi_i [k]."""
+    vocab = l_V.shape[-1]
+    s_V = l_V / temperature if temperature != 1.0 else l_V
+    perturbed_V = s_V + jax.random.gumbel(key, (vocab,), jnp.float32)
+    if vocab < k + 1:  # kappa must exist: pad with -inf (pi = 1 for every finite id then)
+        perturbed_V = jnp.pad(perturbed_V, (0, k + 1 - vocab), constant_values=-jnp.inf)
+    top_K1, idx_K1 = _top_k(perturbed_V, k + 1)
+    kappa = top_K1[k]
+    idx_K = jnp.minimum(idx_K1[:k], vocab - 1)
+    valid_K = top_K1[:k] > -jnp.inf  # finite logit (fewer than k finite ids: the rest empty)
+    # pi_i = P(G_i > kappa | kappa) = 1 - exp(-exp(log q_i - kappa)); the log-normaliser of
+    # q cancels in log q_i - kappa, so the unnormalised s is used. kappa = -inf -> pi = 1.
+    gap_K = jnp.where(valid_K, s_V[idx_K] - kappa, 0.0)
+    log_pi_K = jnp.log(-jnp.expm1(-jnp.exp(gap_K)))
+    log_t_K = l_V[idx_K] - log_zt
+    w_K = jnp.where(valid_K, jnp.exp(jnp.where(valid_K, log_t_K - log_pi_K, 0.0)), 0.0)
+    return jnp.where(valid_K, idx_K, 0).astype(jnp.int32), w_K
+
+
+@functools.partial(
+    jax.jit, static_argnames=("num_draws", "temperature", "replace", "normalize")
+)
+def sample_tokens(
+    key: jax.Array,
+    teacher_logits: jax.Array,
+    num_draws: int,
+    *,
+    temperature: float = 1.0,
+    replace: bool = True,
+    normalize: bool = False,
+) -> SparseTargets:
+    """Sampled sparse teacher targets, K = num_draws slots: SparseTargets(ids, weights).
+
+    teacher_logits [..., V] (any float dtype; math in float32); t = softmax(logits),
+    q = softmax(logits / temperature) the proposal.
+    - replace=True (RS-KD): N i.i.d. draws from q, unique ids first (sorted), weights
+      w_i = (c_i / N) * t_i / q_i: unbiased, E[w_i] = t_i. See `sample_counts`.
+    - replace=False: Gumbel-top-k keeps k = num_draws distinct ids from q (one V-sized
+      Gumbel pass + top_k, as `jax.random.categorical(..., replace=False)`), weights
+      w_i = t_i / pi_i, pi_i = 1 - exp(-exp(log q_i - kappa)), kappa the (k+1)-th largest
+      perturbed value: unbiased (Kool et al. 2019). Positions with fewer than k finite
+      logits keep them all (pi = 1) and leave the rest empty.
+    - normalize=True: weights divided by their sum (sum to 1). Self-normalised importance
+      sampling: lower variance and consistent, but BIASED; the default is unbiased.
+
+    Jitted, with num_draws, temperature, replace and normalize static (hashable).
+
+    >>> logits = jnp.log(jnp.array([[0.7, 0.2, 0.1, 0.0]]))
+    >>> st = sample_tokens(jax.random.key(0), logits, 8)
+    >>> st.ids.shape, float(st.weights.sum())
+    ((1, 8), 1.0)
+    """
+    _check_static(num_draws, temperature)
+    if replace:
+        sc = sample_counts(key, teacher_logits, num_draws, temperature=temperature)
+        w_xK = sc.weights
+        if normalize and temperature != 1.0:  # at temperature 1 they already sum to 1
+            w_xK = _normalized(w_xK)
+        return SparseTargets(sc.ids, w_xK)
+    logits_PxV, lead = _flatten(teacher_logits)
+    log_zt_P = jax.nn.logsumexp(logits_PxV, axis=-1)
+    keys_P = _position_keys(key, logits_PxV.shape[0])
+    ids_PxK, w_PxK = jax.vmap(_gumbel_top_k_one, in_axes=(0, 0, None, None, 0))(
+        keys_P, logits_PxV, num_draws, temperature, log_zt_P
+    )
+    if normalize:
+        w_PxK = _normalized(w_PxK)
+    shape = (*lead, num_draws)
+    return SparseTargets(ids_PxK.reshape(shape), w_PxK.reshape(shape))
+
+
+@functools.partial(jax.jit, static_argnames=("k", "renormalize"))
+def top_k_targets(teacher_logits: jax.Array, k: int, *, renormalize: bool = True) -> SparseTargets:
+    """Top-K baseline: the k most likely ids and their teacher probabilities [..., k].
+
+    weights = t_i for the k largest t_i, divided by their sum if renormalize (the paper's
+    two variants; same fixed point). Deterministic and biased: the target is not t.
+
+    >>> top_k_targets(jnp.log(jnp.array([0.5, 0.3, 0.2])), 2).weights
+    Array([0.625, 0.375], dtype=float32)
+    """
+    logits_xV = jnp.asarray(teacher_logits).astype(jnp.float32)
+    _check_k(k, logits_xV.shape[-1])
+    top_xK, ids_xK = _top_k(logits_xV, k)
+    if renormalize:
+        w_xK = jax.nn.softmax(top_xK, axis=-1)
+    else:
+        w_xK = jnp.exp(top_xK - jax.nn.logsumexp(logits_xV, axis=-1, keepdims=True))
+    return SparseTargets(ids_xK.astype(jnp.int32), w_xK)
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def ghost_targets(teacher_logits: jax.Array, k: int) -> GhostTargets:
+    """Ghost-token baseline: top-k ids, their probs t_i [..., k] and tail_mass [...].
+
+    tail_mass = 1 - sum_k t_i, computed as exp(logsumexp(logits outside the top k) -
+    logsumexp(logits)) so a tiny tail keeps its relative precision.
+
+    >>> g = ghost_targets(jnp.log(jnp.array([0.5, 0.3, 0.2])), 2)
+    >>> g.ids.tolist(), round(float(g.tail_mass), 6)
+    ([0, 1], 0.2)
+    """
+    logits_xV = jnp.asarray(teacher_logits).astype(jnp.float32)
+    vocab = logits_xV.shape[-1]
+    _check_k(k, vocab)
+    top_xK, ids_xK = _top_k(logits_xV, k)
+    log_z_x = jax.nn.logsumexp(logits_xV, axis=-1)
+    probs_xK = jnp.exp(top_xK - log_z_x[..., None])
+    rest_PxV = jax.vmap(lambda l_V, i_K: l_V.at[i_K].set(-jnp.inf))(
+        logits_xV.reshape(-1, vocab), ids_xK.reshape(-1, k)
+    )
+    log_tail_x = jax.nn.logsumexp(rest_PxV, axis=-1).reshape(log_z_x.shape) - log_z_x
+    return GhostTargets(ids_xK.astype(jnp.int32), probs_xK, jnp.exp(log_tail_x))
+
+
+def _check_k(k: int, vocab: int) -> None:
+    if int(k) != k or not 1 <= k <= vocab:
+        raise ValueError(f"k must be an integer in [1, V={vocab}], got {k!r}")
