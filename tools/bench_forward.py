@@ -7,7 +7,10 @@ tokens [batch, len] and reports compile time and tokens/s (median of --reps time
 one warm-up); builds transformers' LlamaForCausalLM from the very same weights (our HF
 export, in memory), torch.set_num_threads(threads), inference_mode, float32, and times it on
 the same batch. JAX and torch runs alternate, so a busy machine slows both alike.
-Prints one JSON object.
+Prints one JSON object: tokens/s from the median wall time (and `ratio` = JAX / torch),
+median process CPU seconds per forward (`cpu_ratio` = torch / JAX CPU time, which other
+jobs on the machine barely move), the compile time, and the 1-minute load average
+(above `threads`, the wall figures are shared with other processes).
 """
 
 from __future__ import annotations
@@ -93,18 +96,26 @@ def main() -> None:
     runs = {"jax": run_jax}
     if not args.skip_torch:
         runs["torch"], out["torch_attn_implementation"] = torch_forward(model, tokens, args.threads)
-    times = {name: [] for name in runs}
+    wall = {name: [] for name in runs}
+    cpu = {name: [] for name in runs}
     for name, run in runs.items():  # warm-up
         run()
+    load_before = os.getloadavg()[0]
     for _ in range(args.reps):  # interleaved, so a busy machine slows both alike
         for name, run in runs.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             run()
-            times[name].append(time.perf_counter() - t)
+            wall[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
     for name in runs:
-        out[f"{name}_tokens_per_s"] = round(n / statistics.median(times[name]), 1)
+        out[f"{name}_tokens_per_s"] = round(n / statistics.median(wall[name]), 1)
+        # Process CPU seconds per run: robust to other jobs on the machine (wall is not).
+        out[f"{name}_cpu_s"] = round(statistics.median(cpu[name]), 2)
     if "torch" in runs:
         out["ratio"] = round(out["jax_tokens_per_s"] / out["torch_tokens_per_s"], 3)
+        out["cpu_ratio"] = round(out["torch_cpu_s"] / out["jax_cpu_s"], 3)
+    # > threads means other processes competed for the cores: wall figures are then noisy.
+    out["loadavg_1min"] = round(max(load_before, os.getloadavg()[0]), 2)
     import jax  # noqa: PLC0415
 
     out.update(jax_version=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""))
