@@ -189,6 +189,7 @@ def test_config_validation():
         TINY.replace(num_kv_heads=4)
     with pytest.raises(ValueError, match="dtype"):
         TINY.replace(dtype="float64")
+    assert TINY.replace(rope_scaling={"rope_type": "default"}).rope_scaling is None
     assert hash(TINY.replace(rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                            "high_freq_factor": 4.0,
                                            "original_max_position_embeddings": 64}))

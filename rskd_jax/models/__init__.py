@@ -1,8 +1,9 @@
 """Llama-family models: the Flax NNX decoder, GGUF / HF safetensors import, HF export.
 
->>> model = from_pretrained(smollm2_path())            # the SmolLM2-135M teacher (GGUF)
->>> logits_BxLxV = model(tokens_BxL)                     # float32
->>> save_pretrained(model, "out/hf")                     # transformers loads this directory
+    model = from_pretrained(smollm2_path())       # the SmolLM2-135M teacher (GGUF)
+    logits_BxLxV = model(tokens_BxL)                # float32, tokens int32
+    h_BxLxD, w_DxV = model.hidden_states(tokens_BxL), model.lm_head_weight()  # chunked losses
+    save_pretrained(model, "out/hf")                # transformers loads this directory
 """
 
 from __future__ import annotations

@@ -1,28 +1,28 @@
 """A Llama-family decoder in Flax NNX (Llama 2/3, SmolLM2, Qwen2).
 
-Shapes: B batch, L length, D hidden size, V vocabulary, N layers, H query heads, K kv heads,
-G = H / K query heads per kv head, E head dim, F MLP (intermediate) size.
+Shape letters (README's B, L, D, V, H, C, plus): NL layers, KV key/value heads, G = H / KV query
+heads per kv head, E head dim, F MLP (intermediate) width, M key positions.
 
 Per-layer weights are stacked along a leading layers axis and run with one `jax.lax.scan`,
 so a 30-layer model compiles as fast as a 1-layer one. Parameters (param_dtype) and their
 logical axis names (nnx variable metadata `out_sharding`; map them to mesh axes with
 `nnx.get_partition_spec` under logical-axis rules):
 
-    embed                 [V, D]        ("vocab", "embed")
-    layers.attn_norm      [N, D]        ("layers", "norm")
-    layers.q_proj         [N, H, E, D]  ("layers", "heads", "head_dim", "embed")
-    layers.k_proj         [N, K, E, D]  ("layers", "kv_heads", "head_dim", "embed")
-    layers.v_proj         [N, K, E, D]  ("layers", "kv_heads", "head_dim", "embed")
-    layers.q_bias         [N, H, E]     ("layers", "heads", "head_dim")       qkv_bias only
-    layers.k_bias         [N, K, E]     ("layers", "kv_heads", "head_dim")    qkv_bias only
-    layers.v_bias         [N, K, E]     ("layers", "kv_heads", "head_dim")    qkv_bias only
-    layers.o_proj         [N, D, H, E]  ("layers", "embed", "heads", "head_dim")
-    layers.mlp_norm       [N, D]        ("layers", "norm")
-    layers.gate_proj      [N, F, D]     ("layers", "mlp", "embed")
-    layers.up_proj        [N, F, D]     ("layers", "mlp", "embed")
-    layers.down_proj      [N, D, F]     ("layers", "embed", "mlp")
-    final_norm            [D]           ("norm",)
-    lm_head               [V, D]        ("vocab", "embed")                    untied only
+    embed             [V, D]         ("vocab", "embed")
+    layers.attn_norm  [NL, D]        ("layers", "norm")
+    layers.q_proj     [NL, H, E, D]  ("layers", "heads", "head_dim", "embed")
+    layers.k_proj     [NL, KV, E, D] ("layers", "kv_heads", "head_dim", "embed")
+    layers.v_proj     [NL, KV, E, D] ("layers", "kv_heads", "head_dim", "embed")
+    layers.q_bias     [NL, H, E]     ("layers", "heads", "head_dim")           qkv_bias only
+    layers.k_bias     [NL, KV, E]    ("layers", "kv_heads", "head_dim")        qkv_bias only
+    layers.v_bias     [NL, KV, E]    ("layers", "kv_heads", "head_dim")        qkv_bias only
+    layers.o_proj     [NL, D, H, E]  ("layers", "embed", "heads", "head_dim")
+    layers.mlp_norm   [NL, D]        ("layers", "norm")
+    layers.gate_proj  [NL, F, D]     ("layers", "mlp", "embed")
+    layers.up_proj    [NL, F, D]     ("layers", "mlp", "embed")
+    layers.down_proj  [NL, D, F]     ("layers", "embed", "mlp")
+    final_norm        [D]            ("norm",)
+    lm_head           [V, D]         ("vocab", "embed")                        untied only
 
 Projection weights keep the Hugging Face / PyTorch [out, in] order (the dots contract the
 last axis), so loading and exporting never transpose a matrix.
@@ -57,8 +57,9 @@ _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_p
 class LlamaConfig:
     """Architecture and numerics of a Llama-family decoder.
 
-    rope_scaling: None or {"rope_type": "llama3", "factor", "low_freq_factor",
-    "high_freq_factor", "original_max_position_embeddings"}. dtype is the compute dtype,
+    rope_scaling: None (or {"rope_type": "default"}) or {"rope_type": "llama3", "factor",
+    "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}; other types
+    raise. dtype is the compute dtype,
     param_dtype the storage dtype ("float32" / "bfloat16"). remat wraps each layer in
     jax.checkpoint (activations recomputed in the backward pass).
     """
@@ -97,8 +98,10 @@ class LlamaConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(f"{name}={getattr(self, name)!r}; use one of {sorted(_DTYPES)}")
-        if self.rope_scaling is not None:
-            rs = dict(self.rope_scaling)
+        rs = dict(self.rope_scaling or {})
+        if rs.get("rope_type", rs.get("type")) == "default":
+            object.__setattr__(self, "rope_scaling", None)
+        elif self.rope_scaling is not None:
             rope_type = rs.get("rope_type", rs.get("type"))
             if rope_type not in _ROPE_TYPES:
                 raise ValueError(
@@ -172,35 +175,35 @@ def attention_chunk(length: int) -> int:
     return max(64, -(-length // 16))
 
 
-def causal_attention(q_BxKxLxGxE: jax.Array, k_BxKxLxE: jax.Array, v_BxKxLxE: jax.Array,
+def causal_attention(q_BxKVxLxGxE: jax.Array, k_BxKVxLxE: jax.Array, v_BxKVxLxE: jax.Array,
                      chunk: int | None = None) -> jax.Array:
     """Exact causal grouped-query attention, o[..., i, :] = softmax(q_i k_{<=i}^T) v_{<=i}.
 
-    q is already scaled by E^-1/2; query head (k, g) reads kv head k. Returns [B, K, L, G, E].
+    q is already scaled by E^-1/2; query head (kv, g) reads kv head kv. Returns [B, KV, L, G, E].
     Scores and softmax are float32; the probabilities are cast back to q's dtype for the PV dot.
 
     PERF: queries are processed in chunks of `chunk` rows and chunk i only scores the keys
     0..end_i, which skips the masked upper triangle (~40% of the score work at L=512) and
     keeps each score block cache-sized. The G query heads sharing a kv head are folded into
-    the rows of one matmul per (batch, kv head), with no copy of K/V per query head. On 2 CPU
+    the rows of one matmul per (batch, kv head), with no copy of k/v per query head. On 2 CPU
     cores this is ~5x faster than one masked [L, L] block per head.
     """
-    b, kh, l, g, e = q_BxKxLxGxE.shape
+    b, kh, l, g, e = q_BxKVxLxGxE.shape
     chunk = chunk or attention_chunk(l)
     outs = []
     for start in range(0, l, chunk):  # static, unrolled: L / chunk blocks
         stop = min(start + chunk, l)
         c = stop - start
-        q_BxKxCGxE = q_BxKxLxGxE[:, :, start:stop].reshape(b, kh, c * g, e)
-        s_BxKxCGxM = jnp.einsum("bkqe,bkme->bkqm", q_BxKxCGxE, k_BxKxLxE[:, :, :stop],
+        q_BxKVxCGxE = q_BxKVxLxGxE[:, :, start:stop].reshape(b, kh, c * g, e)
+        s_BxKVxCGxM = jnp.einsum("bkqe,bkme->bkqm", q_BxKVxCGxE, k_BxKVxLxE[:, :, :stop],
                                 preferred_element_type=jnp.float32)
-        s_BxKxCxGxM = s_BxKxCGxM.reshape(b, kh, c, g, stop)
+        s_BxKVxCxGxM = s_BxKVxCGxM.reshape(b, kh, c, g, stop)
         causal_CxM = jnp.arange(stop)[None, :] <= jnp.arange(start, stop)[:, None]
-        s_BxKxCxGxM = jnp.where(causal_CxM[:, None, :], s_BxKxCxGxM, jnp.finfo(jnp.float32).min)
-        p_BxKxCGxM = jax.nn.softmax(s_BxKxCxGxM, axis=-1).astype(q_BxKxLxGxE.dtype)
-        o_BxKxCGxE = jnp.einsum("bkqm,bkme->bkqe", p_BxKxCGxM.reshape(b, kh, c * g, stop),
-                                v_BxKxLxE[:, :, :stop])
-        outs.append(o_BxKxCGxE.reshape(b, kh, c, g, e))
+        s_BxKVxCxGxM = jnp.where(causal_CxM[:, None, :], s_BxKVxCxGxM, jnp.finfo(jnp.float32).min)
+        p_BxKVxCGxM = jax.nn.softmax(s_BxKVxCxGxM, axis=-1).astype(q_BxKVxLxGxE.dtype)
+        o_BxKVxCGxE = jnp.einsum("bkqm,bkme->bkqe", p_BxKVxCGxM.reshape(b, kh, c * g, stop),
+                                v_BxKVxLxE[:, :, :stop])
+        outs.append(o_BxKVxCGxE.reshape(b, kh, c, g, e))
     return jnp.concatenate(outs, axis=2)
 
 
@@ -253,19 +256,19 @@ def decoder_layer(config: LlamaConfig, x_BxLxD: jax.Array, w: dict[str, jax.Arra
 
     # Projections straight into the attention layout (XLA folds the transposes into the dots).
     h_BxLxD = rms_norm(x_BxLxD, w["attn_norm"], c.rms_norm_eps)
-    wq_KxGxExD = w["q_proj"].astype(dt).reshape(k, g, e, -1)
-    q = jnp.einsum("bld,kged->bklge", h_BxLxD, wq_KxGxExD)
+    wq_KVxGxExD = w["q_proj"].astype(dt).reshape(k, g, e, -1)
+    q = jnp.einsum("bld,kged->bklge", h_BxLxD, wq_KVxGxExD)
     kk = jnp.einsum("bld,ked->bkle", h_BxLxD, w["k_proj"].astype(dt))
     v = jnp.einsum("bld,ked->bkle", h_BxLxD, w["v_proj"].astype(dt))
     if "q_bias" in w:
         q = q + w["q_bias"].astype(dt).reshape(k, 1, g, e)
         kk = kk + w["k_bias"].astype(dt)[:, None, :]
         v = v + w["v_bias"].astype(dt)[:, None, :]
-    q_BxKxLxGxE = apply_rope(q * jnp.asarray(e**-0.5, dt), cos_LxE2[:, None], sin_LxE2[:, None])
-    k_BxKxLxE = apply_rope(kk, cos_LxE2, sin_LxE2)
-    o_BxKxLxGxE = causal_attention(q_BxKxLxGxE, k_BxKxLxE, v)
-    wo_DxKxGxE = w["o_proj"].astype(dt).reshape(-1, k, g, e)
-    x_BxLxD = x_BxLxD + jnp.einsum("bklge,dkge->bld", o_BxKxLxGxE, wo_DxKxGxE)
+    q_BxKVxLxGxE = apply_rope(q * jnp.asarray(e**-0.5, dt), cos_LxE2[:, None], sin_LxE2[:, None])
+    k_BxKVxLxE = apply_rope(kk, cos_LxE2, sin_LxE2)
+    o_BxKVxLxGxE = causal_attention(q_BxKVxLxGxE, k_BxKVxLxE, v)
+    wo_DxKVxGxE = w["o_proj"].astype(dt).reshape(-1, k, g, e)
+    x_BxLxD = x_BxLxD + jnp.einsum("bklge,dkge->bld", o_BxKVxLxGxE, wo_DxKVxGxE)
 
     h_BxLxD = rms_norm(x_BxLxD, w["mlp_norm"], c.rms_norm_eps)
     gate_BxLxF = jnp.einsum("bld,fd->blf", h_BxLxD, w["gate_proj"].astype(dt))
