@@ -71,9 +71,12 @@ def overrides(stores, output, *extra):
             "loss.chunk_size=8", "train.progress=false", *extra]
 
 
-def _cli(module, args, **kw):
+def _cli(module, args, cache_dir):
+    """The program as a subprocess; runs share a persistent compilation cache (test speed)."""
     cmd = [sys.executable, "-m", module, "--config", os.path.join(ROOT, "configs/tiny/train.yaml"), *args]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def _records(path):
@@ -82,13 +85,18 @@ def _records(path):
                 for r in map(json.loads, f)]
 
 
-def test_kill_resume_export_and_evaluate(stores, tmp_path):
-    from rskd_jax import train
+def _finish(proc):
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    return json.loads(stdout.strip().splitlines()[-1])
 
+
+def test_kill_resume_export_and_evaluate(stores, tmp_path):
+    cache = tmp_path / "jax_cache"
     run_args = ["train.steps=10", "train.checkpoint_every=2", "train.eval_every=5", "loss.alpha=0.25"]
     out = str(tmp_path / "run")
     # 1. a run killed with SIGKILL in the middle (after >= 5 logged steps)
-    proc = _cli("rskd_jax.train", overrides(stores, out, *run_args))
+    proc = _cli("rskd_jax.train", overrides(stores, out, *run_args), cache)
     metrics = os.path.join(out, "metrics.jsonl")
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -99,26 +107,20 @@ def test_kill_resume_export_and_evaluate(stores, tmp_path):
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     # 2. the same command again resumes from the last committed checkpoint and finishes
-    proc = _cli("rskd_jax.train", overrides(stores, out, *run_args))
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr[-3000:]
-    summary = json.loads(stdout.strip().splitlines()[-1])
+    summary = _finish(_cli("rskd_jax.train", overrides(stores, out, *run_args), cache))
     assert 0 < summary["start_step"] < 10 and summary["end_step"] == 10
     # 3. an uninterrupted run logs exactly the same losses
     ref = str(tmp_path / "ref")
-    train.run(load_config(TrainRun, os.path.join(ROOT, "configs/tiny/train.yaml"),
-                          overrides(stores, ref, *run_args)))
+    _finish(_cli("rskd_jax.train", overrides(stores, ref, *run_args), cache))
     got, want = _records(metrics), _records(os.path.join(ref, "metrics.jsonl"))
     assert got == want
     assert [s for s, *_ in got if _[1] is not None] == [5, 10]  # two eval records
     assert os.path.exists(os.path.join(out, "config.yaml")) and os.listdir(os.path.join(out, "tb"))
 
     # 4. evaluate the run: one JSON object, the same val_loss as the run's final eval
-    proc = _cli("rskd_jax.evaluate", overrides(stores, out) + [
-        f"evaluate.checkpoint={out}", f"evaluate.tokens={stores[0]}", f"evaluate.teacher={stores[1]}"])
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr[-3000:]
-    ev = json.loads(stdout.strip())
+    ev = _finish(_cli("rskd_jax.evaluate", overrides(stores, out) + [
+        f"evaluate.checkpoint={out}", f"evaluate.tokens={stores[0]}", f"evaluate.teacher={stores[1]}"],
+        cache))
     assert ev["step"] == 10 and {"val_loss", "perplexity", "ece", "kl_to_teacher"} <= set(ev)
     assert ev["val_loss"] == pytest.approx(got[-1][2], rel=1e-6)
     assert ev["kl_to_teacher"] == pytest.approx(got[-1][3], rel=1e-5)
@@ -190,3 +192,46 @@ def test_corrupt_or_unfinished_store_is_refused(stores, tmp_path):
     splits, manifest = make_tokens(str(tmp_path / "tok"))
     make_teacher(partial, splits, manifest, done_rows=8)
     _run_expect((str(tmp_path / "tok"), partial), tmp_path, StoreError, "only 8 of 64 train rows")
+
+
+def test_checkpointer_keeps_latest_and_best_and_restores_shardings(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    from rskd_jax import checkpoint, optim, sharding
+
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    sh = {"w": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", "tensor")),
+          "norm": sharding.replicated(mesh)}
+    params = jax.device_put({"w": jnp.arange(32.0).reshape(4, 8), "norm": jnp.ones(8)}, sh)
+    tx = optim.make_optimizer(optim.lr_schedule(1e-3, 0, 10))
+    state_sh = optim.state_shardings(params, sh, tx, mesh)
+    state = optim.create_state(params, tx, 0, state_sh)
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "ck"), keep=2)
+    val = {2: 5.0, 4: 1.0, 6: 3.0}  # steps saved with a val_loss; 4 is the best
+    for step in range(1, 9):
+        metrics = {"val_loss": val[step]} if step in val else None
+        ckpt.save(step, state._replace(step=jnp.asarray(step, jnp.int32)), {"pos": step}, metrics)
+    ckpt.wait()
+    assert ckpt.all_steps() == [4, 7, 8] and ckpt.best_step() == 4
+    ckpt.close()
+    again = checkpoint.Checkpointer(str(tmp_path / "ck"), keep=2)
+    restored, data = again.restore(4, optim.abstract_state(params, tx, state_sh))
+    assert data == {"pos": 4} and int(restored.step) == 4
+    assert restored.params["w"].sharding == sh["w"]
+    mu = restored.opt_state[1][0].mu["w"]  # clip, then adamw's scale_by_adam state
+    assert mu.sharding == sh["w"]
+    np.testing.assert_array_equal(restored.params["w"], params["w"])
+    only = again.restore_params(8, optim.abstract_state(params, tx, state_sh).params)
+    assert only["w"].sharding == sh["w"]
+    again.close()
+
+
+def test_truncate_jsonl_drops_later_and_torn_records(tmp_path):
+    from rskd_jax.train import truncate_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "eval": true}\n{"step": 3, "loss": 1.0}\n'
+                    '{"step": 4, "lo')
+    truncate_jsonl(str(path), 2)
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "eval": true}\n'

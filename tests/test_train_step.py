@@ -18,8 +18,7 @@ LR, WD, EPS = 1e-2, 0.1, 1e-8
 
 def _mesh(data=1, fsdp=1, tensor=1):
     n = data * fsdp * tensor
-    return ts.auto_mesh(sharding.make_mesh(sharding.MeshConfig(data, fsdp, tensor),
-                                           jax.devices()[:n]))
+    return sharding.make_mesh(sharding.MeshConfig(data, fsdp, tensor), jax.devices()[:n])
 
 
 @pytest.fixture(scope="module")
