@@ -85,7 +85,7 @@ def lm_like_logits(vocab, seed, scale=2.5, padded=0):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_fast_sampler_matches_q_chisquare(temperature):
-    vocab, positions, n = 5003, 64, 2048  # V not a multiple of the block: padded blocks too
+    vocab, positions, n = 5003, 64, 2048  # V not a multiple of 16: padded rows at each level
     logits = lm_like_logits(vocab, seed=1, padded=11)
     logits_PxV = np.broadcast_to(logits, (positions, vocab))
     draws = _draw(jax.random.key(0), logits_PxV, n, temperature=temperature)
@@ -146,6 +146,11 @@ def test_targets_and_gradient_are_unbiased(replace, temperature):
     assert ((w_MxV > 0).sum(0)[:-1] >= 50).all()
     assert (w_MxV[:, -1] == 0).all()  # the masked id carries nothing, ever
     _assert_mean_within_se(w_MxV, t, "E[w] = t")
+    if replace and temperature != 1.0:  # power: bare counts c/N (no t/q factor) are rejected
+        q = softmax64(logits, temperature)
+        bare = w_MxV * np.divide(q, t, out=np.zeros_like(t), where=t > 0)
+        bare_se = bare.std(0, ddof=1) / np.sqrt(UNB_M)
+        assert (np.abs(bare.mean(0) - t) > bonferroni_z(UNB_V) * bare_se + FLOAT_ATOL).any()
     if not replace:  # the largest perturbed value is a draw from q: so is the first kept id
         assert chisquare_pvalue(st.ids[:, 0], softmax64(logits, temperature)) > ALPHA
 

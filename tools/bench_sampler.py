@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -49,6 +50,7 @@ def timed(fn, key, logits_PxV) -> float:
 
 def run(vocab: int, num_draws: int, positions: int, scale: float, reps: int, naive_reps: int,
         seed: int) -> dict:
+    load_before = os.getloadavg()[0]
     key = jax.random.key(seed)
     normal_PxV = jax.random.normal(jax.random.fold_in(key, 1), (positions, vocab), jnp.float32)
     logits_PxV = normal_PxV * scale
@@ -83,6 +85,10 @@ def run(vocab: int, num_draws: int, positions: int, scale: float, reps: int, nai
         "first_call_seconds": compile_s,
         "ratio_vs_log_softmax": {name: s / lsm for name, s in seconds.items()},
         "mean_unique_ids": float(jnp.mean(jnp.sum(counts > 0, axis=-1))),
+        # Shared machine: the 1-minute load average before and after (interleaving keeps the
+        # ratios fair; absolute seconds grow with load).
+        "load_average_1m": [load_before, os.getloadavg()[0]],
+        "cpu_count": os.cpu_count(),
     }
     if "naive_categorical" in seconds:
         naive_s = seconds["naive_categorical"]
@@ -94,7 +100,8 @@ def table(result: dict) -> str:
     lines = [
         f"V={result['vocab']}  N={result['num_draws']}  positions={result['positions']}  "
         f"scale={result['logit_scale']}  backend={result['backend']}  "
-        f"mean unique ids (replace=True)={result['mean_unique_ids']:.1f}",
+        f"mean unique ids (replace=True)={result['mean_unique_ids']:.1f}  "
+        f"load average {result['load_average_1m'][0]:.1f} -> {result['load_average_1m'][1]:.1f}",
         f"{'candidate':<26}{'median s':>12}{'x log_softmax':>15}"
         f"{'x faster than naive':>22}{'reps':>6}",
     ]
