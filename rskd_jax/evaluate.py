@@ -98,19 +98,6 @@ def _is_teacher_store(path: str) -> bool:
         return False
 
 
-def teacher_fields(store) -> tuple[str, ...]:
-    """What a teacher store contributes to evaluation: log-probs (exact KL, agreement), or
-    ids, weights and entropy (estimated KL); nothing without the entropy diagnostics."""
-    if store is None:
-        return ()
-    if store.method == "full":
-        return ("logprobs",)
-    if store.layout.get("diagnostics"):
-        return ("ids", "weights", "entropy")
-    log.warning("teacher store %s has no entropy diagnostics: no KL estimate", store.url)
-    return ()
-
-
 def load_student(path: str, vocab: int, mesh) -> tuple[Any, Any, dict]:
     """(graphdef, sharded params, info) of an HF dir or a train checkpoint."""
     from rskd_jax import checkpoint, models
@@ -147,7 +134,7 @@ def run(cfg: EvaluateRun) -> dict[str, Any]:
     from rskd_jax.model_spec import build_model
     from rskd_jax.store.teacher import open_teacher_store
     from rskd_jax.store.tokens import open_token_store
-    from rskd_jax.train_data import check_stores, host_batch, split_rows, tokenizer_vocab
+    from rskd_jax.train_data import check_stores, host_batch, split_rows, teacher_fields, tokenizer_vocab
     from rskd_jax.train_step import model_shardings, split_model
 
     e = cfg.evaluate

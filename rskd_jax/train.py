@@ -138,7 +138,7 @@ def run(cfg: TrainRun, *, stop_after: int | None = None) -> dict[str, Any]:
     from rskd_jax.model_spec import build_model
     from rskd_jax.store.teacher import open_teacher_store
     from rskd_jax.store.tokens import open_token_store
-    from rskd_jax.train_data import LOSS_FIELDS, check_stores, host_batch, split_rows, tokenizer_vocab
+    from rskd_jax.train_data import host_batch, run_rows, tokenizer_vocab
 
     t, lc, oc = cfg.train, cfg.loss, cfg.optim
     started = time.perf_counter()
@@ -150,14 +150,8 @@ def run(cfg: TrainRun, *, stop_after: int | None = None) -> dict[str, Any]:
     tokens = open_token_store(t.tokens)
     vocab = tokenizer_vocab(tokens)
     store = open_teacher_store(t.teacher_store) if t.teacher_store else None
-    if LOSS_FIELDS[lc.method] and store is None:
-        raise TrainError(f"loss.method={lc.method!r} trains from a teacher store: set train.teacher_store")
     student = build_model(cfg.student, vocab)
-    check_stores(tokens, store, student_vocab=student.config.vocab_size, method=lc.method)
-    fields = LOSS_FIELDS[lc.method]
-    train_rows = split_rows(tokens, store, "train", fields)
-    eval_fields = evaluate.teacher_fields(store)
-    val_rows = split_rows(tokens, store, "val", eval_fields) if "val" in tokens.splits else None
+    rows = run_rows(tokens, store, method=lc.method, student_vocab=student.config.vocab_size)
 
     # ---- model, optimizer, sharded state
     graphdef, params = ts.split_model(student)
@@ -184,7 +178,7 @@ def run(cfg: TrainRun, *, stop_after: int | None = None) -> dict[str, Any]:
     check_resume_config(cfg, t.output)
     ckpt = Checkpointer(os.path.join(os.path.abspath(t.output), "checkpoints"),
                         keep=t.keep_checkpoints, async_save=t.async_checkpoints)
-    it = make_batch_iterator(train_rows, global_batch_size=t.batch_size, seed=t.seed, shuffle=True,
+    it = make_batch_iterator(rows.train, global_batch_size=t.batch_size, seed=t.seed, shuffle=True,
                              num_epochs=None, process_index=jax.process_index(),
                              process_count=jax.process_count())
     start = ckpt.latest_step() or 0
@@ -203,12 +197,12 @@ def run(cfg: TrainRun, *, stop_after: int | None = None) -> dict[str, Any]:
              lc.method, dict(mesh.shape), t.batch_size, tokens.seq_len)
 
     def run_eval(step: int) -> dict[str, float]:
-        if val_rows is None:
+        if rows.val is None:
             return {}
-        val = make_batch_iterator(val_rows, global_batch_size=t.batch_size, seed=0, shuffle=False,
+        val = make_batch_iterator(rows.val, global_batch_size=t.batch_size, seed=0, shuffle=False,
                                   num_epochs=1, drop_remainder=False,
                                   process_index=jax.process_index(), process_count=jax.process_count())
-        out = evaluate.evaluate_batches(eval_fn, state.params, (host_batch(b, eval_fields) for b in val),
+        out = evaluate.evaluate_batches(eval_fn, state.params, (host_batch(b, rows.eval_fields) for b in val),
                                         mesh, teacher_params=teacher_params, max_batches=t.eval_batches)
         logs.write({"step": step, "eval": True, **out})
         return out
@@ -234,7 +228,7 @@ def run(cfg: TrainRun, *, stop_after: int | None = None) -> dict[str, Any]:
     jitted = None
     step, evaluation = start, {}
     for step in range(start + 1, t.steps + 1):
-        batch = sharding.global_batch(host_batch(next(it), fields), mesh)
+        batch = sharding.global_batch(host_batch(next(it), rows.fields), mesh)
         if jitted is None:
             jitted = ts.jit_step(step_fn, state_sh, ts.batch_shardings(batch, mesh), mesh, teacher_sh)
         state, m = jitted(state, batch, teacher_params)

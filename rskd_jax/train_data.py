@@ -11,7 +11,7 @@ every token of every split) and on joining rows by the same index.
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -113,6 +113,46 @@ def split_rows(tokens, teacher, split: str, fields: Sequence[str]) -> Rows:
         log.warning("teacher store %s covers %d of the %d %s rows (cache.max_rows); using those",
                     teacher.url, nt, n, split)
     return Rows(tokens, split, teacher, fields, nt)
+
+
+def teacher_fields(store) -> tuple[str, ...]:
+    """What a teacher store contributes to evaluation: log-probs (exact KL, agreement), or
+    ids, weights and entropy (estimated KL); nothing without the entropy diagnostics."""
+    if store is None:
+        return ()
+    if store.method == "full":
+        return ("logprobs",)
+    if store.layout.get("diagnostics"):
+        return ("ids", "weights", "entropy")
+    log.warning("teacher store %s has no entropy diagnostics: no KL estimate", store.url)
+    return ()
+
+
+class RunRows(NamedTuple):
+    """The row sources of a train run and the teacher fields each batch carries."""
+
+    train: Rows
+    val: Rows | None
+    fields: tuple[str, ...]
+    eval_fields: tuple[str, ...]
+
+
+def run_rows(tokens, store, *, method: str, student_vocab: int) -> RunRows:
+    """Checks the stores against each other, the student and the loss; the train rows (with
+    the loss's teacher fields) and the val rows (with what evaluation can use)."""
+    fields = LOSS_FIELDS[method]
+    if fields and store is None:
+        raise DataMismatch(f"loss.method={method!r} trains from a teacher store: set train.teacher_store")
+    check_stores(tokens, store, student_vocab=student_vocab, method=method)
+    train = split_rows(tokens, store, "train", fields)
+    if "val" not in tokens.splits or tokens.num_rows("val") == 0:
+        log.warning("token store %s has no val rows: no evaluation", tokens.url)
+        return RunRows(train, None, fields, ())
+    eval_fields = teacher_fields(store)
+    if eval_fields and "val" not in store.splits:
+        log.warning("teacher store %s has no val split: evaluation without KL", store.url)
+        eval_fields = ()
+    return RunRows(train, split_rows(tokens, store, "val", eval_fields), fields, eval_fields)
 
 
 def host_batch(batch: dict[str, np.ndarray], fields: Sequence[str]) -> dict[str, np.ndarray]:

@@ -235,3 +235,16 @@ def test_truncate_jsonl_drops_later_and_torn_records(tmp_path):
                     '{"step": 4, "lo')
     truncate_jsonl(str(path), 2)
     assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "eval": true}\n'
+
+
+def test_resume_with_a_different_run_config_is_refused(tmp_path):
+    from rskd_jax.config import save_config
+    from rskd_jax.train import TrainError, check_resume_config
+
+    cfg = load_config(TrainRun, os.path.join(ROOT, "configs/tiny/train.yaml"))
+    save_config(cfg, str(tmp_path))
+    check_resume_config(load_config(TrainRun, os.path.join(ROOT, "configs/tiny/train.yaml"),
+                                    ["train.steps=99", "train.eval_every=3"]), str(tmp_path))
+    changed = load_config(TrainRun, os.path.join(ROOT, "configs/tiny/train.yaml"), ["loss.alpha=0.5"])
+    with pytest.raises(TrainError, match="loss=.*another train.output"):
+        check_resume_config(changed, str(tmp_path))
