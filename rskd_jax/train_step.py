@@ -65,13 +65,13 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict]:
     graphdef, state = nnx.split(model, nnx.Param)
     params = jax.tree.map(
         lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-        state.to_pure_dict())
+        nnx.to_pure_dict(state))
     return graphdef, params
 
 
 def model_shardings(model: nnx.Module, mesh) -> dict:
     """NamedShardings of `split_model(model)[1]` from the params' logical axis names."""
-    return sharding.param_shardings(nnx.state(model, nnx.Param), mesh).to_pure_dict()
+    return nnx.to_pure_dict(sharding.param_shardings(nnx.state(model, nnx.Param), mesh))
 
 
 # ------------------------------------------------------------------------------ targets
