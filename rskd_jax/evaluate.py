@@ -5,7 +5,7 @@
         [evaluate.teacher=smollm2|PATH|TEACHER_STORE]
 
 Prints ONE JSON object: val_loss, perplexity, accuracy, ece, tokens and, with a teacher,
-kl_to_teacher (+ top1_agreement with a teacher model or a `full` store). A teacher model (or
+kl_to_teacher and top1_agreement (estimated from a sparse store, see metrics). A teacher model (or
 a `full` store) gives the exact KL; a sampled store gives the estimate
 sum_k w_k (-log p_k) - H(t) from its stored entropy (unbiased for the sampled stores).
 `evaluate.checkpoint` is a train run dir (its latest checkpoint), one checkpoint step dir, or

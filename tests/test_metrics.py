@@ -114,6 +114,9 @@ def test_sparse_kl_estimate_hand_computed_with_empty_slots():
     want = 0.6 * math.log(4 / 3) + 0.4 * math.log(4) - h
     assert float(est["kl_sum"]) == pytest.approx(want, rel=1e-6)
     assert float(est["teacher_count"]) == 1.0
+    # argmax p = 1 = the id of largest stored weight
+    total = metrics.finalize(metrics.accumulate(None, est))
+    assert total["top1_agreement"] == 1.0 and total["top1_agreement_estimated"] is True
 
 
 def test_mask_vocab_hides_padded_ids():

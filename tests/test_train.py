@@ -121,7 +121,7 @@ def test_kill_resume_export_and_evaluate(stores, tmp_path):
     ev = _finish(_cli("rskd_jax.evaluate", overrides(stores, out) + [
         f"evaluate.checkpoint={out}", f"evaluate.tokens={stores[0]}", f"evaluate.teacher={stores[1]}"],
         cache))
-    assert ev["step"] == 10 and {"val_loss", "perplexity", "ece", "kl_to_teacher"} <= set(ev)
+    assert ev["step"] == 10 and {"val_loss", "perplexity", "ece", "kl_to_teacher", "top1_agreement"} <= set(ev)
     assert ev["val_loss"] == pytest.approx(got[-1][2], rel=1e-6)
     assert ev["kl_to_teacher"] == pytest.approx(got[-1][3], rel=1e-5)
 
