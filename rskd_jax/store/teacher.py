@@ -9,6 +9,7 @@ Layout (one store = one method; arrays per split; chunks of `chunk_rows` rows, s
 `write_rows` block owns its files and two processes never write the same one):
 
     manifest.json          the caller's manifest + kind "teacher", layout_version, layout
+                           (its "provenance" section is informational, never compared)
     rank_to_id             int32 [V]: frequency rank -> id (only if id_frequencies was given)
     {split}/done           uint8 [S], chunks [chunk_rows]; set only after the row's data is durable
     {split}/num_ids        uint8|uint16 [S, L]: entries per position (n <= K)
@@ -67,6 +68,7 @@ KIND = "teacher"
 LAYOUT_VERSION = 1
 METHODS = ("sample", "sample_wor", "top_k", "ghost", "full")
 DIAGNOSTICS = ("gold_logprob", "entropy")
+PROVENANCE = "provenance"  # manifest section not compared on reopen (see create_teacher_store)
 DEFAULT_COMPRESSION_LEVEL = 5  # blosc clevel (zstd); 9 is ~4% smaller and ~3x slower to write
 _FULL_CHUNK_BYTES = 64 << 20
 
@@ -517,6 +519,9 @@ def create_teacher_store(
       and `layout` (everything below). Identical manifest -> the existing store is reopened
       (rows already done stay done), whatever `overwrite` says; different -> StoreError and
       the store is left untouched, unless overwrite (then it is deleted and re-created).
+      manifest["provenance"] (optional) is informational: where the inputs were found (paths,
+      URLs, the teacher's config). It is NOT compared on reopen (the same data reached by
+      another path still resumes) and stays as first written.
     method: one of METHODS. k: slots per position (for `sample`, k = N draws; for `full`,
       k = vocab_size). temperature: `sample`'s proposal temperature (!= 1 also stores float
       weights). id_frequencies: [V] counts (e.g. the token store's unigram counts) for the
@@ -563,11 +568,12 @@ def create_teacher_store(
     where = common.store_url(url)
     existing = common.read_json(url)
     kv = common._kvstore(url)  # pylint: disable=protected-access
-    if existing == final:
+    identity = lambda m: {k: v for k, v in m.items() if k != PROVENANCE}  # noqa: E731
+    if existing is not None and identity(existing) == identity(final):
         return TeacherStore(url, existing, writable=True)
     if existing is not None and not overwrite:
         raise StoreError(f"{where} already holds a different {existing.get('kind', '?')} store (differs in: "
-                         f"{', '.join(_diff(existing, final))}); it was left untouched. Set overwrite=true "
+                         f"{', '.join(_diff(identity(existing), identity(final)))}); it was left untouched. Set overwrite=true "
                          "to replace it, or choose another output.")
     if existing is not None and existing.get("kind") != KIND:
         raise StoreError(f"{where} holds a {existing.get('kind')!r} store, not a teacher store; "
