@@ -28,6 +28,7 @@ import concurrent.futures as cf
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections import deque
@@ -63,16 +64,24 @@ def initialize_distributed(cfg) -> None:
 
 
 def store_manifest(run: CacheRun, out, model, tokens) -> dict[str, Any]:
-    """What a teacher store's bytes depend on; a re-run must match it to resume."""
+    """What a teacher store's bytes depend on; a re-run must match it to resume. Identity is
+    by content: the teacher's fingerprint (its weights and resolved config, dtypes included)
+    and the token store's. Where they were found (the teacher spec with its source path, the
+    token store URL) goes to "provenance", which a resume does not compare: the same teacher
+    or tokens reached by another path, or moved, still resume. `tools/inspect_store.py
+    --verify` rebuilds the teacher and finds the tokens from it."""
+    spec = config_to_dict(run.teacher)
+    if spec["source"] not in ("random", "smollm2"):
+        spec["source"] = os.path.realpath(spec["source"])
     return {
         "method": out.method,
         "params": {k: v for k, v in config_to_dict(out).items() if k not in ("name", "method")},
         "seed": run.cache.seed,
-        "teacher": {"fingerprint": model.fingerprint, "vocab_size": model.config.vocab_size,
-                    "spec": config_to_dict(run.teacher)},
+        "teacher": {"fingerprint": model.fingerprint, "vocab_size": model.config.vocab_size},
         "tokenizer": tokens.manifest["tokenizer"],
         "tokens": {"fingerprint": tokens.fingerprint, "seq_len": tokens.seq_len},
         "key_rule": "fold_in(fold_in(key(seed), split_code), row); train 0, val 1",
+        "provenance": {"teacher_spec": spec, "tokens_url": tokens.url},
     }
 
 
