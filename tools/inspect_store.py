@@ -9,14 +9,14 @@ else a readable summary. mean_unique_ids is estimated from up to --sample-rows d
 split (0 = all rows).
 
 --verify N (teacher stores written by `python -m rskd_jax.cache`) recomputes N random done
-rows with the teacher the manifest describes (teacher.spec, checked against its fingerprint),
-the seed and the method parameters, on one device, and compares them with the stored rows:
-ids and counts exactly, float weights / tail mass to 1e-5 relative, float16 arrays to their
-rounding, and each row's token_hash. The token store is --tokens, else the `cache.tokens` of
-the config.yaml the cache saved next to the store (<cache.output>/config.yaml); its content
-fingerprint must equal the manifest's. The token store location is deliberately not in the
-manifest: the manifest is compared byte for byte on resume, and the same store reached by
-another path must still resume. Adds "verify" to the output; exits 1 on any mismatch.
+rows with the teacher the manifest describes, the seed and the method parameters, on one
+device, and compares them with the stored rows: ids and counts exactly, float weights / tail
+mass to 1e-5 relative, float16 arrays to their rounding, and each row's token_hash. Where
+the inputs are comes from the manifest's "provenance" (the teacher spec and the token store
+URL as first cached; informational, so a resume never compares these paths) unless given:
+--teacher SOURCE replaces the spec's source, --tokens URL the token store; a token store no
+longer at its URL is looked up in the config.yaml saved next to the store. Their content
+fingerprints must equal the manifest's. Adds "verify" to the output; exits 1 on any mismatch.
 Stores cached with mesh.fsdp or mesh.tensor > 1 reduce in another float order, which moves
 a few near-tie draws (~0.1% of positions) to a neighbouring id: check them with
 --position-tolerance 0.005 (the fraction of a row's positions allowed to differ).
@@ -76,9 +76,11 @@ VERIFY_BATCH = 8  # rows per recompute step (padded), so one compile serves ever
 FLOAT_RTOL = 1e-5
 
 
-def _token_store_url(store_url: str, given: str | None) -> str:
+def _token_store_url(store_url: str, given: str | None, recorded: str | None) -> str:
     if given:
         return given
+    if recorded and common.read_json(recorded) is not None:
+        return recorded
     import yaml
 
     parent = store_url.rstrip("/").rsplit("/", 1)[0] + "/"
@@ -128,7 +130,7 @@ def _compare_rows(got: dict[str, np.ndarray], want: dict[str, np.ndarray]):
     return bad_BxL, diffs
 
 
-def verify(url: str, n: int, *, tokens: str | None = None, seed: int = 0,
+def verify(url: str, n: int, *, tokens: str | None = None, teacher: str | None = None, seed: int = 0,
            position_tolerance: float = 0.0) -> dict[str, Any]:
     """Recomputes n random done rows of a teacher store and compares them (see the module doc)."""
     import jax
@@ -142,14 +144,16 @@ def verify(url: str, n: int, *, tokens: str | None = None, seed: int = 0,
     t0 = time.perf_counter()
     store = open_teacher_store(url)
     m = store.manifest
+    provenance = m.get("provenance", {})
     try:
-        spec = config_from_dict(ModelSpec, m["teacher"]["spec"])
+        spec = config_from_dict(ModelSpec, {**provenance.get("teacher_spec", m["teacher"].get("spec")),
+                                            **({"source": teacher} if teacher else {})})
         out = config_from_dict(OutputConfig, {"name": "verify", "method": m["method"], **m["params"]})
         want_tokens, run_seed, vocab = m["tokens"]["fingerprint"], int(m["seed"]), int(m["tokenizer"]["vocab_size"])
     except (KeyError, TypeError, ValueError) as err:
         raise StoreError(f"{store.url} was not written by `python -m rskd_jax.cache` (manifest field {err}); "
                          "--verify needs its teacher spec, method parameters and seed") from err
-    tok = open_token_store(_token_store_url(store.url, tokens))
+    tok = open_token_store(_token_store_url(store.url, tokens, provenance.get("tokens_url")))
     if tok.fingerprint != want_tokens:
         raise StoreError(f"token store {tok.url} has fingerprint {tok.fingerprint}, the teacher store was made "
                          f"from {want_tokens}; pass the right one with --tokens")
@@ -229,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="done rows per split read for mean_unique_ids (0 = all)")
     parser.add_argument("--verify", type=int, default=0, metavar="N",
                         help="recompute N random done rows of a teacher store and compare")
-    parser.add_argument("--tokens", default=None, help="--verify: the token store (default: from config.yaml)")
+    parser.add_argument("--tokens", default=None, help="--verify: the token store (default: the manifest's)")
+    parser.add_argument("--teacher", default=None, help="--verify: the teacher's source (default: the manifest's)")
     parser.add_argument("--seed", type=int, default=0, help="--verify: which rows are drawn")
     parser.add_argument("--position-tolerance", type=float, default=0.0,
                         help="--verify: fraction of a row's positions allowed to differ (fsdp/tensor caches)")
@@ -239,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verify:
             if info["kind"] != "teacher":
                 raise StoreError(f"--verify checks teacher stores; {info['path']} is a {info['kind']} store")
-            info["verify"] = verify(args.path, args.verify, tokens=args.tokens, seed=args.seed,
+            info["verify"] = verify(args.path, args.verify, tokens=args.tokens, teacher=args.teacher, seed=args.seed,
                                     position_tolerance=args.position_tolerance)
     except (StoreError, ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
