@@ -426,6 +426,32 @@ def test_refuses_another_manifest_and_leaves_the_store_alone(ref, tokens, teache
     assert {**store_files(ref), "config.yaml": (ref / "config.yaml").read_bytes()} == before
 
 
+def test_resumes_inputs_reached_by_another_path(ref, work, tokens, teacher):
+    """Identity is by content: the same token store and teacher spelled differently (or
+    moved) resume; their paths are provenance, kept as first written."""
+    before = store_files(ref)
+    os.symlink(tokens, work / "tokens_link")
+    other_teacher = os.path.join(teacher, "..", os.path.basename(teacher))
+    summary = cache.run(cfg_for(str(work / "tokens_link"), ref, "cache.batch_size=8", "mesh.data=1",
+                                teacher=other_teacher), progress=False, devices=one_device())
+    assert summary["rows_written"] == {"train": 0, "val": 0}
+    assert store_files(ref) == before
+    prov = open_teacher_store(str(ref / "rskd_n50")).manifest["provenance"]
+    assert prov["teacher_spec"]["source"] == os.path.realpath(teacher)
+    assert prov["tokens_url"] == f"file://{tokens}/"
+
+
+def test_provenance_is_not_compared(tmp_path):
+    from rskd_jax.store.teacher import create_teacher_store
+
+    kw = dict(num_rows={"train": 2}, seq_len=4, method="top_k", k=2, vocab_size=10, chunk_rows=2)
+    create_teacher_store(str(tmp_path / "s"), manifest={"seed": 0, "provenance": {"path": "a"}}, **kw)
+    st = create_teacher_store(str(tmp_path / "s"), manifest={"seed": 0, "provenance": {"path": "b"}}, **kw)
+    assert st.manifest["provenance"] == {"path": "a"}
+    with pytest.raises(StoreError, match=r"differs in: seed\)"):
+        create_teacher_store(str(tmp_path / "s"), manifest={"seed": 1, "provenance": {"path": "a"}}, **kw)
+
+
 def test_refuses_missing_and_incomplete_token_stores(work, tokens):
     with pytest.raises(StoreError, match="no token store at .*python -m rskd_jax.data"):
         cache.run(cfg_for(str(work / "nope"), work / "x1"), progress=False)
