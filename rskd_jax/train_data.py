@@ -89,8 +89,23 @@ class Rows:
         out = {"tokens": self.tokens.read(self.split, idx), "index": idx}
         if self.teacher is not None and self.fields:
             rows = self.teacher.read_rows(self.split, idx)
+            if "token_hash" in rows:  # the teacher saw exactly these tokens (stores made by the cache)
+                check_token_hash(out["tokens"], rows["token_hash"], idx, self.split, self.teacher.url)
             out.update({k: rows[k] for k in self.fields})
         return out
+
+
+def check_token_hash(tokens_BxL: np.ndarray, hash_B: np.ndarray, rows_B: np.ndarray, split: str,
+                     where: str) -> None:
+    """Refuses a batch whose tokens are not the ones the teacher's targets were computed on."""
+    from rskd_jax.store.teacher import token_hash
+
+    bad = np.nonzero(token_hash(tokens_BxL) != hash_B)[0]
+    if bad.size:
+        raise DataMismatch(
+            f"{split} row {int(rows_B[bad[0]])}: its tokens differ from the ones the teacher store "
+            f"{where} was computed on ({bad.size} of {len(rows_B)} rows in this batch); the token "
+            "store was changed after caching. Re-run the data and cache programs")
 
 
 def split_rows(tokens, teacher, split: str, fields: Sequence[str]) -> Rows:

@@ -248,3 +248,34 @@ def test_resume_with_a_different_run_config_is_refused(tmp_path):
     changed = load_config(TrainRun, os.path.join(ROOT, "configs/tiny/train.yaml"), ["loss.alpha=0.5"])
     with pytest.raises(TrainError, match="loss=.*another train.output"):
         check_resume_config(changed, str(tmp_path))
+
+
+def test_batches_whose_tokens_changed_after_caching_are_refused(tmp_path):
+    """A teacher store with per-row token hashes catches a token store edited in place (same
+    manifest fingerprint, different tokens): the trainer names the row."""
+    from rskd_jax.store.common import open_array
+    from rskd_jax.store.teacher import open_teacher_store, token_hash
+    from rskd_jax.store.tokens import open_token_store
+    from rskd_jax.train_data import DataMismatch, Rows
+
+    splits, manifest = make_tokens(str(tmp_path / "tok"), rows=(16, 8))
+    meta = {"tokens": {"fingerprint": manifest["content_hash"], "seq_len": L}, "tokenizer": TOKENIZER,
+            "teacher": {"fingerprint": "test", "vocab_size": VOCAB}}
+    store = create_teacher_store(str(tmp_path / "teacher"), manifest=meta, num_rows={"train": 16},
+                                 seq_len=L, method="top_k", k=2, vocab_size=VOCAB, chunk_rows=8,
+                                 diagnostics=False, token_hash=True)
+    ids = np.tile(np.array([3, 5], np.int32), (16, L, 1))
+    store.write_rows("train", 0, {"ids": ids, "weights": np.full((16, L, 2), 0.5, np.float32),
+                                  "tokens": splits["train"]}).result()
+    store.close()
+    tokens, teacher = open_token_store(str(tmp_path / "tok")), open_teacher_store(str(tmp_path / "teacher"))
+    rows = Rows(tokens, "train", teacher, ("ids", "weights"))
+    np.testing.assert_array_equal(rows.read(np.arange(16))["ids"], ids)  # untouched: accepted
+    assert (teacher.read_rows("train", np.arange(16))["token_hash"] == token_hash(splits["train"])).all()
+    edited = splits["train"][5].copy()
+    edited[7] = (edited[7] + 1) % VOCAB
+    open_array(str(tmp_path / "tok"), "train/tokens", write=True)[5].write(edited).result()
+    rows = Rows(open_token_store(str(tmp_path / "tok")), "train", teacher, ("ids", "weights"))
+    rows.read(np.array([0, 1]))  # other rows still pass
+    with pytest.raises(DataMismatch, match="train row 5: its tokens differ"):
+        rows.read(np.array([2, 5, 9]))
