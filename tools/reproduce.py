@@ -20,6 +20,9 @@ Stages (each resumable; progress and results go to <reproduce.output>/state.json
 
 A stage whose recorded fingerprint (its resolved config) matches and whose outputs exist is
 skipped; an interrupted one resumes (the stores and the train runs resume where they stopped).
+Stage keys chain their inputs' fingerprints, so a changed config redoes what depends on it; the
+programs never overwrite a store or run made with other settings unless told to
+(data.overwrite=true, cache.overwrite=true; delete <output>/train/<method> for a student).
 `--estimate` runs the data stage, a cache dry run and a short interleaved step timing, and
 prints the projected wall time of every stage instead of running them.
 """
@@ -370,12 +373,18 @@ class Reproduction:
             return reproduce_eval.estimate(self)
         if r.until == "data":
             return self.summary(started)
-        self.stage("cache", config_to_dict(self.cache_run()), self.run_cache, outputs_ok=self.cache_complete)
+        # keys chain the upstream stages' fingerprints: changed tokens redo the cache, a changed
+        # cache redoes the students that read it (the programs then refuse to overwrite a
+        # different store or run: set data.overwrite / cache.overwrite, or delete the run dir)
+        fps = lambda *names: {n: self.state["stages"][n]["fingerprint"] for n in names}  # noqa: E731
+        self.stage("cache", {"cfg": config_to_dict(self.cache_run()), **fps("data")}, self.run_cache,
+                   outputs_ok=self.cache_complete)
         if r.until == "cache":
             return self.summary(started)
         runs = self.train_runs()
         for name, tcfg in runs.items():
-            self.stage(f"train/{name}", config_to_dict(tcfg), lambda n=name, t=tcfg: self.run_train(n, t),
+            up = fps("data", "cache") if tcfg.train.teacher_store else fps("data")
+            self.stage(f"train/{name}", {"cfg": config_to_dict(tcfg), **up}, lambda n=name, t=tcfg: self.run_train(n, t),
                        outputs_ok=lambda t=tcfg: self.train_complete(t))
         if r.until == "train":
             return self.summary(started)

@@ -70,6 +70,14 @@ def _figures(total: dict) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- evaluation
 
 
+def eval_rows(num_rows: int, max_rows: int | None) -> np.ndarray:
+    """All rows, or max_rows evenly spaced ones (a val split is in path order: a prefix would
+    be a few files)."""
+    if max_rows is None or num_rows <= max_rows:
+        return np.arange(num_rows)
+    return np.unique(np.linspace(0, num_rows - 1, max_rows).round().astype(np.int64))
+
+
 def evaluate_students(rep, runs: dict) -> dict[str, Any]:
     """{"teacher": {split: figures}, "students": {method: {split: figures}}, "rows": ...}; the
     split "all" pools every source's val rows."""
@@ -105,10 +113,10 @@ def evaluate_students(rep, runs: dict) -> dict[str, Any]:
     rows = {}
     t0 = time.perf_counter()
     for split in splits:
-        n = tokens.num_rows(split) if r.eval_max_rows is None else min(tokens.num_rows(split), r.eval_max_rows)
-        rows[split] = n
+        rows_S = eval_rows(tokens.num_rows(split), r.eval_max_rows)
+        n = rows[split] = len(rows_S)
         for lo in range(0, n, r.eval_batch_size):
-            idx = np.arange(lo, min(lo + r.eval_batch_size, n))
+            idx = rows_S[lo:lo + r.eval_batch_size]
             batch = sharding.global_batch(_pad_batch(tokens.read(split, idx), r.eval_batch_size), mesh)
             logits, tsums = teacher_jit(tparams, batch)
             for key in (split, "all"):
@@ -118,7 +126,7 @@ def evaluate_students(rep, runs: dict) -> dict[str, Any]:
                 sums = fn(params, None, batch)
                 for key in (split, "all"):
                     totals[name][key] = metrics.accumulate(totals[name].get(key), sums)
-            print(f"   eval {split}: rows {idx[-1] + 1}/{n}", flush=True)
+            print(f"   eval {split}: rows {min(lo + r.eval_batch_size, n)}/{n}", flush=True)
     teacher = {k: _figures(v) for k, v in totals.pop("<teacher>").items()}
     return {"teacher": teacher, "students": {n: {k: _figures(v) for k, v in t.items()} for n, t in totals.items()},
             "rows": rows, "seconds": round(time.perf_counter() - t0, 2),

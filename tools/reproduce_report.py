@@ -211,7 +211,7 @@ def plot_unique_ids(results, path: str) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     paper = sorted((int(k), v) for k, v in results["paper_unique_ids"].items())
-    ax.plot([n for n, _ in paper], [v for _, v in paper], "k--o", mfc="none", label="paper (Llama teacher)")
+    ax.plot([n for n, _ in paper], [v for _, v in paper], "k--o", mfc="none", label="paper")
     ours = sorted((s["num_draws"], s["mean_unique_ids"]) for s in results["unique_ids"] if s["temperature"] == 1.0)
     if ours:
         ax.plot([n for n, _ in ours], [v for _, v in ours], "o-", color="tab:blue", label="ours, T = 1")
