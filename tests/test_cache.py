@@ -35,7 +35,6 @@ from rskd_jax.store.tokens import open_token_store, write_token_store
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs/tiny/cache.yaml")
-INSPECT = str(REPO / "tools/inspect_store.py")
 L = 64
 ROWS = 13  # rows cached per split: blocks of 8 + 5
 INPUTS = "[@stdlib/bisect.py,@stdlib/colorsys.py,@stdlib/keyword.py,@stdlib/fnmatch.py,@stdlib/stat.py,@stdlib/this.py]"
@@ -84,14 +83,14 @@ def tokens(work):
 
 
 @pytest.fixture(scope="module")
-def teacher(work):
+def teacher(work, tokens):
     """configs/tiny/cache.yaml's random teacher, as an HF directory."""
     from rskd_jax.model_spec import build_model
     from rskd_jax.models import save_pretrained
 
     spec = load_config(CacheRun, CONFIG).teacher
     out = work / "teacher"
-    save_pretrained(build_model(spec, 49152), out)
+    save_pretrained(build_model(spec, int(open_token_store(tokens).manifest["tokenizer"]["vocab_size"])), out)
     return str(out)
 
 
@@ -241,11 +240,11 @@ def test_fsdp_tensor_mesh_same_up_to_float_rounding(ref, work, tokens, teacher):
         a = open_teacher_store(str(ref / name)).read_rows("train", rows)
         b = open_teacher_store(str(out / name)).read_rows("train", rows)
         np.testing.assert_array_equal(a["token_hash"], b["token_hash"])
-        np.testing.assert_array_equal(a["num_ids"], b["num_ids"])
         same_BxL = (a["ids"] == b["ids"]).all(-1)
+        np.testing.assert_array_equal(a["num_ids"][same_BxL], b["num_ids"][same_BxL])
         assert same_BxL.mean() >= 0.995, f"{name}: {(~same_BxL).sum()} positions differ"
         if "counts" in a:
-            np.testing.assert_array_equal(a["counts"], b["counts"])
+            np.testing.assert_array_equal(a["counts"][same_BxL], b["counts"][same_BxL])
         np.testing.assert_allclose(a["weights"][same_BxL], b["weights"][same_BxL], rtol=1e-5, atol=1e-7)
         for k in ("gold_logprob", "entropy"):
             np.testing.assert_allclose(a[k], b[k], rtol=2e-3, atol=2e-3)
@@ -397,6 +396,7 @@ def test_every_method_in_one_pass_matches_direct_sampling(work, tokens, teacher)
         assert (g["gold_logprob"][:, -1] == 0).all()  # no next token in the row
         np.testing.assert_allclose(g["entropy"], entropy, rtol=1e-3, atol=1e-3)
         np.testing.assert_array_equal(g["token_hash"], token_hash(tokens_BxL))
+    shutil.rmtree(out / "full")  # 50 MB; pytest keeps the last runs' tmp dirs
 
 
 def test_dry_run_projects_and_writes_nothing(work, tokens, teacher):

@@ -1,7 +1,8 @@
 """Summarise a token store or a teacher store; optionally re-check a teacher store's rows.
 
     python tools/inspect_store.py PATH [--json] [--sample-rows 1024]
-    python tools/inspect_store.py PATH --verify N [--tokens URL] [--seed 0] [--json]
+    python tools/inspect_store.py PATH --verify N [--json] [--seed 0] [--tokens URL] [--teacher SOURCE]
+                                  [--position-tolerance 0.0]
 
 Prints one JSON object with --json (kind, num_sequences, seq_len, positions_done,
 bytes_on_disk, bytes_per_token, mean_unique_ids, manifest, and per-split / per-array detail),
