@@ -27,7 +27,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import logging
-import math
 import os
 import sys
 import time
