@@ -24,7 +24,8 @@ Stage keys chain their inputs' fingerprints, so a changed config redoes what dep
 programs never overwrite a store or run made with other settings unless told to
 (data.overwrite=true, cache.overwrite=true; delete <output>/train/<method> for a student).
 `--estimate` runs the data stage, a cache dry run and a short interleaved step timing, and
-prints the projected wall time of every stage instead of running them.
+prints the projected wall time of every stage (also written to <results_dir>/estimate.json)
+instead of running them.
 """
 
 from __future__ import annotations
@@ -150,8 +151,17 @@ class ReproduceRun:
 # ----------------------------------------------------------------------------- helpers
 
 
+# config keys that do not change a stage's outputs: left out of the stage fingerprints
+NOT_IN_KEY = frozenset({"overwrite", "progress"})
+
+
 def fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k not in NOT_IN_KEY}
+        return [strip(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+    return hashlib.sha256(json.dumps(strip(obj), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def ensure_python_docs(docs_dir: str) -> str:
@@ -370,7 +380,11 @@ class Reproduction:
         if estimate:
             import reproduce_eval
 
-            return reproduce_eval.estimate(self)
+            est = {**reproduce_eval.estimate(self), "hardware": hardware()}
+            os.makedirs(r.results_dir, exist_ok=True)
+            with open(os.path.join(r.results_dir, "estimate.json"), "w", encoding="utf-8") as f:
+                json.dump(est, f, indent=1)
+            return est
         if r.until == "data":
             return self.summary(started)
         # keys chain the upstream stages' fingerprints: changed tokens redo the cache, a changed

@@ -360,7 +360,9 @@ def estimate(rep) -> dict[str, Any]:
     steps = rep.train_steps()
     timing = measure_steps(rep, list(r.methods), max(1, min(r.timing_reps, 2)), synthetic=True)
     data = rep.result("data")
-    val_tokens = sum(data["mix"]["tokens"][f"val_{s.name}"] for s in rep.sources)
+    seq_len = data["mix"]["tokens"]["train"] // max(data["mix"]["rows"]["train"], 1)
+    val_tokens = seq_len * sum(len(eval_rows(data["mix"]["rows"][f"val_{s.name}"], r.eval_max_rows))
+                               for s in rep.sources)
     evals = (steps // c.train.eval_every if c.train.eval_every else 0) + 1
     eval_frac = evals * c.train.eval_batches / max(steps, 1) / 3  # forward only: ~1/3 of a step
     train = {n: round(v["step_s"] * steps * (1 + eval_frac), 1) for n, v in timing.items()}
@@ -372,8 +374,8 @@ def estimate(rep) -> dict[str, Any]:
             "eval": round(val_tokens / teacher_tps + len(r.methods) * val_tokens / timing["ce"]["tokens_per_s"] / 3, 1),
             "grad": round(grad, 1), "timing": round((r.timing_reps + 1) * sum(v["step_s"] for v in timing.values()), 1)}
     total = proj["cache"] + sum(train.values()) + proj["eval"] + proj["grad"] + proj["timing"]
-    seq_len = data["mix"]["tokens"]["train"] // max(data["mix"]["rows"]["train"], 1)
-    return {"estimate": True, "train_steps": steps, "train_tokens": steps * c.train.batch_size * seq_len,
+    return {"estimate": True, "command": rep.command(),
+            "train_steps": steps, "train_tokens": steps * c.train.batch_size * seq_len,
             "cache_dry_run": dry, "step_timing": timing,
             "projected_seconds": proj, "projected_total_s": round(total, 1),
             "projected_total_h": round(total / 3600, 2)}

@@ -50,6 +50,15 @@ def describe(rep, m) -> tuple[str, str]:
     return o.method, f"{o.method} K={o.num_draws}"
 
 
+def _last_train_loss(run_dir: str) -> float | None:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        recs = [x for x in (json.loads(line) for line in f if line.strip()) if not x.get("eval")]
+    return recs[-1]["loss"] if recs else None
+
+
 def _gap(ce: float, full: float | None, v: float) -> float | None:
     if full is None or abs(ce - full) < 1e-12:
         return None
@@ -96,7 +105,7 @@ def build_results(rep, runs: dict) -> dict[str, Any]:
             "grad_norm_ratio": g["norm_ratio"] if g else (1.0 if m.loss == "full_online" else None),
             "grad_norm_ratio_std": g["norm_ratio_std"] if g else None,
             "train_seconds": st[f"train/{m.name}"]["seconds"],
-            "final_train_loss": st[f"train/{m.name}"]["result"]["loss"],
+            "final_train_loss": _last_train_loss(runs[m.name].train.output),
             "eval_bins": e["all"]["bins"],
         })
     sample_stores = [{"store": o.name, "num_draws": o.num_draws, "temperature": o.temperature,
