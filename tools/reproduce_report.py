@@ -22,6 +22,7 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 PAPER_UNIQUE_IDS = {4: 2.4, 13: 5.0, 50: 12.1, 150: 24.5}
 PLOTS = ("val_loss.png", "reliability.png", "unique_ids.png", "ids_tradeoff.png")
 TARGET_ARRAYS = ("ids", "counts", "weights", "num_ids", "tail_mass")
+TEACHER_NAMES = {"smollm2": "SmolLM2-135M-Instruct", "random": "random"}
 
 
 # ----------------------------------------------------------------------------- results
@@ -116,7 +117,8 @@ def build_results(rep, runs: dict) -> dict[str, Any]:
     seq_len = c.data.seq_len
     stage_seconds = {k: v["seconds"] for k, v in st.items() if k != "report"}
     return {
-        "title": (f"{c.teacher.source} teacher -> d={c.student.hidden_size} x {c.student.num_layers}-layer "
+        "title": (f"{TEACHER_NAMES.get(c.teacher.source, c.teacher.source)} teacher -> d={c.student.hidden_size} x "
+                  f"{c.student.num_layers}-layer "
                   f"students, {steps * c.train.batch_size * seq_len:,} training tokens ({' + '.join(srcs)})"),
         "methods": rows,
         "teacher": {"val_loss": teacher["all"]["val_loss"], "ece": teacher["all"]["ece"],
