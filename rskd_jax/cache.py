@@ -35,6 +35,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from rskd_jax import cache_step, sharding
 from rskd_jax.config import CacheRun, ConfigError, config_to_dict, parse_cli, save_config
 from rskd_jax.store.common import StoreError
 
@@ -46,20 +47,6 @@ FREQ_ROWS = 4096
 
 class CacheError(ValueError):
     """Bad input to the cache program: it says what to change."""
-
-
-def initialize_distributed(cfg) -> None:
-    """`jax.distributed.initialize` when configured (before any other jax call)."""
-    if not cfg.enabled:
-        return
-    import jax
-
-    # CPU processes need cross-process collectives (the done-mask broadcast, barriers); gloo
-    # is jax 0.10's default for jax_cpu_collectives_implementation, older ones had none.
-    if jax.config.jax_cpu_collectives_implementation is None:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=cfg.coordinator_address,
-                               num_processes=cfg.num_processes, process_id=cfg.process_id)
 
 
 def store_manifest(run: CacheRun, out, model, tokens) -> dict[str, Any]:
@@ -109,7 +96,6 @@ class Cacher:
         import jax
         from flax import nnx
 
-        from rskd_jax import cache_step, sharding
         from rskd_jax.model_spec import build_model
         from rskd_jax.store.tokens import open_token_store
 
@@ -214,18 +200,14 @@ class Cacher:
     def _replicated_scalar(self, value: int):
         import jax
 
-        from rskd_jax.sharding import replicated
-
-        return jax.make_array_from_callback((), replicated(self.mesh), lambda _: np.int32(value))
+        return jax.make_array_from_callback((), sharding.replicated(self.mesh), lambda _: np.int32(value))
 
     def _global(self, local: dict[str, np.ndarray]):
         from jax.experimental import multihost_utils
         from jax.sharding import PartitionSpec
 
-        from rskd_jax.sharding import BATCH_AXES
-
         return {k: multihost_utils.host_local_array_to_global_array(
-            v, self.mesh, PartitionSpec(BATCH_AXES, *([None] * (v.ndim - 1)))) for k, v in local.items()}
+            v, self.mesh, PartitionSpec(sharding.BATCH_AXES, *([None] * (v.ndim - 1)))) for k, v in local.items()}
 
     def _local(self, out):
         """Device outputs -> this process's rows as numpy (nothing is all-gathered)."""
@@ -233,12 +215,10 @@ class Cacher:
         from jax.experimental import multihost_utils
         from jax.sharding import PartitionSpec
 
-        from rskd_jax.sharding import BATCH_AXES
-
         if self.P == 1:
             return jax.tree.map(np.asarray, out)
         return jax.tree.map(lambda a: np.asarray(multihost_utils.global_array_to_host_local_array(
-            a, self.mesh, PartitionSpec(BATCH_AXES, *([None] * (a.ndim - 1))))), out)
+            a, self.mesh, PartitionSpec(sharding.BATCH_AXES, *([None] * (a.ndim - 1))))), out)
 
     def _read_tokens(self, split: str, rows_R: np.ndarray) -> np.ndarray:
         valid = rows_R >= 0
@@ -290,7 +270,7 @@ class Cacher:
         L = self.tokens.seq_len
         bar = tqdm(total=todo_rows, unit="row", desc=f"cache {split}", disable=not progress or self.p != 0,
                    dynamic_ncols=True)
-        code = self._replicated_scalar(_split_code(split))
+        code = self._replicated_scalar(cache_step.split_code(split))
         pending: deque = deque()
         step_times, done_rows, t0 = [], 0, time.perf_counter()
         with cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer") as writer:
@@ -323,17 +303,11 @@ class Cacher:
         return {"rows": done_rows, "tokens": done_rows * L, "seconds": seconds, "step_times": step_times}
 
 
-def _split_code(split: str) -> int:
-    from rskd_jax.cache_step import split_code
-
-    return split_code(split)
-
-
 def run(cfg: CacheRun, *, dry_run: bool = False, progress: bool = True,
         devices: Sequence[Any] | None = None) -> dict[str, Any]:
     """Runs the cache program; returns the summary that `main` prints as JSON. `devices`
     restricts the mesh to these devices (default: all, of every process)."""
-    initialize_distributed(cfg.distributed)
+    sharding.initialize_distributed(cfg.distributed)
     if dry_run:
         return _dry_run(cfg, progress=progress, devices=devices)
     cacher = Cacher(cfg, devices=devices)

@@ -173,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s: %(message)s")
     if cfg.distributed.enabled:
-        from rskd_jax.cache import initialize_distributed
+        from rskd_jax.sharding import initialize_distributed
 
         initialize_distributed(cfg.distributed)
     summary = run(cfg)

@@ -188,3 +188,17 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
         else:
             out[name] = jax.make_array_from_process_local_data(sharding, arr)
     return out
+
+
+def initialize_distributed(cfg) -> None:
+    """`jax.distributed.initialize` when configured (before any other jax call)."""
+    if not cfg.enabled:
+        return
+    import jax
+
+    # CPU processes need cross-process collectives (the done-mask broadcast, barriers); gloo
+    # is jax 0.10's default for jax_cpu_collectives_implementation, older ones had none.
+    if jax.config.jax_cpu_collectives_implementation is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=cfg.coordinator_address,
+                               num_processes=cfg.num_processes, process_id=cfg.process_id)

@@ -286,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax: "no metrics" per plain save
     if cfg.distributed.enabled:
-        from rskd_jax.cache import initialize_distributed
+        from rskd_jax.sharding import initialize_distributed
 
         initialize_distributed(cfg.distributed)
     summary = run(cfg)
