@@ -22,9 +22,8 @@ import time
 
 import numpy as np
 
-from rskd_jax.config import (CacheConfig, DataConfig, DataRun, CacheRun, EvaluateConfig, EvaluateRun,
-                             LossConfig, MeshConfig, ModelSpec, OptimConfig, TrainConfig, TrainRun,
-                             opt, parse_cli)
+from rskd_jax.config import (CacheRun, DataRun, EvaluateConfig, EvaluateRun, PipelineRun, TrainRun, opt,
+                             parse_cli)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,18 +33,10 @@ class DemoConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class DemoRun:
+class DemoRun(PipelineRun):
     """Root config of the demo: one section per stage."""
 
     demo: DemoConfig = opt(DemoConfig())
-    data: DataConfig = opt(DataConfig())
-    cache: CacheConfig = opt(CacheConfig())
-    teacher: ModelSpec = opt(ModelSpec(source="smollm2"))
-    student: ModelSpec = opt(ModelSpec())
-    train: TrainConfig = opt(TrainConfig())
-    loss: LossConfig = opt(LossConfig())
-    optim: OptimConfig = opt(OptimConfig())
-    mesh: MeshConfig = opt(MeshConfig())
 
 
 def stage_configs(d: DemoRun) -> dict:

@@ -45,8 +45,7 @@ from typing import Any, Callable, Literal
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the reproduce_* helpers
 
-from rskd_jax.config import (CacheConfig, CacheRun, ConfigError, DataConfig, DataRun, LossConfig,  # noqa: E402
-                             MeshConfig, ModelSpec, OptimConfig, TrainConfig, TrainRun, config_to_dict,
+from rskd_jax.config import (CacheRun, ConfigError, DataRun, PipelineRun, TrainRun, config_to_dict,  # noqa: E402
                              opt, parse_cli)
 
 STAGES = ("data", "cache", "train", "eval", "grad", "timing", "report")
@@ -127,18 +126,10 @@ class ReproduceConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ReproduceRun:
+class ReproduceRun(PipelineRun):
     """Root config: the reproduction plus the sections every program shares."""
 
     reproduce: ReproduceConfig = opt(ReproduceConfig())
-    data: DataConfig = opt(DataConfig())
-    cache: CacheConfig = opt(CacheConfig())
-    teacher: ModelSpec = opt(ModelSpec(source="smollm2"))
-    student: ModelSpec = opt(ModelSpec())
-    train: TrainConfig = opt(TrainConfig())
-    loss: LossConfig = opt(LossConfig())
-    optim: OptimConfig = opt(OptimConfig())
-    mesh: MeshConfig = opt(MeshConfig())
 
     def __post_init__(self):
         stores = {o.name for o in self.cache.outputs}
