@@ -25,7 +25,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 demo: $(STAMP)
-	$(PY) tools/demo.py --config configs/demo.yaml
+	$(PY) -m rskd_jax.compare --config configs/demo.yaml
 
 bench: $(STAMP)
 	$(PY) tools/bench_sampler.py --json

@@ -579,18 +579,3 @@ class EvaluateRun(TrainRun):
     train YAML of a run serves both programs."""
 
     evaluate: EvaluateConfig = opt(EvaluateConfig())
-
-
-@dataclasses.dataclass(frozen=True)
-class PipelineRun:
-    """Every program's sections in one root: the base of the end-to-end tools' configs
-    (tools/demo.py, tools/reproduce.py), which add their own section."""
-
-    data: DataConfig = opt(DataConfig())
-    cache: CacheConfig = opt(CacheConfig())
-    teacher: ModelSpec = opt(ModelSpec(source="smollm2"))
-    student: ModelSpec = opt(ModelSpec())
-    train: TrainConfig = opt(TrainConfig())
-    loss: LossConfig = opt(LossConfig())
-    optim: OptimConfig = opt(OptimConfig())
-    mesh: MeshConfig = opt(MeshConfig())

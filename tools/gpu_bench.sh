@@ -6,7 +6,7 @@
 # is also saved as $OUT/gpu_bench.json. Details: tools/gpu_bench.py.
 #
 #   bash tools/gpu_bench.sh            # on the device machine (run tool: carry [".whl"])
-#   bash tools/gpu_bench.sh --smoke    # tiny sizes on CPU, same code paths (tests/test_reproduce.py)
+#   bash tools/gpu_bench.sh --smoke    # tiny sizes on CPU, same code paths (tests/test_gpu_bench.py)
 #
 # The device image has jax (CUDA), flax, optax, orbax (hence PyYAML), tensorstore, but not
 # grain, tokenizers, gguf or tqdm. This check imports none of grain / tokenizers / gguf; the

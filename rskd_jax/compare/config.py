@@ -1,0 +1,114 @@
+"""The comparison program's config: every program's sections plus `reproduce`.
+
+    cfg = load_config(CompareRun, "configs/tiny/reproduce.yaml", ["reproduce.timing_reps=0"])
+
+`PipelineRun` holds the sections of the four programs (data, cache, teacher, student, train,
+loss, optim, mesh); `CompareRun` adds the `reproduce` section (sources, methods and the
+settings of the eval, gradient-check, timing and report stages). The section keeps its name
+`reproduce` because docs/results/results.json records the resolved config under it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from rskd_jax.config import (CacheConfig, ConfigError, DataConfig, LossConfig, MeshConfig, ModelSpec,
+                             OptimConfig, TrainConfig, opt)
+
+STAGES = ("data", "cache", "train", "eval", "grad", "timing", "report")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineRun:
+    """Every program's sections in one root: the base of the comparison's config."""
+
+    data: DataConfig = opt(DataConfig())
+    cache: CacheConfig = opt(CacheConfig())
+    teacher: ModelSpec = opt(ModelSpec(source="smollm2"))
+    student: ModelSpec = opt(ModelSpec())
+    train: TrainConfig = opt(TrainConfig())
+    loss: LossConfig = opt(LossConfig())
+    optim: OptimConfig = opt(OptimConfig())
+    mesh: MeshConfig = opt(MeshConfig())
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """One text source: its own token store, its own val split in the mix."""
+
+    name: str = opt("stdlib", "source name: the mix's val split is val_<name>")
+    inputs: tuple[str, ...] = opt(("@stdlib",), "files/dirs/globs; '@pydoc[/sub]' = the python3.11-doc reST sources")
+    max_tokens: int | None = opt(None, "stop after about this many tokens (train + val), in sorted path order")
+    exclude: tuple[str, ...] = opt((), "fnmatch patterns of paths to skip")
+
+    def __post_init__(self):
+        if not self.name or not self.name.replace("_", "").isalnum():
+            raise ConfigError(f"source name {self.name!r} must be alphanumeric (and '_')")
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+    """One student: its loss and the cache output (store) it trains from."""
+
+    name: str = opt("ce", "method name (run dir train/<name>, results row)")
+    loss: Literal["ce", "sparse", "ghost", "full_online"] = opt("ce", "loss.method of its train run")
+    store: str | None = opt(None, "cache output it trains from (sparse, ghost)")
+
+    def __post_init__(self):
+        if (self.loss in ("sparse", "ghost")) != (self.store is not None):
+            raise ConfigError(f"method {self.name!r}: loss {self.loss!r} "
+                              f"{'needs' if self.store is None else 'takes no'} a store")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareConfig:
+    """The `reproduce` section: what is compared and how each stage measures it."""
+
+    output: str = opt("runs/reproduce", "every store, run and state.json go under this directory")
+    docs: bool = opt(True, "include sources that read '@pydoc' (false: drop them, no apt needed)")
+    docs_dir: str = opt("runs/pydoc", "where python3.11-doc is extracted (fetched if missing)")
+    sources: tuple[SourceConfig, ...] = opt((SourceConfig(),), "text sources")
+    methods: tuple[MethodConfig, ...] = opt((MethodConfig(),), "students")
+    epochs: float | None = opt(1.0, "train steps = epochs * train rows / train.batch_size (null: train.steps)")
+    eval_batch_size: int = opt(8, "rows per eval batch (teacher online)")
+    eval_max_rows: int | None = opt(None, "val rows per source evaluated (null: all)")
+    grad_at: Literal["ce_final", "init"] = opt("ce_final", "params of the gradient check")
+    grad_batches: int = opt(4, "batches of the gradient check (figures are averaged over them)")
+    grad_batch_size: int = opt(4, "rows per gradient-check batch")
+    timing_reps: int = opt(5, "interleaved timed steps per method (0: use the runs' metrics)")
+    timing_methods: tuple[str, ...] | None = opt(None, "methods timed (null: all)")
+    reliability: tuple[str, ...] = opt(("ce", "top_k_12", "rskd_n50", "full_kd"), "reliability diagrams")
+    results_dir: str = opt("docs/results", "results.json and plots")
+    readme: str | None = opt("README.md", "README whose Results markers are filled (null: print)")
+    compile_cache: bool = opt(True, "persistent XLA compile cache under <output>/jax_cache")
+    until: str | None = opt(None, "stop after this stage: " + ", ".join(STAGES))
+    progress: bool = opt(True, "progress bars")
+
+    def __post_init__(self):
+        names = [m.name for m in self.methods]
+        if len(set(names)) != len(names) or not names:
+            raise ConfigError(f"reproduce.methods needs unique names, got {names}")
+        if "ce" not in names:
+            raise ConfigError("reproduce.methods must include a method named 'ce' (the baseline)")
+        if len({s.name for s in self.sources}) != len(self.sources) or not self.sources:
+            raise ConfigError("reproduce.sources needs at least one source and unique names")
+        if self.until is not None and self.until not in STAGES:
+            raise ConfigError(f"reproduce.until must be one of {STAGES}, got {self.until!r}")
+        for name in ("eval_batch_size", "grad_batches", "grad_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"reproduce.{name} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareRun(PipelineRun):
+    """Root config of `python -m rskd_jax.compare`: the programs' sections plus `reproduce`."""
+
+    reproduce: CompareConfig = opt(CompareConfig())
+
+    def __post_init__(self):
+        stores = {o.name for o in self.cache.outputs}
+        for m in self.reproduce.methods:
+            if m.store is not None and m.store not in stores:
+                raise ConfigError(f"method {m.name!r} trains from store {m.store!r}, which is not "
+                                  f"in cache.outputs ({sorted(stores)})")

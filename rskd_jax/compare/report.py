@@ -1,0 +1,158 @@
+"""The report stage: results.json, the plots, and the README's Results section.
+
+    results = build_results(cmp, runs)          # rskd_jax.compare.results: bookkeeping only
+    write_report(cmp, runs, results)            # results.json + PNGs + README (or printed)
+
+The section goes between `<!-- results:start -->` and `<!-- results:end -->` of
+reproduce.readme; without the markers (or with readme null) it is printed instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from rskd_jax.compare.plots import PLOTS, write_plots
+
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def _f(x, fmt: str, scale: float = 1.0) -> str:
+    """A table cell: '-' for None, no '-0' for a zero.
+
+    >>> _f(None, ".1f"), _f(-0.0, ".1f"), _f(0.1234, ".2f", 100)
+    ('-', '0.0', '12.34')
+    """
+    if x is None:
+        return "-"
+    if x * scale == 0:
+        return format(x * scale + 0.0, fmt).replace("-0", "0")
+    return format(x * scale, fmt)
+
+
+def _grouped(stage_seconds: dict) -> dict:
+    """{stage: seconds} with the train/<method> stages summed, in pipeline order."""
+    order = ("data", "cache", "train", "eval", "grad", "timing")
+    out: dict[str, float] = {}
+    for k, v in stage_seconds.items():
+        key = "train" if k.startswith("train/") else k
+        out[key] = out.get(key, 0.0) + v
+    return dict(sorted(out.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+
+
+def render_section(results: dict, readme_dir: str, results_dir: str) -> str:
+    """The markdown that goes between the README's results markers."""
+    rel = os.path.relpath(results_dir, readme_dir or ".").replace(os.sep, "/")
+    srcs = list(results["teacher"]["val_loss_by_source"])
+    head = (["method", "targets", "ids/pos", "B/token", "val loss"] + [f"val {s}" for s in srcs]
+            + ["gap closed %", "ECE %", "KL to teacher", "top-1 agr. %", "step / CE", "grad angle °", "grad norm ratio"])
+    lines = [f"### {results['title']}", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results["methods"]:
+        bpt = "online" if r["loss"] == "full_online" else _f(r["bytes_per_token"], ".1f")
+        cells = [f"`{r['method']}`", r["targets"], _f(r["stored_ids"], ".1f"), bpt, _f(r["val_loss"], ".4f")]
+        cells += [_f(r["val_loss_by_source"][s], ".4f") for s in srcs]
+        cells += [_f(r["gap_closed_pct"], ".0f"), _f(r["ece"], ".2f", 100), _f(r["kl_to_teacher"], ".4f"),
+                  _f(r["top1_agreement"], ".1f", 100),
+                  _f(r["step_time_rel_ce"], ".2f") + ("*" if r["step_time_source"] == "run metrics" else ""),
+                  _f(r["grad_angle_deg"], ".1f"), _f(r["grad_norm_ratio"], ".2f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    t, s, hw = results["teacher"], results["setup"], results["hardware"] or {}
+    n = results["notes"]
+    starred = any(r["step_time_source"] == "run metrics" for r in results["methods"])
+    lines += [
+        "",
+        f"Teacher val loss: {t['val_loss']:.4f} (" + ", ".join(f"{k} {v:.4f}" for k, v in t["val_loss_by_source"].items())
+        + f"), ECE {100 * t['ece']:.2f}%. Students: {s['steps']} steps x {s['batch_size']} x {s['seq_len']} tokens, "
+        f"same init and data order, KD weight 1 - alpha = {1 - s['alpha']:g}; val rows evaluated: "
+        + ", ".join(f"{k.removeprefix('val_')} {v}" for k, v in s["val_rows_evaluated"].items()) + ".",
+        "",
+        f"- **val loss**: {n['val_loss']}. **gap closed**: {n['gap_closed']}. **ECE**: {n['ece']}.",
+        f"- **KL to teacher**: {n['kl_to_teacher']}.",
+        f"- **B/token**: {n['bytes_per_token']}.",
+        f"- **step / CE**: {n['step_time']}"
+        + ("; * from the runs' own median tokens/s (not interleaved)." if starred else "."),
+        f"- **grad angle / norm ratio**: {n['gradient_check']}.",
+        "",
+        f"![val loss]({rel}/val_loss.png)",
+        f"![reliability]({rel}/reliability.png)",
+        f"![unique ids vs N]({rel}/unique_ids.png)",
+        f"![ECE and gap closed vs stored ids]({rel}/ids_tradeoff.png)",
+        "",
+        "Reproduce (resumable; every number above is in "
+        f"[`{rel}/results.json`]({rel}/results.json)):",
+        "",
+        "```",
+        results["commands"]["reproduce"],
+        "```",
+        "",
+        f"Hardware: {hw.get('cpu') or hw.get('platform', '?')} ({hw.get('cpu_count', '?')} cores, "
+        f"{hw.get('devices', '?')}, jax {hw.get('jax', '?')}). Wall time {results['wall_time_s'] / 3600:.2f} h: "
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in _grouped(results["stage_seconds"]).items())
+        + f"; teacher cache {results['throughput']['cache_tokens_per_s']} tokens/s.",
+    ]
+    return "\n".join(lines)
+
+
+def update_readme(path: str, section: str) -> bool | None:
+    """Replaces the text between the markers; True if changed, False if unchanged, None if
+    the README has no markers (nothing written)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    i, j = text.find(START), text.find(END)
+    if i < 0 or j < i:
+        return None
+    new = text[: i + len(START)] + "\n" + section + "\n" + text[j:]
+    if new == text:
+        return False
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(new)
+    return True
+
+
+def results_text(results: dict) -> str:
+    return json.dumps(results, indent=1) + "\n"
+
+
+def write_report(cmp, runs: dict, results: dict) -> dict[str, Any]:
+    """results.json, the plots, and the README section (or the section printed)."""
+    r = cmp.cfg.reproduce
+    os.makedirs(r.results_dir, exist_ok=True)
+    path = os.path.join(r.results_dir, "results.json")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(results_text(results))
+    plots = write_plots(results, runs, r.reliability, r.results_dir)
+    section = render_section(results, os.path.dirname(r.readme or ""), r.results_dir)
+    changed = update_readme(r.readme, section) if r.readme and os.path.exists(r.readme) else None
+    if changed is None:
+        why = f"{r.readme} has no {START} / {END} markers" if r.readme else "reproduce.readme is null"
+        print(f"{why}; the Results section:\n\n{section}\n", flush=True)
+        readme = "printed"
+    else:
+        readme = "updated" if changed else "unchanged"
+    print(f"   wrote {path} and {len(PLOTS)} plots; README {readme}", flush=True)
+    return {"results": path, "plots": plots, "readme": readme}
+
+
+def report_ok(cmp, results: dict) -> bool:
+    """True when results.json holds exactly `results`, the plots exist and the README (if it
+    has markers) already shows this section."""
+    r = cmp.cfg.reproduce
+    path = os.path.join(r.results_dir, "results.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            if f.read() != results_text(results):
+                return False
+    except OSError:
+        return False
+    if not all(os.path.exists(os.path.join(r.results_dir, p)) for p in PLOTS):
+        return False
+    if r.readme and os.path.exists(r.readme):
+        with open(r.readme, encoding="utf-8") as f:
+            text = f.read()
+        section = render_section(results, os.path.dirname(r.readme), r.results_dir)
+        if START in text and END in text and f"{START}\n{section}\n{END}" not in text:
+            return False
+    return True
+

@@ -1,0 +1,44 @@
+"""tools/gpu_bench.py: the FLOPs formula, and the --smoke run (tiny sizes, CPU, same code paths)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _gpu_bench():
+    """tools/gpu_bench.py as a module (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("gpu_bench", os.path.join(ROOT, "tools/gpu_bench.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_gpu_bench_smoke(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", PYTHON=sys.executable, OUT=str(tmp_path))
+    proc = subprocess.run(["bash", os.path.join(ROOT, "tools/gpu_bench.sh"), "--smoke"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out == json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert out["smoke"] and out["cache"]["tokens_per_s"] > 0 and out["cache"]["forward_tokens_per_s"] > 0
+    assert out["cache"]["store"]["mean_unique_ids"] > 0
+    assert out["train"]["ce"]["tokens_per_s"] > 0 and out["train"]["rskd"]["tokens_per_s"] > 0
+    assert out["cache"]["flops_per_token"] > 0 and out["train"]["flops_per_token"] > 0
+
+
+def test_flops_formula():
+    from rskd_jax.models import LlamaConfig
+
+    gpu_bench = _gpu_bench()
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                      num_heads=9, num_kv_heads=3, tie_embeddings=True)
+    assert gpu_bench.matmul_params(cfg) == 30 * (576 * 64 * 24 + 3 * 576 * 1536) + 576 * 49152  # 134.5M
+    assert gpu_bench.flops_per_token(cfg, 1024, train=False) == 2 * gpu_bench.matmul_params(cfg) + 4 * 30 * 576 * 1024
