@@ -445,7 +445,8 @@ class CacheConfig:
     max_rows: int | None = opt(None, "cache only the first rows of each split (slices, dry runs)")
     batch_size: int = opt(8, "sequences per step, global (all processes together)")
     chunk_rows: int = opt(8, "rows per store chunk; processes own whole chunks")
-    seed: int = opt(0, "sampling seed; row r's key is fold_in(key(seed), r)")
+    seed: int = opt(0, "sampling seed; row r of split s (train 0, val 1) has the key "
+                    "fold_in(fold_in(key(seed), s), r), its position p fold_in(row key, p)")
     diagnostics: bool = opt(True, "store the teacher's log-prob of the next token and its entropy")
     overwrite: bool = opt(False, "replace existing stores written with a different manifest")
     full_max_gb: float = opt(4.0, "refuse a `full` output projected above this many GB")

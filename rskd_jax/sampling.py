@@ -6,7 +6,8 @@ temperatures and flags static) and compose with an outer jit, vmap or sharding.
 Letters: V vocabulary, N draws, K stored slots, P flattened positions, R children per node
 of the sampling tree (below), L its levels.
 
-Estimators (see shared PAPER.md), for one position with teacher t = softmax(logits):
+Estimators (Anshumann et al., "Sparse Logit Sampling: Accelerating Knowledge Distillation in
+LLMs", ACL 2025, arXiv:2503.16870), for one position with teacher t = softmax(logits):
 - with replacement: N i.i.d. draws from q = softmax(logits / temperature); each unique id i
   drawn c_i times gets w_i = (c_i / N) * t_i / q_i, so E[w_i] = t_i exactly.
 - without replacement: Gumbel-top-k keeps k ids from q; w_i = t_i / pi_i with

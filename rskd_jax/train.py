@@ -123,12 +123,8 @@ def _to_float(metrics_: dict) -> dict[str, float]:
     return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics_).items()}
 
 
-def run(cfg: TrainRun, *, stop_after: int | None = None) -> dict[str, Any]:
-    """Trains (or resumes) the run `cfg` describes; returns a summary dict.
-
-    stop_after: stop after this many steps of this call without a final checkpoint, eval or
-    export (what a preemption looks like; used by the resume tests).
-    """
+def run(cfg: TrainRun) -> dict[str, Any]:
+    """Trains (or resumes) the run `cfg` describes; returns a summary dict."""
     from tqdm import tqdm
 
     from rskd_jax import evaluate, optim, sharding
@@ -237,7 +233,7 @@ def run(cfg: TrainRun, *, stop_after: int | None = None) -> dict[str, Any]:
             pending.append((step, m, time.perf_counter()))
         is_eval = (t.eval_every and step % t.eval_every == 0) or step == t.steps
         is_ckpt = step % t.checkpoint_every == 0 or is_eval
-        if is_ckpt or (stop_after and step - start >= stop_after):
+        if is_ckpt:
             flush(step)  # records up to a checkpoint's step are written before it is
         else:
             flush(step - 1)
@@ -245,21 +241,17 @@ def run(cfg: TrainRun, *, stop_after: int | None = None) -> dict[str, Any]:
         if is_ckpt:
             metric = {"val_loss": evaluation["val_loss"]} if "val_loss" in evaluation else None
             ckpt.save(step, state, it.get_state(), metrics=metric)
-        if stop_after and step - start >= stop_after:
-            break
     flush(step)
     bar.close()
-    stopped = bool(stop_after) and step < t.steps
     hf_dir = None
-    if not stopped:
-        ckpt.wait()
-        if t.export_hf:
-            hf_dir = export_hf(graphdef, state.params, os.path.join(t.output, "hf"), main)
+    ckpt.wait()
+    if t.export_hf:
+        hf_dir = export_hf(graphdef, state.params, os.path.join(t.output, "hf"), main)
     best, latest = ckpt.best_step(), ckpt.latest_step()
     ckpt.close()
     logs.close()
     return {"output": t.output, "steps": t.steps, "start_step": start, "end_step": int(step),
-            "stopped_early": stopped, "loss": last.get("loss"), "eval": evaluation,
+            "loss": last.get("loss"), "eval": evaluation,
             "checkpoint_step": latest, "best_step": best, "hf": hf_dir,
             "seconds": round(time.perf_counter() - started, 3)}
 

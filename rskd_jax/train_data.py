@@ -3,9 +3,9 @@
 Cached teacher targets depend on the exact context, so the student must see exactly the
 sequences the teacher saw. The teacher store's manifest records the token store it was
 computed from (content fingerprint, seq_len) and the tokenizer; `check_stores` refuses any
-mismatch with a message naming both values. The teacher store keeps no per-row token echo or
-hash, so the per-row guarantee rests on the token store's content fingerprint (which covers
-every token of every split) and on joining rows by the same index.
+mismatch with a message naming both values. Stores made by the cache also keep a per-row
+`token_hash`, checked against every row read (`check_token_hash`); for stores without it the
+guarantee rests on the token store's content fingerprint and on joining rows by index.
 """
 
 from __future__ import annotations
