@@ -250,6 +250,7 @@ def test_fsdp_tensor_mesh_same_up_to_float_rounding(ref, work, tokens, teacher):
             np.testing.assert_allclose(a[k], b[k], rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_byte_identical(ref, work, tokens, teacher):
     out = work / "killed"
     env = subprocess_env(work)
@@ -277,6 +278,7 @@ def test_kill_and_resume_is_byte_identical(ref, work, tokens, teacher):
     assert_same_files(store_files(ref), store_files(out))
 
 
+@pytest.mark.slow
 def test_two_processes_write_the_same_store(ref, work, tokens, teacher):
     out = work / "two_procs"
     env = subprocess_env(work)

@@ -127,9 +127,13 @@ def test_zero_weight_slots_and_zero_probabilities_contribute_nothing():
     kl, grad = jax.value_and_grad(full_kd_loss)(x, l)
     assert np.isfinite(kl) and np.isfinite(grad).all()
     np.testing.assert_allclose(kl, np_full_kd(x[[0, 1, 3]], l[[0, 1, 3]]), rtol=1e-6)
-    # ghost with zero tail mass
-    val = ghost_kd_loss(x, np.array([1, 3]), np.array([0.25, 0.75]), 0.0)
-    assert np.isfinite(val)
+    # ghost with zero tail mass: r log r = 0, only the head sum_K t log(t / p) remains, and its
+    # gradient is the full-KD gradient towards t = (0, 0.25, 0, 0.75): softmax(x) - t
+    t = np.array([0.25, 0.75])
+    val, grad = jax.value_and_grad(ghost_kd_loss)(x, np.array([1, 3]), t.astype(np.float32), 0.0)
+    log_p = np_log_softmax(x.astype(np.float64))
+    np.testing.assert_allclose(val, (t * (np.log(t) - log_p[[1, 3]])).sum(), rtol=1e-6)
+    np.testing.assert_allclose(grad, np.exp(log_p) - np.array([0.0, 0.25, 0.0, 0.75]), atol=1e-6)
     # and a positive weight on an id the student excludes is an infinite loss, not a NaN
     assert sparse_kd_loss(x, np.array([2]), np.array([1.0])) == np.inf
 

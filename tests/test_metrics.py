@@ -126,7 +126,9 @@ def test_mask_vocab_hides_padded_ids():
     np.testing.assert_allclose(p[0, 2:], 0.0)
     total = metrics.finalize(metrics.accumulate(None, metrics.lm_sums(masked, jnp.array([0]))))
     assert total["accuracy"] == 1.0
-    assert np.isfinite(total["val_loss"])
-    assert metrics.mask_vocab(logits, None) is not None
+    # only ids 0 and 1 count: -log softmax(5, 1)[0] = log(1 + e^-4)
+    assert total["val_loss"] == pytest.approx(math.log1p(math.exp(-4.0)), rel=1e-5)  # float32
+    for vocab in (None, 4, 6):  # nothing to mask: the logits come back unchanged
+        np.testing.assert_array_equal(metrics.mask_vocab(logits, vocab), logits)
     # tempered masked logits stay finite
     assert np.isfinite(np.asarray(masked / 0.1)).all()

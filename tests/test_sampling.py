@@ -333,10 +333,18 @@ def test_key_per_position_independent_of_batch_shape_and_vmap():
 
 
 def test_bfloat16_logits():
-    logits = lm_like_logits(2 * 50, seed=23).reshape(2, 50)
-    st = _tokens(jax.random.key(24), jnp.asarray(logits, jnp.bfloat16), 4, temperature=1.5)
+    """bfloat16 logits x are sampled as their (exact) float32 values: draws from
+    q = softmax(x / T), float32 weights with E[w] = t = softmax(x)."""
+    vocab, m, temperature = 50, 4000, 1.5
+    x_bf16 = jnp.asarray(lm_like_logits(vocab, seed=23, scale=1.0), jnp.bfloat16)
+    x = np.asarray(x_bf16.astype(jnp.float32))
+    x_MxV = jnp.broadcast_to(x_bf16, (m, vocab))
+    st = _tokens(jax.random.key(24), x_MxV, 4, temperature=temperature)
     assert st.ids.dtype == jnp.int32 and st.weights.dtype == jnp.float32
-    assert (np.asarray(st.weights).sum(-1) > 0).all()
+    assert np.unique(st.ids).size == vocab  # every id was kept: a trustworthy sample SE
+    _assert_mean_within_se(dense(st.ids, st.weights, vocab), softmax64(x), "E[w], bfloat16 logits")
+    draws = _draw(jax.random.key(25), x_MxV[:64], 512, temperature=temperature)
+    assert chisquare_pvalue(draws, softmax64(x, temperature)) > ALPHA
 
 
 def test_top_k_and_ghost_targets():

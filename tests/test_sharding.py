@@ -10,8 +10,15 @@ from jax.sharding import PartitionSpec as P
 from rskd_jax import sharding as sh
 
 
-def test_eight_fake_devices():
-    assert jax.device_count() == 8
+def test_mesh_places_every_device_once():
+    assert jax.device_count() == 8  # conftest's fake devices: every test here relies on them
+    mesh = sh.make_mesh(sh.MeshConfig(data=2, fsdp=2, tensor=2))
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in jax.devices())
+    sub = sh.make_mesh(sh.MeshConfig(data=-1, tensor=2), devices=jax.devices()[4:])  # given devices, in order
+    assert sub.devices.shape == (2, 1, 2)
+    assert [d.id for d in sub.devices.flat] == [d.id for d in jax.devices()[4:]]
+    assert sh.mesh_shape(sh.MeshConfig(data=-1, fsdp=4), 32) == (8, 4, 1)  # a pod-sized count
+    assert sh.mesh_shape(sh.MeshConfig(data=2, fsdp=-1, tensor=2), 16) == (2, 4, 2)
 
 
 @pytest.mark.parametrize(

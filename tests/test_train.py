@@ -91,6 +91,7 @@ def _finish(proc):
     return json.loads(stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_kill_resume_export_and_evaluate(stores, tmp_path):
     cache = tmp_path / "jax_cache"
     run_args = ["train.steps=10", "train.checkpoint_every=2", "train.eval_every=5", "loss.alpha=0.25"]

@@ -3,8 +3,8 @@
     python tools/bench_store_codec.py --json [--samples /tmp/rskd_store_samples_stdlib.npz]
         [--text stdlib --glob '**/*.py' --rows 16 --seq-len 512] [--also OTHER.npz ...]
 
-1. Samples (made once, then reused from --samples, a small .npz outside git that the tests
-   also use): the SmolLM2-135M-Instruct GGUF teacher (transformers) runs over --rows windows
+1. Samples (made once, then reused from --samples, a small .npz outside git; the tests
+   make their own store): the SmolLM2-135M-Instruct GGUF teacher (transformers) runs over --rows windows
    of --seq-len tokens, one from the middle of each of --rows files spread over the corpus
    (default: this Python's standard library source, no test dirs); per position N = 4, 13,
    50, 150 draws from softmax(logits) by inverse CDF (numpy, float64), kept as unique ids +
