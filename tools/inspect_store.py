@@ -170,10 +170,10 @@ def verify(url: str, n: int, *, tokens: str | None = None, teacher: str | None =
     from flax import nnx
 
     graphdef, state = nnx.split(model)
-    length, batch = store.seq_len, VERIFY_BATCH
-    chunk = cache_step.position_chunk(length, batch, model.config.vocab_size)
+    # the store's own micro-batch shape, so the recomputation rounds as the cache did
+    length, batch = store.seq_len, int(m.get("device_batch") or VERIFY_BATCH)
     step = jax.jit(cache_step.make_step(graphdef, [out], seed=run_seed, vocab_size=vocab,
-                                        with_diagnostics=store.layout["diagnostics"], chunk=chunk))
+                                        with_diagnostics=store.layout["diagnostics"], device_batch=batch))
     report: dict[str, Any] = {"rows_checked": 0, "rows_matched": 0, "rows_mismatched": 0, "positions_checked": 0,
                               "positions_mismatched": 0, "max_abs_diff": {}, "mismatches": []}
     for split in store.splits:
