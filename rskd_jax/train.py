@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from typing import Any, Sequence
@@ -252,26 +253,34 @@ def run(cfg: TrainRun, *, stop_after: int | None = None) -> dict[str, Any]:
                dynamic_ncols=True)
     jitted = None
     step, evaluation = start, {}
-    for step in range(start + 1, t.steps + 1):
-        batch = sharding.global_batch(host_batch(next(it), rows.fields), mesh)
-        if jitted is None:
-            jitted = ts.jit_step(step_fn, state_sh, ts.batch_shardings(batch, mesh), mesh, teacher_sh)
-        state, m = jitted(state, batch, teacher_params)
-        bar.update(1)
-        if step % t.log_every == 0 or step == t.steps:
-            pending.append((step, m, time.perf_counter()))
-        is_eval = (t.eval_every and step % t.eval_every == 0) or step == t.steps
-        is_ckpt = step % t.checkpoint_every == 0 or is_eval
-        if is_ckpt or (stop_after and step - start >= stop_after):
-            flush(step)  # records up to a checkpoint's step are written before it is
-        else:
-            flush(step - 1)
-        evaluation = run_eval(step) if is_eval else {}
-        if is_ckpt:
-            metric = {"val_loss": evaluation["val_loss"]} if "val_loss" in evaluation else None
-            ckpt.save(step, state, it.get_state(), metrics=metric)
-        if stop_after and step - start >= stop_after:
-            break
+    try:
+        for step in range(start + 1, t.steps + 1):
+            batch = sharding.global_batch(host_batch(next(it), rows.fields), mesh)
+            if jitted is None:
+                jitted = ts.jit_step(step_fn, state_sh, ts.batch_shardings(batch, mesh), mesh, teacher_sh)
+            state, m = jitted(state, batch, teacher_params)
+            bar.update(1)
+            if step % t.log_every == 0 or step == t.steps:
+                pending.append((step, m, time.perf_counter()))
+            is_eval = (t.eval_every and step % t.eval_every == 0) or step == t.steps
+            is_ckpt = step % t.checkpoint_every == 0 or is_eval
+            if is_ckpt or (stop_after and step - start >= stop_after):
+                flush(step)  # records up to a checkpoint's step are written before it is
+            else:
+                flush(step - 1)
+            evaluation = run_eval(step) if is_eval else {}
+            if is_ckpt:
+                metric = {"val_loss": evaluation["val_loss"]} if "val_loss" in evaluation else None
+                ckpt.save(step, state, it.get_state(), metrics=metric)
+            if stop_after and step - start >= stop_after:
+                break
+    except BaseException:
+        # a corrupt batch, an interrupt: the checkpoints already started are committed (the
+        # batch that failed was never trained on), then the error goes to the caller
+        bar.close()
+        ckpt.close()
+        logs.close()
+        raise
     flush(step)
     bar.close()
     stopped = bool(stop_after) and step < t.steps
@@ -301,7 +310,12 @@ def export_hf(graphdef, params, out_dir: str, main: bool) -> str:
     if main:
         host = jax.device_get(params)  # float32 master weights -> the model's param dtype
         dtype = jnp.dtype(nnx.merge(graphdef, host).config.param_dtype)
-        save_pretrained(nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), host)), out_dir)
+        # written beside, then renamed into place: a crash mid-export never leaves a partial hf/
+        tmp = out_dir.rstrip("/") + ".partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_pretrained(nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), host)), tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
     return out_dir
 
 

@@ -309,3 +309,26 @@ def test_batches_whose_tokens_changed_after_caching_are_refused(tmp_path):
     rows.read(np.array([0, 1]))  # other rows still pass
     with pytest.raises(DataMismatch, match="train row 5: its tokens differ"):
         rows.read(np.array([2, 5, 9]))
+
+
+def test_a_corrupt_chunk_stops_training_with_the_message(stores, tmp_path, capsys):
+    """One flipped bit in the teacher store: the trainer exits 1 naming the store, array and
+    row, and no step after the corrupt batch's is logged (it was never trained on)."""
+    from rskd_jax import train
+
+    bad = str(tmp_path / "teacher")
+    shutil.copytree(stores[1], bad)
+    chunk = os.path.join(bad, "train", "ids", "c", "2", "0")  # rows 16-23; byte 40: row 16's chunk
+    data = bytearray(open(chunk, "rb").read())
+    data[40] ^= 4
+    open(chunk, "wb").write(bytes(data))
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--config", os.path.join(ROOT, "configs/tiny/train.yaml"),
+                    *overrides((stores[0], bad), out, "train.steps=12", "train.batch_size=8",
+                               "train.export_hf=false", "train.checkpoint_every=1")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and "Traceback" not in err
+    assert "is corrupt or truncated: train/ids rows [16]" in err, err[-2000:]
+    steps = [json.loads(x)["step"] for x in open(os.path.join(out, "metrics.jsonl"))]
+    assert len(steps) < 8  # an epoch is 8 steps: the step with row 16 never ran

@@ -455,7 +455,8 @@ class TeacherStore:
                 rows = rows[np.linspace(0, rows.size - 1, sample_rows).round().astype(np.int64)]
             mean = None
             if rows.size and "num_ids" in self._arrays[split]:
-                n = self._arrays[split]["num_ids"][rows].read().result()
+                n = common.read_rows_checked({f"{split}/num_ids": self._arrays[split]["num_ids"]}, rows,
+                                             url=self.url)[f"{split}/num_ids"]
                 uniq_sum, uniq_n, mean = uniq_sum + float(n.sum()), uniq_n + n.size, float(n.mean())
             for name in self._arrays[split]:
                 array_bytes[name] = array_bytes.get(name, 0) + common.bytes_on_disk(self.url, f"{split}/{name}/")
