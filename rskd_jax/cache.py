@@ -11,13 +11,15 @@ written after its data, and with it a hash of the row's tokens (`store.teacher.t
 that the trainer checks its batches against. A re-run skips finished blocks and, since every
 row's randomness is fold_in(seed, split, row), rewrites unfinished ones byte for byte.
 
-Exactness (tests/test_cache.py): the store's bytes are identical for any batch size, any
-number of data-parallel devices (mesh.data) and processes, and across kill-and-resume. With
-mesh.fsdp or mesh.tensor > 1 the teacher's matmuls reduce in another order, so logits differ
-in the last float bits: float outputs agree to ~1e-7 relative, the float16 diagnostics are
-unchanged, and a draw that lands within rounding of a CDF boundary moves to the
-neighbouring id (2-3 of 4,096 positions at N = 50 on the tiny teacher). Such a store is as
-valid a sample, but resume it with the same fsdp / tensor sizes to keep it one run's bytes.
+Exactness (tests/test_cache.py): the teacher runs on a fixed micro-batch of
+`cache.device_batch` rows per device (cache_step), so the store's bytes are identical for any
+`cache.batch_size`, any number of data-parallel devices and processes, and across
+kill-and-resume, at one device_batch. With another device_batch, or mesh.fsdp / mesh.tensor
+> 1, the teacher's matmuls round differently in the last float bits: float outputs agree to
+~1e-7 relative and a draw that lands within rounding of a CDF boundary moves to the
+neighbouring id (a few of 4,096 positions at N = 50 on the tiny teacher). Such a store is as
+valid a sample, but not the same bytes: both are in the manifest, and a resume with other
+values is refused.
 All processes plan each split from process 0's done mask (broadcast, which is also a
 barrier), so a block finished by a fast process never shifts a slow one's plan.
 """
@@ -49,7 +51,7 @@ class CacheError(ValueError):
     """Bad input to the cache program: it says what to change."""
 
 
-def store_manifest(run: CacheRun, out, model, tokens) -> dict[str, Any]:
+def store_manifest(run: CacheRun, out, model, tokens, *, device_batch: int, mesh_shape: dict) -> dict[str, Any]:
     """What a teacher store's bytes depend on; a re-run must match it to resume. Identity is
     by content: the teacher's fingerprint (its weights and resolved config, dtypes included)
     and the token store's. Where they were found (the teacher spec with its source path, the
@@ -66,7 +68,10 @@ def store_manifest(run: CacheRun, out, model, tokens) -> dict[str, Any]:
         "teacher": {"fingerprint": model.fingerprint, "vocab_size": model.config.vocab_size},
         "tokenizer": tokens.manifest["tokenizer"],
         "tokens": {"fingerprint": tokens.fingerprint, "seq_len": tokens.seq_len},
-        "key_rule": "fold_in(fold_in(key(seed), split_code), row); train 0, val 1",
+        "key_rule": cache_step.KEY_RULE,
+        # what the teacher forward's rounding depends on (cache_step: fixed micro-batch shape)
+        "device_batch": int(device_batch),
+        "teacher_layout": {"fsdp": int(mesh_shape["fsdp"]), "tensor": int(mesh_shape["tensor"])},
         "provenance": {"teacher_spec": spec, "tokens_url": tokens.url},
     }
 
@@ -118,21 +123,59 @@ class Cacher:
         missing = [s for s in c.splits if s not in self.tokens.splits]
         if missing:
             raise CacheError(f"cache.splits {missing} not in the token store (it has {self.tokens.splits})")
+        try:
+            cache_step.check_split_codes(c.splits)
+        except ValueError as err:
+            raise CacheError(f"cache.splits: {err}") from None
+        prefix = (store_prefix or c.output).rstrip("/")
+        self.device_batch = self._device_batch(prefix)
         self.num_rows = {s: min(self.tokens.num_rows(s), c.max_rows or sys.maxsize) for s in c.splits}
         self._check_full_size()
 
         graphdef, state = nnx.split(self.model)
         state_shardings = sharding.param_shardings(state, self.mesh)
         self.state = jax.device_put(state, state_shardings)
-        rows_per_device = c.batch_size // sharding.batch_shards(self.mesh)
-        chunk = cache_step.position_chunk(self.tokens.seq_len, rows_per_device, self.model.config.vocab_size)
         step = cache_step.make_step(graphdef, c.outputs, seed=c.seed, vocab_size=self.vocab,
-                                    with_diagnostics=c.diagnostics, chunk=chunk)
+                                    with_diagnostics=c.diagnostics, device_batch=self.device_batch,
+                                    batch_shards=sharding.batch_shards(self.mesh),
+                                    batch_sharding=sharding.batch_sharding(self.mesh, 2))
         # The split code is traced (not static): one compile serves every split.
         self.step = jax.jit(step, in_shardings=(
             state_shardings, sharding.batch_sharding(self.mesh, 2), sharding.batch_sharding(self.mesh, 1),
             sharding.replicated(self.mesh)))
-        self.stores = self._open_stores((store_prefix or c.output).rstrip("/"))
+        self.stores = self._open_stores(prefix)
+
+    def _device_batch(self, prefix: str) -> int:
+        """cache.device_batch, or (0) the value recorded by existing stores, or the rows per
+        device; refuses a value that differs from the stores being resumed, or that does not
+        divide the rows per device."""
+        from rskd_jax.store.common import read_json
+
+        c = self.cfg
+        per_device = c.batch_size // sharding.batch_shards(self.mesh)
+        recorded = {}
+        if not c.overwrite:
+            for o in c.outputs:
+                m = read_json(f"{prefix}/{o.name}")
+                if m is not None and m.get("kind") == "teacher" and "device_batch" in m:
+                    recorded[o.name] = int(m["device_batch"])
+        values = set(recorded.values())
+        if len(values) > 1:
+            raise CacheError(f"the existing stores under {prefix} were written with different device_batch "
+                             f"values {recorded}; resume them in separate runs (one output each)")
+        db = c.device_batch or (values.pop() if values else per_device)
+        if recorded and db != next(iter(recorded.values())):
+            name, old = next(iter(recorded.items()))
+            raise CacheError(
+                f"{prefix}/{name} was written with cache.device_batch={old}, this run has {db}: the teacher's "
+                f"rounding depends on it, so the store would mix two runs' bytes. Resume with "
+                f"cache.device_batch={old} (or 0 to take it from the store), or set cache.overwrite=true.")
+        if per_device % db:
+            raise CacheError(
+                f"cache.batch_size={c.batch_size} gives {per_device} rows per device (mesh batch shards "
+                f"{sharding.batch_shards(self.mesh)}), not a multiple of cache.device_batch={db}. Set "
+                f"cache.batch_size to a multiple of {db * sharding.batch_shards(self.mesh)}")
+        return db
 
     def _open_stores(self, prefix: str) -> dict:
         """Creates (or reopens, to resume) one store per output. Process 0 creates first and
@@ -143,7 +186,9 @@ class Cacher:
 
         def open_all():
             return {o.name: create_teacher_store(
-                f"{prefix}/{o.name}", manifest=store_manifest(self.run, o, self.model, self.tokens),
+                f"{prefix}/{o.name}", manifest=store_manifest(self.run, o, self.model, self.tokens,
+                                                              device_batch=self.device_batch,
+                                                              mesh_shape=dict(self.mesh.shape)),
                 num_rows=self.num_rows, seq_len=self.tokens.seq_len, method=o.method,
                 k=self.vocab if o.method == "full" else o.num_draws,
                 vocab_size=self.vocab, chunk_rows=c.chunk_rows, diagnostics=c.diagnostics,

@@ -3,15 +3,21 @@
 One teacher forward feeds every configured output (the forward is the cost), so comparing
 methods never means re-running the teacher. Randomness depends only on (seed, split, row):
 
-    key(row r of split s) = fold_in(fold_in(key(seed), s), r)
+    key(row r of split s) = fold_in(fold_in(key(seed), split_code(s)), r)
 
-and each position is sampled on its own with fold_in(row key, position), so a store's bytes
-do not depend on the batch size, the mesh or the number of processes.
+and each position is sampled on its own with fold_in(row key, position).
+
+Batch invariance by construction: the step runs the teacher on a fixed per-device micro-batch
+of `device_batch` rows (a lax.map over the rows each device holds), so every forward has the
+same shape whatever `cache.batch_size`, the data-parallel width or the process count, and
+rounds the same way. A store's bytes depend on the tokens, teacher, outputs, seed,
+device_batch and the fsdp/tensor layout (which reorder the matmuls' reductions), nothing else.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import hashlib
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +27,32 @@ from rskd_jax.config import OutputConfig
 
 SPLIT_CODES = {"train": 0, "val": 1}
 CHUNK_BYTES = 16 << 20  # float32 logits per lax.map iteration of the step
+KEY_RULE = ("fold_in(fold_in(key(seed), split_code), row), then fold_in(position); split_code: "
+            "train 0, val 1, any other name the first 4 bytes (little-endian) of sha256(name)")
 
 
 def split_code(split: str) -> int:
-    """A stable small integer per split name (train 0, val 1, others hashed)."""
+    """A stable 32-bit code per split name: train 0, val 1, any other name a 32-bit hash.
+
+    >>> split_code("train"), split_code("val"), split_code("val_stdlib") != split_code("val_docs")
+    (0, 1, True)
+    """
     if split in SPLIT_CODES:
         return SPLIT_CODES[split]
-    return 2 + int.from_bytes(split.encode("utf-8")[:3].ljust(3, b"\0"), "little")
+    return int.from_bytes(hashlib.sha256(split.encode("utf-8")).digest()[:4], "little")
+
+
+def check_split_codes(splits: Iterable[str]) -> dict[str, int]:
+    """{split: code} for the splits of one store; ValueError if two of them share a code (their
+    rows would share PRNG keys)."""
+    codes: dict[int, str] = {}
+    for split in splits:
+        code = split_code(split)
+        if code in codes and codes[code] != split:
+            raise ValueError(f"splits {codes[code]!r} and {split!r} hash to the same key code {code}; "
+                             "rename one of them")
+        codes[code] = split
+    return {split: code for code, split in codes.items()}
 
 
 def row_keys(seed: int, split: int, rows_B: jax.Array) -> jax.Array:
@@ -114,26 +139,31 @@ def position_chunk(seq_len: int, rows: int, vocab: int, budget_bytes: int = CHUN
 
 
 def make_step(graphdef: Any, outputs: Sequence[OutputConfig], *, seed: int, vocab_size: int,
-              with_diagnostics: bool, chunk: int) -> Callable:
+              with_diagnostics: bool, device_batch: int, batch_shards: int = 1,
+              batch_sharding: Any = None) -> Callable:
     """step(state, tokens_BxL, rows_B, split) -> {"finite": [B] bool, "<output>": {...},
     "diagnostics": {...}}; jit it with the shardings of the caller's mesh.
 
+    The B rows are split over `batch_shards` devices (contiguous blocks, as the batch sharding
+    lays them out); each device runs the teacher on `device_batch` of its rows at a time
+    (lax.map), so B must be a multiple of batch_shards * device_batch. `batch_sharding`
+    (a NamedSharding of the micro-batch's leading axis, e.g. sharding.batch_sharding(mesh, 2))
+    pins each micro-batch to the devices that hold its rows.
+
     PERF: the [B, L, V] logits are never materialised: the LM head, the samplers and the
-    diagnostics run over `chunk` positions of every row at a time (lax.map). Buffers of a
-    few MB stay in the allocator's cache; [B, L, V] ones are fresh mmaps whose page faults
-    cost more than the math on CPU (x + 1 over 8 x 128 x 49,152 floats: 0.21 s at once,
-    0.036 s as 8 row-sized pieces).
+    diagnostics run over a chunk of positions of every row at a time (lax.map, float32
+    logits of ~CHUNK_BYTES per device). Buffers of a few MB stay in the allocator's cache;
+    [B, L, V] ones are fresh mmaps whose page faults cost more than the math on CPU (x + 1
+    over 8 x 128 x 49,152 floats: 0.21 s at once, 0.036 s as 8 row-sized pieces).
     """
     from flax import nnx
 
-    def step(state, tokens_BxL, rows_B, split):
-        model = nnx.merge(graphdef, state)
+    def micro_step(model, w_DxV, tokens_BxL, keys_BxL):
         h_BxLxD = model.hidden_states(tokens_BxL)
-        w_DxV = model.lm_head_weight()
         B, L = tokens_BxL.shape
+        chunk = position_chunk(L, device_batch, w_DxV.shape[-1])
         n = L // chunk
         next_BxL = jnp.concatenate([tokens_BxL[:, 1:], tokens_BxL[:, -1:]], axis=1)
-        keys_BxL = position_keys(row_keys(seed, split, rows_B), L)
 
         def to_chunks(a):  # [B, L, ...] -> [L/C, B, C, ...]
             return jnp.swapaxes(a.reshape(B, n, chunk, *a.shape[2:]), 0, 1)
@@ -150,7 +180,32 @@ def make_step(graphdef: Any, outputs: Sequence[OutputConfig], *, seed: int, voca
             return res
 
         res = jax.lax.map(body, (to_chunks(h_BxLxD), to_chunks(keys_BxL), to_chunks(next_BxL)))
-        res = jax.tree.map(from_chunks, res)
+        return jax.tree.map(from_chunks, res)
+
+    def step(state, tokens_BxL, rows_B, split):
+        model = nnx.merge(graphdef, state)
+        w_DxV = model.lm_head_weight()
+        B, L = tokens_BxL.shape
+        if B % (batch_shards * device_batch):
+            raise ValueError(f"{B} rows do not split into {batch_shards} devices x micro-batches of "
+                             f"device_batch={device_batch}")
+        m = B // (batch_shards * device_batch)
+        keys_BxL = position_keys(row_keys(seed, split, rows_B), L)
+
+        def to_micro(a):  # [B, ...] -> [m, shards * db, ...]: micro-batch j = rows j*db.. of every shard
+            a = a.reshape(batch_shards, m, device_batch, *a.shape[1:])
+            a = jnp.swapaxes(a, 0, 1).reshape(m, batch_shards * device_batch, *a.shape[3:])
+            if batch_sharding is not None:
+                a = jax.lax.with_sharding_constraint(a, jax.sharding.NamedSharding(
+                    batch_sharding.mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec[:1])))
+            return a
+
+        def from_micro(a):  # inverse of to_micro
+            a = a.reshape(m, batch_shards, device_batch, *a.shape[2:])
+            return jnp.swapaxes(a, 0, 1).reshape(B, *a.shape[3:])
+
+        res = jax.lax.map(lambda xs: micro_step(model, w_DxV, *xs), (to_micro(tokens_BxL), to_micro(keys_BxL)))
+        res = jax.tree.map(from_micro, res)
         diag = res.pop("diagnostics")
         res["finite"] = jnp.all(jnp.isfinite(diag.pop("log_z")), axis=1)
         if with_diagnostics:  # the last position has no next token in its row: 0

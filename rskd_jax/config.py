@@ -445,16 +445,20 @@ class CacheConfig:
     max_rows: int | None = opt(None, "cache only the first rows of each split (slices, dry runs)")
     batch_size: int = opt(8, "sequences per step, global (all processes together)")
     chunk_rows: int = opt(8, "rows per store chunk; processes own whole chunks")
-    seed: int = opt(0, "sampling seed; row r of split s (train 0, val 1) has the key "
-                    "fold_in(fold_in(key(seed), s), r), its position p fold_in(row key, p)")
+    device_batch: int = opt(0, "rows per device per teacher forward: a fixed shape, so the store "
+                            "does not depend on batch_size or the data-parallel width (it depends "
+                            "on this). 0: the store's recorded value, or for a new store the rows "
+                            "per device of batch_size")
+    seed: int = opt(0, "sampling seed; row r of split s: fold_in(fold_in(key(seed), split_code(s)), r), "
+                    "position p: fold_in(row key, p)")
     diagnostics: bool = opt(True, "store the teacher's log-prob of the next token and its entropy")
     overwrite: bool = opt(False, "replace existing stores written with a different manifest")
     full_max_gb: float = opt(4.0, "refuse a `full` output projected above this many GB")
     outputs: tuple[OutputConfig, ...] = opt((OutputConfig(),), "the stores to write")
 
     def __post_init__(self):
-        if self.batch_size < 1 or self.chunk_rows < 1:
-            raise ConfigError("cache.batch_size and cache.chunk_rows must be >= 1")
+        if self.batch_size < 1 or self.chunk_rows < 1 or self.device_batch < 0:
+            raise ConfigError("cache.batch_size and cache.chunk_rows must be >= 1, cache.device_batch >= 0")
         names = [o.name for o in self.outputs]
         if not names or len(set(names)) != len(names):
             raise ConfigError(f"cache.outputs needs at least one output and unique names, got {names}")

@@ -176,7 +176,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         from rskd_jax.sharding import initialize_distributed
 
         initialize_distributed(cfg.distributed)
-    summary = run(cfg)
+    from rskd_jax.checkpoint import CheckpointError
+    from rskd_jax.config import ConfigError
+    from rskd_jax.store.common import StoreError
+
+    try:
+        summary = run(cfg)
+    except (StoreError, ConfigError, CheckpointError) as err:
+        print(f"python -m rskd_jax.evaluate: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     if jax.process_index() == 0:
         print(json.dumps(summary, sort_keys=True))
 

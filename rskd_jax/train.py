@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from typing import Any, Sequence
@@ -29,9 +30,15 @@ import numpy as np
 from rskd_jax.config import TrainRun, config_to_dict, load_config, parse_cli, save_config
 
 log = logging.getLogger("rskd_jax.train")
-# Config keys a resumed run must share with the run it continues.
-RESUME_KEYS = ("train.tokens", "train.teacher_store", "train.batch_size", "train.grad_accum",
-               "train.seed", "loss", "optim", "student")
+# Resume keys: every config key is one (a resumed run must share it with the run it continues,
+# since it shapes the trajectory: train.steps through the LR schedule, the optimizer, the loss,
+# the batch, the data order and seeds, the stores, the student) except these, which only change
+# logging, checkpoint cadence, output or placement. mesh/distributed: a resume may reshard the
+# state onto another slice; the losses then agree up to float rounding, not bit for bit.
+SAFE_TO_CHANGE = ("train.output", "train.log_every", "train.eval_every", "train.eval_batches",
+                  "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoints",
+                  "train.export_hf", "train.progress", "mesh", "distributed")
+ONLINE_TEACHER = "teacher"  # a resume key only when loss.method is full_online (else unused)
 
 
 class TrainError(ValueError):
@@ -103,20 +110,39 @@ def truncate_jsonl(path: str, step: int) -> None:
     os.replace(tmp, path)
 
 
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def resume_diff(old: TrainRun, new: TrainRun) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (old, new)} for every resume key on which two run configs differ."""
+    a, b = _flatten(config_to_dict(old)), _flatten(config_to_dict(new))
+    safe = SAFE_TO_CHANGE + (() if new.loss.method == "full_online" else (ONLINE_TEACHER,))
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not any(k == s or k.startswith(s + ".") for s in safe)}
+
+
 def check_resume_config(cfg: TrainRun, output: str) -> None:
-    """Refuses to continue a run whose saved config differs in what shapes the run."""
+    """Refuses to continue a run whose saved config differs in a resume key (naming each key
+    with its old and new value); keys in SAFE_TO_CHANGE may differ."""
     path = os.path.join(output, "config.yaml")
     if not os.path.exists(path):
         return
-    old, new = config_to_dict(load_config(TrainRun, path)), config_to_dict(cfg)
-    for key in RESUME_KEYS:
-        a, b = old, new
-        for part in key.split("."):
-            a, b = a[part], b[part]
-        if a != b:
-            raise TrainError(f"{output} holds a run with {key}={a!r}, this config has {b!r}; "
-                             "resuming would mix two runs. Use another train.output, or restore "
-                             "the original value.")
+    diff = resume_diff(load_config(TrainRun, path), cfg)
+    if diff:
+        lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        raise TrainError(
+            f"{output} holds a run this config would change: {lines}. These settings shape the "
+            "trajectory (e.g. train.steps sets the cosine schedule), so resuming would not be the run "
+            "that was started. Restore the original values, or use another train.output to start a "
+            f"new run. Safe to change on resume: {', '.join(SAFE_TO_CHANGE)}.")
 
 
 def _to_float(metrics_: dict) -> dict[str, float]:
@@ -223,24 +249,32 @@ def run(cfg: TrainRun) -> dict[str, Any]:
                dynamic_ncols=True)
     jitted = None
     step, evaluation = start, {}
-    for step in range(start + 1, t.steps + 1):
-        batch = sharding.global_batch(host_batch(next(it), rows.fields), mesh)
-        if jitted is None:
-            jitted = ts.jit_step(step_fn, state_sh, ts.batch_shardings(batch, mesh), mesh, teacher_sh)
-        state, m = jitted(state, batch, teacher_params)
-        bar.update(1)
-        if step % t.log_every == 0 or step == t.steps:
-            pending.append((step, m, time.perf_counter()))
-        is_eval = (t.eval_every and step % t.eval_every == 0) or step == t.steps
-        is_ckpt = step % t.checkpoint_every == 0 or is_eval
-        if is_ckpt:
-            flush(step)  # records up to a checkpoint's step are written before it is
-        else:
-            flush(step - 1)
-        evaluation = run_eval(step) if is_eval else {}
-        if is_ckpt:
-            metric = {"val_loss": evaluation["val_loss"]} if "val_loss" in evaluation else None
-            ckpt.save(step, state, it.get_state(), metrics=metric)
+    try:
+        for step in range(start + 1, t.steps + 1):
+            batch = sharding.global_batch(host_batch(next(it), rows.fields), mesh)
+            if jitted is None:
+                jitted = ts.jit_step(step_fn, state_sh, ts.batch_shardings(batch, mesh), mesh, teacher_sh)
+            state, m = jitted(state, batch, teacher_params)
+            bar.update(1)
+            if step % t.log_every == 0 or step == t.steps:
+                pending.append((step, m, time.perf_counter()))
+            is_eval = (t.eval_every and step % t.eval_every == 0) or step == t.steps
+            is_ckpt = step % t.checkpoint_every == 0 or is_eval
+            if is_ckpt:
+                flush(step)  # records up to a checkpoint's step are written before it is
+            else:
+                flush(step - 1)
+            evaluation = run_eval(step) if is_eval else {}
+            if is_ckpt:
+                metric = {"val_loss": evaluation["val_loss"]} if "val_loss" in evaluation else None
+                ckpt.save(step, state, it.get_state(), metrics=metric)
+    except BaseException:
+        # a corrupt batch, an interrupt: the checkpoints already started are committed (the
+        # batch that failed was never trained on), then the error goes to the caller
+        bar.close()
+        ckpt.close()
+        logs.close()
+        raise
     flush(step)
     bar.close()
     hf_dir = None
@@ -268,11 +302,21 @@ def export_hf(graphdef, params, out_dir: str, main: bool) -> str:
     if main:
         host = jax.device_get(params)  # float32 master weights -> the model's param dtype
         dtype = jnp.dtype(nnx.merge(graphdef, host).config.param_dtype)
-        save_pretrained(nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), host)), out_dir)
+        # written beside, then renamed into place: a crash mid-export never leaves a partial hf/
+        tmp = out_dir.rstrip("/") + ".partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_pretrained(nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), host)), tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
     return out_dir
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from rskd_jax.checkpoint import CheckpointError
+    from rskd_jax.config import ConfigError
+    from rskd_jax.sharding import ShardingError
+    from rskd_jax.store.common import StoreError
+
     cfg = parse_cli(TrainRun, argv, prog="python -m rskd_jax.train")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s: %(message)s")
@@ -281,7 +325,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         from rskd_jax.sharding import initialize_distributed
 
         initialize_distributed(cfg.distributed)
-    summary = run(cfg)
+    try:
+        summary = run(cfg)
+    except (TrainError, StoreError, ConfigError, ShardingError, CheckpointError) as err:
+        # a corrupt store chunk, a changed resume key, mismatched stores: the message says what
+        # to do; nothing of the failing batch was trained on, the last checkpoint is intact
+        print(f"python -m rskd_jax.train: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     if jax.process_index() == 0:
         print(json.dumps(summary, sort_keys=True))
 

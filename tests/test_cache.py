@@ -95,8 +95,9 @@ def teacher(work, tokens):
 
 
 def overrides(tokens: str, output: str, *extra: str, teacher: str | None = None) -> list[str]:
+    """Every run here computes on micro-batches of 2 rows per device (cache.device_batch=2)."""
     return [f"cache.tokens={tokens}", f"cache.output={output}", f"cache.max_rows={ROWS}",
-            *([f"teacher.source={teacher}"] if teacher else []), *extra]
+            "cache.device_batch=2", *([f"teacher.source={teacher}"] if teacher else []), *extra]
 
 
 def cfg_for(tokens: str, output, *extra: str, teacher: str | None = None) -> CacheRun:
@@ -227,6 +228,61 @@ def test_store_identical_for_8_devices_and_batch_16(ref, work, tokens, teacher):
     out = work / "d8_b16"
     cache.run(cfg_for(tokens, out, "cache.batch_size=16", "mesh.data=8", teacher=teacher), progress=False)
     assert_same_files(store_files(ref), store_files(out))
+    assert read_json(str(out / "rskd_n50"))["device_batch"] == 2
+
+
+def test_store_identical_for_batch_2_8_16_and_1_or_8_devices(work, teacher):
+    """At one device_batch (2), batch 2, 8 and 16 on one device and batch 16 over 8 devices
+    (2 rows each) write the same bytes. The settings can break it: at L = 128 the teacher's
+    rounding depends on the micro-batch shape (device_batch 8 moves most top-K weights in the
+    last bits; before the fixed micro-batch, batch 2 vs 8 did the same)."""
+    from rskd_jax import data
+
+    toks = str(work / "tokens128")
+    data.run(load_config(DataRun, None, [f"data.inputs={INPUTS}", "data.seq_len=128", f"data.output={toks}",
+                                         "data.val_fraction=0.2"]), progress=False)
+    runs = {}
+    for batch, dev, db in ((2, 1, 2), (8, 1, 2), (16, 1, 2), (16, 8, 2), (8, 1, 8)):
+        out = work / f"inv_b{batch}_d{dev}_db{db}"
+        cache.run(cfg_for(toks, out, f"cache.batch_size={batch}", "cache.chunk_rows=2", "cache.max_rows=16",
+                          "cache.splits=[train]", f"mesh.data={dev}", f"cache.device_batch={db}", teacher=teacher),
+                  progress=False, devices=None if dev > 1 else one_device())
+        runs[(batch, dev, db)] = out
+    first = store_files(runs[(2, 1, 2)])
+    for key in ((8, 1, 2), (16, 1, 2), (16, 8, 2)):
+        assert_same_files(first, store_files(runs[key]))
+    a = open_teacher_store(str(runs[(8, 1, 2)] / "top_k_12")).read_rows("train", np.arange(16))
+    b = open_teacher_store(str(runs[(8, 1, 8)] / "top_k_12")).read_rows("train", np.arange(16))
+    assert (a["weights"] != b["weights"]).any(), "device_batch 2 vs 8 round alike: the test cannot fail"
+
+
+def test_resume_refuses_another_device_batch_and_takes_the_stores_by_default(ref, tokens, teacher):
+    before = store_files(ref)
+    with pytest.raises(CacheError, match=r"written with cache.device_batch=2, this run has 4.*cache.device_batch=2"):
+        cache.run(cfg_for(tokens, ref, "cache.device_batch=4", "mesh.data=1", teacher=teacher), progress=False,
+                  devices=one_device())
+    summary = cache.run(cfg_for(tokens, ref, "cache.device_batch=0", "mesh.data=1", teacher=teacher),
+                        progress=False, devices=one_device())
+    assert summary["rows_written"] == {"train": 0, "val": 0}
+    assert store_files(ref) == before
+
+
+def test_split_codes_differ_for_the_comparisons_names_and_collisions_are_refused():
+    names = ["train", "val", "val_stdlib", "val_docs", "val_std", "val_doc"]
+    codes = cache_step.check_split_codes(names)
+    assert len(set(codes.values())) == len(names) and codes["train"] == 0 and codes["val"] == 1
+    assert all(0 <= c < 2**32 for c in codes.values())
+    seen: dict[int, str] = {}  # a birthday search finds two names with one 32-bit code
+    for i in range(1 << 20):
+        name = f"s{i}"
+        code = cache_step.split_code(name)
+        if code in seen:
+            break
+        seen[code] = name
+    else:
+        pytest.fail("no 32-bit collision in 2^20 names")
+    with pytest.raises(ValueError, match="same key code"):
+        cache_step.check_split_codes(["train", seen[code], name])
 
 
 def test_fsdp_tensor_mesh_same_up_to_float_rounding(ref, work, tokens, teacher):

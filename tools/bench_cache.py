@@ -66,8 +66,7 @@ def make_forward(cacher):
     from rskd_jax import cache_step, sharding
 
     graphdef, _ = nnx.split(cacher.model)
-    rows_per_device = cacher.cfg.batch_size // sharding.batch_shards(cacher.mesh)
-    chunk = cache_step.position_chunk(cacher.tokens.seq_len, rows_per_device, cacher.model.config.vocab_size)
+    chunk = cache_step.position_chunk(cacher.tokens.seq_len, cacher.device_batch, cacher.model.config.vocab_size)
     vocab = cacher.vocab
 
     def forward(state, tokens_BxL):

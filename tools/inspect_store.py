@@ -3,6 +3,7 @@
     python tools/inspect_store.py PATH [--json] [--sample-rows 1024]
     python tools/inspect_store.py PATH --verify N [--json] [--seed 0] [--tokens URL] [--teacher SOURCE]
                                   [--position-tolerance 0.0]
+    python tools/inspect_store.py PATH --scan [--json]
 
 Prints one JSON object with --json (kind, num_sequences, seq_len, positions_done,
 bytes_on_disk, bytes_per_token, mean_unique_ids, manifest, and per-split / per-array detail),
@@ -21,6 +22,11 @@ fingerprints must equal the manifest's. Adds "verify" to the output; exits 1 on 
 Stores cached with mesh.fsdp or mesh.tensor > 1 reduce in another float order, which moves
 a few near-tie draws (~0.1% of positions) to a neighbouring id: check them with
 --position-tolerance 0.005 (the fraction of a row's positions allowed to differ).
+
+--scan reads every chunk of every array (of a teacher store: every `done` chunk and every done
+row's chunks) and checks its crc32c; adds "scan": {"corrupt": {split: {array: [rows]}},
+"corrupt_rows": n, "checked": bool} and exits 1 if any row is corrupt. Stores of layout 1 carry
+no chunk checksums ("checked": false): only undecodable chunks are found there.
 """
 
 from __future__ import annotations
@@ -170,10 +176,10 @@ def verify(url: str, n: int, *, tokens: str | None = None, teacher: str | None =
     from flax import nnx
 
     graphdef, state = nnx.split(model)
-    length, batch = store.seq_len, VERIFY_BATCH
-    chunk = cache_step.position_chunk(length, batch, model.config.vocab_size)
+    # the store's own micro-batch shape, so the recomputation rounds as the cache did
+    length, batch = store.seq_len, int(m.get("device_batch") or VERIFY_BATCH)
     step = jax.jit(cache_step.make_step(graphdef, [out], seed=run_seed, vocab_size=vocab,
-                                        with_diagnostics=store.layout["diagnostics"], chunk=chunk))
+                                        with_diagnostics=store.layout["diagnostics"], device_batch=batch))
     report: dict[str, Any] = {"rows_checked": 0, "rows_matched": 0, "rows_mismatched": 0, "positions_checked": 0,
                               "positions_mismatched": 0, "max_abs_diff": {}, "mismatches": []}
     for split in store.splits:
@@ -212,6 +218,27 @@ def _fmt(value: Any) -> str:
     return f"{value:,.3f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value)
 
 
+def scan(path: str) -> dict[str, Any]:
+    """Every chunk read and checked: {"corrupt": {split: {array: [rows]}}, "corrupt_rows", "checked"}."""
+    from rskd_jax.store.teacher import open_teacher_store
+    from rskd_jax.store.tokens import open_token_store
+
+    manifest = common.read_json(path) or {}
+    if manifest.get("kind") == "tokens":
+        store, checked_from = open_token_store(path), 2
+        found = {split: {"tokens": rows} for split, rows in store.scan().items()}
+    else:
+        from rskd_jax.store import teacher
+
+        store, checked_from = open_teacher_store(path), teacher.CHECKED_FROM
+        found = store.scan()
+    corrupt = {split: {a: rows for a, rows in arrays.items() if rows} for split, arrays in found.items()}
+    corrupt = {split: arrays for split, arrays in corrupt.items() if arrays}
+    n = sum(len({r for rows in arrays.values() for r in rows}) for arrays in corrupt.values())
+    return {"corrupt": corrupt, "corrupt_rows": n,
+            "checked": int(manifest.get("layout_version", 1)) >= checked_from}
+
+
 def print_text(info: dict[str, Any]) -> None:
     print(f"{info['kind']} store {info['path']}")
     for key in ("method", "k", "vocab_size", "num_sequences", "seq_len", "chunk_rows", "positions_done",
@@ -239,7 +266,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="--verify: which rows are drawn")
     parser.add_argument("--position-tolerance", type=float, default=0.0,
                         help="--verify: fraction of a row's positions allowed to differ (fsdp/tensor caches)")
+    parser.add_argument("--scan", action="store_true", help="read every chunk, list corrupt rows (exit 1)")
     args = parser.parse_args(argv)
+    if args.scan:
+        try:
+            found = scan(args.path)
+            info = summary(args.path, args.sample_rows or None) if not found["corrupt_rows"] else {
+                "kind": (common.read_json(args.path) or {}).get("kind"), "path": common.store_url(args.path)}
+        except (StoreError, ConfigError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        info["scan"] = found
+        if args.json:
+            print(json.dumps(info, sort_keys=True))
+        else:
+            print(f"{info['kind']} store {info['path']}: {found['corrupt_rows']} corrupt rows"
+                  + ("" if found["checked"] else " (layout 1: chunks carry no checksums)"))
+            for split, arrays in found["corrupt"].items():
+                for name, rows in arrays.items():
+                    print(f"  CORRUPT {split}/{name} rows {rows[:50]}{' ...' if len(rows) > 50 else ''}")
+        return 1 if found["corrupt_rows"] else 0
     try:
         info = summary(args.path, args.sample_rows or None)
         if args.verify:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from typing import Any
 
@@ -17,6 +18,10 @@ import numpy as np
 import tensorstore as ts
 
 MANIFEST = "manifest.json"
+# The last codec of every chunk the project writes: a crc32c of the chunk's encoded bytes,
+# checked on every read (a flipped bit raises DATA_LOSS instead of decoding to other values).
+CHECKSUM = {"name": "crc32c"}
+log = logging.getLogger("rskd_jax.store")
 
 
 class StoreError(ValueError):
@@ -110,3 +115,62 @@ def bytes_on_disk(url: str, prefix: str = "") -> int:
     kv = _kvstore(url)
     keys = kv.list().result()
     return sum(len(kv.read(k).result().value) for k in keys if k.decode().startswith(prefix))
+
+
+def warn_unchecked(url: str, kind: str, layout_version: int, checked_from: int) -> None:
+    """Logs once per open that a store predates per-chunk checksums."""
+    if layout_version < checked_from:
+        log.warning("%s is a %s store of layout_version %d: its chunks carry no checksums, so "
+                    "corruption may read back silently. Re-create it to get checked chunks.",
+                    store_url(url), kind, layout_version)
+
+
+def corrupt_rows(arr: ts.TensorStore, rows: np.ndarray) -> list[int]:
+    """The rows among `rows` whose chunks fail to read or decode (checksum, codec, truncation)."""
+    bad = []
+    for r in np.unique(np.asarray(rows, np.int64)):
+        try:
+            arr[int(r):int(r) + 1].read().result()
+        except ValueError:
+            bad.append(int(r))
+    return bad
+
+
+def read_rows_checked(arrays: dict[str, ts.TensorStore], rows: np.ndarray, *, url: str,
+                      prefix: str = "") -> dict[str, np.ndarray]:
+    """Reads rows `rows` of every array (one batched read each, all in flight together).
+
+    A chunk that fails its checksum or cannot be decoded raises a StoreError naming the store,
+    the array and the corrupt rows (found by re-reading row by row, only on failure).
+    """
+    futures = {name: arr[rows].read() for name, arr in arrays.items()}
+    out, failed = {}, []
+    for name, fut in futures.items():
+        try:
+            out[name] = fut.result()
+        except ValueError as err:
+            failed.append((name, err))
+    if failed:
+        parts = []
+        for name, err in failed:
+            bad = corrupt_rows(arrays[name], rows)
+            parts.append(f"{prefix}{name} rows {bad[:10]}{' ...' if len(bad) > 10 else ''}"
+                         if bad else f"{prefix}{name} ({err})")
+        raise StoreError(f"{store_url(url)} is corrupt or truncated: {'; '.join(parts)} failed their "
+                         f"checksum, are missing or could not be decoded (first error: {failed[0][1]}). Nothing of this "
+                         "batch was used. Re-create the store (overwrite=true), or for a teacher "
+                         "store re-run the cache for these rows.")
+    return out
+
+
+def scan_array(arr: ts.TensorStore, rows: np.ndarray | None = None, block_rows: int = 256) -> list[int]:
+    """Reads every chunk of `arr` (or of `rows`, ascending) in blocks; returns the rows that fail."""
+    rows = np.arange(int(arr.shape[0])) if rows is None else np.asarray(rows, np.int64)
+    bad: list[int] = []
+    for start in range(0, len(rows), block_rows):
+        block = rows[start:start + block_rows]
+        try:
+            arr[block].read().result()
+        except ValueError:
+            bad += corrupt_rows(arr, block)
+    return bad

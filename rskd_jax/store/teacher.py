@@ -30,7 +30,9 @@ are concatenated ("packed") at the front of its L*K slots, the rest is 0; num_id
 position's entries start. Counts are stored as c - 1, except the first entry of each position,
 stored as 0 and restored as N - sum(others). Every array is a zarr3 shard of `chunk_rows` rows
 with one inner chunk per row (a random row read decodes just that row), blosc(zstd, byte
-shuffle). Measured on real SmolLM2 draws at N = 50: stdlib source (11.8 unique ids per
+shuffle), then a crc32c of the chunk's bytes (layout_version 2; every other chunk, `done`,
+`token_hash` and `rank_to_id` included, carries one too): a flipped bit raises a StoreError
+naming the store, the array and the rows, never decodes to other targets. Measured on real SmolLM2 draws at N = 50: stdlib source (11.8 unique ids per
 position) 20.1 B/token for ids + counts + num_ids = 1.70 B/entry; Python docs (15.3 ids)
 25.0 B/token = 1.64 B/entry; the float16 diagnostics add 4.2 B/token (raw int32: 400 B/token).
 
@@ -65,7 +67,8 @@ from rskd_jax.store import common
 from rskd_jax.store.common import StoreError
 
 KIND = "teacher"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: a crc32c on every chunk, the rank table's too (1: none; read with a warning)
+CHECKED_FROM = 2
 METHODS = ("sample", "sample_wor", "top_k", "ghost", "full")
 DIAGNOSTICS = ("gold_logprob", "entropy")
 PROVENANCE = "provenance"  # manifest section not compared on reopen (see create_teacher_store)
@@ -150,9 +153,9 @@ def _codecs(level: int, itemsize: int, inner: tuple[int, ...] | None) -> list[di
         "cname": "zstd", "clevel": level, "shuffle": "shuffle" if itemsize > 1 else "noshuffle",
         "typesize": itemsize, "blocksize": 0}}
     if inner is None:
-        return [raw, blosc]
+        return [raw, blosc, common.CHECKSUM]
     return [{"name": "sharding_indexed", "configuration": {
-        "chunk_shape": list(inner), "codecs": [raw, blosc],
+        "chunk_shape": list(inner), "codecs": [raw, blosc, common.CHECKSUM],
         "index_codecs": [raw, {"name": "crc32c"}], "index_location": "end"}}]
 
 
@@ -210,7 +213,9 @@ class TeacherStore:
                 self._arrays[split][name] = arr
         self._rank_to_id = self._id_to_rank = None
         if layout["rank_table"] is not None:
-            table = _open(self.url, "rank_to_id", write=False, missing_ok=False).read().result()
+            table = common.read_rows_checked(
+                {"rank_to_id": _open(self.url, "rank_to_id", write=False, missing_ok=False)},
+                np.arange(self.vocab_size), url=self.url)["rank_to_id"]
             if table.shape != (self.vocab_size,) or common.fingerprint(table.tolist()) != layout["rank_table"]:
                 raise StoreError(f"{self.url}rank_to_id does not match the manifest: the store is corrupt")
             self._rank_to_id = table.astype(np.int32)
@@ -228,7 +233,26 @@ class TeacherStore:
 
     def done_mask(self, split: str) -> np.ndarray:
         """bool [S]: rows whose data is completely written."""
-        return self._split(split)["done"].read().result().astype(bool)
+        done = self._split(split)["done"]
+        return common.read_rows_checked({f"{split}/done": done}, np.arange(done.shape[0]),
+                                        url=self.url)[f"{split}/done"].astype(bool)
+
+    def scan(self) -> dict[str, dict[str, list[int]]]:
+        """Reads every chunk of every done row (and every `done` chunk): {split: {array: rows
+        that fail their checksum or cannot be decoded}}; empty lists everywhere = all good."""
+        out = {}
+        for split, arrays in self._arrays.items():
+            bad = {"done": common.scan_array(arrays["done"])}
+            if bad["done"]:
+                done = np.zeros(arrays["done"].shape[0], bool)
+            else:
+                done = self.done_mask(split)
+            rows = np.flatnonzero(done)
+            for name, arr in arrays.items():
+                if name != "done":
+                    bad[name] = common.scan_array(arr, rows)
+            out[split] = bad
+        return out
 
     # ------------------------------------------------------------------------------ writing
 
@@ -355,20 +379,14 @@ class TeacherStore:
                              f"for split {split!r} with {s} rows")
         raw: dict[str, np.ndarray] = {}
         if idx.size:
-            futures = {name: arr[idx].read() for name, arr in arrays.items()}
-            try:
-                done = futures.pop("done").result()
-                if not done.all():
-                    bad = idx[done == 0][:5].tolist()
-                    raise StoreError(f"rows {bad} of split {split!r} in {self.url} are not done (not written "
-                                     "yet, or their write was interrupted); finish the cache run first")
-                raw = {name: fut.result() for name, fut in futures.items()}
-            except ValueError as err:
-                if isinstance(err, StoreError):
-                    raise
-                raise StoreError(f"reading rows of {split!r} from {self.url} failed: {err}. The store is "
-                                 "corrupt or truncated; re-create it (overwrite=true) or re-run the cache "
-                                 "for these rows.") from err
+            done = common.read_rows_checked({f"{split}/done": arrays["done"]}, idx, url=self.url)[f"{split}/done"]
+            if not done.all():
+                bad = idx[done == 0][:5].tolist()
+                raise StoreError(f"rows {bad} of split {split!r} in {self.url} are not done (not written "
+                                 "yet, or their write was interrupted); finish the cache run first")
+            data = {f"{split}/{name}": arr for name, arr in arrays.items() if name != "done"}
+            raw = {name.split("/", 1)[1]: x for name, x in
+                   common.read_rows_checked(data, idx, url=self.url).items()}
         return self._decode(raw, idx.size, split)
 
     def _decode(self, raw: dict[str, np.ndarray], b: int, split: str) -> dict[str, np.ndarray]:
@@ -437,7 +455,8 @@ class TeacherStore:
                 rows = rows[np.linspace(0, rows.size - 1, sample_rows).round().astype(np.int64)]
             mean = None
             if rows.size and "num_ids" in self._arrays[split]:
-                n = self._arrays[split]["num_ids"][rows].read().result()
+                n = common.read_rows_checked({f"{split}/num_ids": self._arrays[split]["num_ids"]}, rows,
+                                             url=self.url)[f"{split}/num_ids"]
                 uniq_sum, uniq_n, mean = uniq_sum + float(n.sum()), uniq_n + n.size, float(n.mean())
             for name in self._arrays[split]:
                 array_bytes[name] = array_bytes.get(name, 0) + common.bytes_on_disk(self.url, f"{split}/{name}/")
@@ -608,6 +627,7 @@ def open_teacher_store(url: str) -> TeacherStore:
     if manifest.get("layout_version", 0) > LAYOUT_VERSION:
         raise StoreError(f"{where} has layout_version {manifest['layout_version']}; this rskd_jax reads up "
                          f"to {LAYOUT_VERSION}. Upgrade rskd_jax.")
+    common.warn_unchecked(url, KIND, int(manifest.get("layout_version", 1)), CHECKED_FROM)
     try:
         return TeacherStore(url, manifest, writable=False)
     except (KeyError, TypeError) as err:
