@@ -334,3 +334,12 @@ def test_a_corrupt_chunk_stops_training_with_the_message(stores, tmp_path, capsy
     assert "is corrupt or truncated: train/ids rows [16]" in err, err[-2000:]
     steps = [json.loads(x)["step"] for x in open(os.path.join(out, "metrics.jsonl"))]
     assert len(steps) < 8  # an epoch is 8 steps: the step with row 16 never ran
+    # the evaluator, given the corrupt store as its KL reference on the train split, stops too
+    from rskd_jax import evaluate
+
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--config", os.path.join(ROOT, "configs/tiny/train.yaml"),
+                       *overrides((stores[0], bad), out, f"evaluate.checkpoint={out}", "evaluate.split=train",
+                                  f"evaluate.tokens={stores[0]}", f"evaluate.teacher={bad}")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and "train/ids rows [16]" in err and "Traceback" not in err, err[-2000:]
