@@ -146,11 +146,13 @@ def decode_teacher(root: str, split: str) -> dict[str, np.ndarray]:
             raise ValueError("rank_to_id does not match manifest layout.rank_table")
     S = len(raw["done"])
     out = {"done": raw["done"] == 1}
-    for name in ("gold_logprob", "entropy", "tail_mass"):
+    for name in ("gold_logprob", "entropy", "tail_mass", "logprobs"):
         if name in raw:
             out[name] = raw[name].astype(np.float32)
     if "token_hash" in raw:
         out["token_hash"] = raw["token_hash"]
+    if lay["method"] == "full":  # all V log-probs, no entries
+        return out
     n = raw["num_ids"].astype(np.int64)
     ids, counts, weights = np.zeros((S, L, K), np.int32), np.zeros((S, L, K), np.int32), np.zeros((S, L, K), np.float32)
     for r in np.flatnonzero(out["done"]):  # rows not done hold fill values (or nothing)

@@ -40,7 +40,7 @@ def _targets(rng, method: str, k: int, zipf: np.ndarray):
         for pos in range(L):
             if method == "sample":
                 u, c = np.unique(rng.choice(V, k, p=zipf), return_counts=True)
-            else:  # top_k: k distinct ids with probabilities
+            else:  # top_k, ghost: k distinct ids with probabilities
                 u, c = rng.choice(V, k, replace=False, p=zipf), np.zeros(k)
             order = rng.permutation(len(u))
             ids[s, pos, :len(u)], counts[s, pos, :len(u)] = u[order], c[order]
@@ -49,11 +49,13 @@ def _targets(rng, method: str, k: int, zipf: np.ndarray):
 
 
 # (method, k, temperature, id_frequencies, diagnostics, token_hash): the rank table and the
-# identity, counts only / counts + weights / weights only.
+# identity, counts only / counts + weights / weights only, a tail mass, all log-probs.
 TEACHERS = {
     "sample": ("sample", 16, 1.0, True, True, True),
     "sample_tempered": ("sample", 16, 0.7, False, False, False),
     "top_k": ("top_k", 5, 1.0, True, True, False),
+    "ghost": ("ghost", 3, 1.0, False, False, True),
+    "full": ("full", V, 1.0, False, True, False),
 }
 
 
@@ -68,17 +70,20 @@ def teacher(request, tokens, tmp_path_factory):
         url, manifest={"seed": 0}, num_rows={"train": S}, seq_len=L, method=method, k=k, vocab_size=V,
         chunk_rows=CR, diagnostics=diag, temperature=temp, token_hash=hashed,
         id_frequencies=np.round(zipf * 1e6) if freq else None)
-    ids, counts, weights = _targets(rng, method, k, zipf)
+    ids, counts, weights = _targets(rng, method, k, zipf) if method != "full" else (None, None, None)
     for start in DONE_BLOCKS:
         rows = slice(start, min(S, start + CR))
-        block = {"ids": ids[rows]}
+        b = len(range(S)[rows])
+        block = {"logprobs": rng.normal(size=(b, L, V))} if method == "full" else {"ids": ids[rows]}
         if method == "sample":
             block["counts"] = counts[rows]
-        if method != "sample" or temp != 1.0:
+        if method == "ghost":
+            block["tail_mass"] = rng.uniform(size=(b, L))
+        if method not in ("sample", "full") or temp != 1.0:
             block["weights"] = weights[rows] * (counts[rows] > 0 if method == "sample" else 1)
         if diag:
-            block["gold_logprob"] = rng.normal(size=(len(ids[rows]), L))
-            block["entropy"] = rng.exponential(size=(len(ids[rows]), L))
+            block["gold_logprob"] = rng.normal(size=(b, L))
+            block["entropy"] = rng.exponential(size=(b, L))
         if hashed:
             block["tokens"] = tokens[1]["train"][rows]
         store.write_rows("train", start, block).result()
@@ -93,10 +98,15 @@ def test_decoder_is_independent():
     assert imported <= {"__future__", "hashlib", "json", "math", "os", "numpy", "zstandard", "blosc"}, imported
 
 
+def _sharded(teacher: str) -> str:
+    """A sharded per-row array of the store: ids, or (method full) gold_logprob."""
+    return "ids" if os.path.isdir(os.path.join(teacher, "train", "ids")) else "gold_logprob"
+
+
 def test_crc32c_by_hand(teacher):
     assert dec.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value (RFC 3720)
     # one inner chunk of one shard: [offset, offset + nbytes) ends with crc32c of the rest
-    path = os.path.join(teacher, "train", "ids", "c", "0", "0")
+    path = os.path.join(teacher, "train", _sharded(teacher), "c", "0", "0")
     data = pathlib.Path(path).read_bytes()
     index = data[-(16 * CR + 4):]
     offset, nbytes = (int.from_bytes(index[i:i + 8], "little") for i in (16, 24))  # row 1
@@ -139,24 +149,22 @@ def test_token_store_decodes_like_read(tokens):
 
 
 def test_a_wrong_rule_or_a_flipped_bit_is_caught(teacher, tmp_path, monkeypatch):
-    store = open_teacher_store(teacher)
-    want = store.read_rows("train", np.arange(4))
-    # gaps read as plain differences (no "- 1"): other ids, so the comparison above would fail
-    monkeypatch.setattr(dec, "ranks_of", np.cumsum)
-    assert not np.array_equal(dec.decode_teacher(teacher, "train")["ids"][:4], want["ids"])
-    monkeypatch.undo()
+    want = open_teacher_store(teacher).read_rows("train", np.arange(4))
+    if "ids" in want:  # gaps read as plain differences (no "- 1"): other ids, a failed comparison
+        monkeypatch.setattr(dec, "ranks_of", np.cumsum)
+        assert not np.array_equal(dec.decode_teacher(teacher, "train")["ids"][:4], want["ids"])
+        monkeypatch.undo()
     # one flipped bit inside an inner chunk of a copy: the decoder's crc32c check raises
     copy = str(tmp_path / "copy")
     shutil.copytree(teacher, copy)
-    path = os.path.join(copy, "train", "ids", "c", "0", "0")
+    path = os.path.join(copy, "train", _sharded(teacher), "c", "0", "0")
     data = bytearray(pathlib.Path(path).read_bytes())
     data[5] ^= 0x10
     pathlib.Path(path).write_bytes(bytes(data))
     with pytest.raises(ValueError, match="crc32c mismatch"):
         dec.decode_teacher(copy, "train")
     # a done row's shard file gone: an error, not fill values (zarr's rule)
-    os.remove(os.path.join(copy, "train", "ids", "c", "0", "0"))
-    os.remove(os.path.join(copy, "train", "num_ids", "c", "2", "0"))
+    os.remove(path)
     with pytest.raises(ValueError, match="chunk of a done row is missing"):
         dec.decode_teacher(copy, "train")
 
