@@ -308,23 +308,28 @@ def test_fsdp_tensor_mesh_same_up_to_float_rounding(ref, work, tokens, teacher):
 
 @pytest.mark.slow
 def test_kill_and_resume_is_byte_identical(ref, work, tokens, teacher):
+    """SIGKILL at two points (while the stores are being created, then mid-run after the first
+    block), a re-run after each: the finished store is byte-identical to the reference."""
     out = work / "killed"
     env = subprocess_env(work)
     cmd = cache_cmd(*overrides(tokens, str(out), "cache.batch_size=8", teacher=teacher))
     done_files = [out / name / split / "done" / "c" / str(b) for name in STORES for split in ("train", "val")
                   for b in (0, 1)]
     first_block = [out / name / "train" / "done" / "c" / "0" for name in STORES]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + SUBPROCESS_TIMEOUT
-        while not all(f.exists() for f in first_block):  # then kill at once, mid-run
-            assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
-            assert time.monotonic() < deadline, "no block was finished in time"
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        kill([proc])
+    kill_points = {"creating the stores": lambda: (out / STORES[0] / "manifest.json").exists(),
+                   "after the first block": lambda: all(f.exists() for f in first_block)}
+    for point, reached in kill_points.items():
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+            while not reached():  # then kill at once
+                assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
+                assert time.monotonic() < deadline, f"never reached {point}"
+                time.sleep(0.002)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            kill([proc])
     done = sum(f.exists() for f in done_files)
     assert 0 < done < len(done_files), f"killed too late to test a resume ({done} done flags)"
     res = subprocess.run(cmd, env=env, capture_output=True, timeout=SUBPROCESS_TIMEOUT)
@@ -332,6 +337,27 @@ def test_kill_and_resume_is_byte_identical(ref, work, tokens, teacher):
     summary = json.loads(res.stdout.decode().strip().splitlines()[-1])
     assert sum(summary["rows_written"].values()) <= 2 * ROWS - 8  # finished blocks were skipped
     assert_same_files(store_files(ref), store_files(out))
+
+
+def test_an_interrupted_create_is_made_again(tmp_path):
+    """A create killed before its arrays exist leaves a manifest marked `creating`: readers
+    refuse it with a clear message, and the same create re-makes it."""
+    from rskd_jax.store import teacher as teacher_store
+
+    args = dict(manifest={"seed": 0}, num_rows={"train": 8}, seq_len=4, method="top_k", k=2, vocab_size=10,
+                chunk_rows=8)
+    url = str(tmp_path / "s")
+    teacher_store.create_teacher_store(url, **args).close()
+    manifest = read_json(url)
+    shutil.rmtree(tmp_path / "s" / "train" / "ids")  # as if killed before this array was made
+    write_json(url, dict(manifest, creating=True))
+    with pytest.raises(StoreError, match="creation was interrupted"):
+        open_teacher_store(url)
+    store = teacher_store.create_teacher_store(url, **args)
+    store.write_rows("train", 0, {"ids": np.ones((8, 4, 2), np.int32) * [1, 2],
+                                  "weights": np.full((8, 4, 2), 0.5, np.float32),
+                                  "gold_logprob": np.zeros((8, 4)), "entropy": np.zeros((8, 4))}).result()
+    assert read_json(url) == manifest and open_teacher_store(url).done_mask("train").all()
 
 
 @pytest.mark.slow

@@ -97,17 +97,19 @@ def test_kill_resume_export_and_evaluate(stores, tmp_path):
     cache = tmp_path / "jax_cache"
     run_args = ["train.steps=10", "train.checkpoint_every=2", "train.eval_every=5", "loss.alpha=0.25"]
     out = str(tmp_path / "run")
-    # 1. a run killed with SIGKILL in the middle (after >= 5 logged steps)
-    proc = _cli("rskd_jax.train", overrides(stores, out, *run_args), cache)
     metrics = os.path.join(out, "metrics.jsonl")
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(metrics) and sum('"loss"' in x for x in open(metrics)) >= 5:
-            break
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    # 1. SIGKILL at two points: as soon as the run directory has its config (before any
+    #    checkpoint), then, re-run, in the middle (after >= 5 logged steps)
+    kill_points = (lambda: os.path.exists(os.path.join(out, "config.yaml")),
+                   lambda: os.path.exists(metrics) and sum('"loss"' in x for x in open(metrics)) >= 5)
+    for reached in kill_points:
+        proc = _cli("rskd_jax.train", overrides(stores, out, *run_args), cache)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not reached():
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     # 2. the same command again resumes from the last committed checkpoint and finishes
     summary = _finish(_cli("rskd_jax.train", overrides(stores, out, *run_args), cache))
     assert 0 < summary["start_step"] < 10 and summary["end_step"] == 10
@@ -333,3 +335,12 @@ def test_a_corrupt_chunk_stops_training_with_the_message(stores, tmp_path, capsy
     assert "is corrupt or truncated: train/ids rows [16]" in err, err[-2000:]
     steps = [json.loads(x)["step"] for x in open(os.path.join(out, "metrics.jsonl"))]
     assert len(steps) < 8  # an epoch is 8 steps: the step with row 16 never ran
+    # the evaluator, given the corrupt store as its KL reference on the train split, stops too
+    from rskd_jax import evaluate
+
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--config", os.path.join(ROOT, "configs/tiny/train.yaml"),
+                       *overrides((stores[0], bad), out, f"evaluate.checkpoint={out}", "evaluate.split=train",
+                                  f"evaluate.tokens={stores[0]}", f"evaluate.teacher={bad}")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and "train/ids rows [16]" in err and "Traceback" not in err, err[-2000:]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import logging
 import os
 import shutil
 import sys
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
+    logging.getLogger("rskd_jax.store").setLevel(logging.ERROR)  # one "unchecked" warning per copy
     results = [check_store(p, args.flips, args.seed) for p in args.stores]
     if args.json:
         print(json.dumps({"stores": results, "silent": sum(r["silent"] for r in results)}))

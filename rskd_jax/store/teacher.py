@@ -72,6 +72,7 @@ CHECKED_FROM = 2
 METHODS = ("sample", "sample_wor", "top_k", "ghost", "full")
 DIAGNOSTICS = ("gold_logprob", "entropy")
 PROVENANCE = "provenance"  # manifest section not compared on reopen (see create_teacher_store)
+CREATING = "creating"  # manifest mark while create_teacher_store makes the arrays
 DEFAULT_COMPRESSION_LEVEL = 5  # blosc clevel (zstd); 9 is ~4% smaller and ~3x slower to write
 _FULL_CHUNK_BYTES = 64 << 20
 
@@ -588,6 +589,9 @@ def create_teacher_store(
     existing = common.read_json(url)
     kv = common._kvstore(url)  # pylint: disable=protected-access
     identity = lambda m: {k: v for k, v in m.items() if k != PROVENANCE}  # noqa: E731
+    if existing is not None and existing.get(CREATING) and existing.get("kind") == KIND:
+        existing = None  # a create that was interrupted: it holds no rows, make it again
+        kv.delete_range(ts.KvStore.KeyRange()).result()
     if existing is not None and identity(existing) == identity(final):
         return TeacherStore(url, existing, writable=True)
     if existing is not None and not overwrite:
@@ -601,6 +605,9 @@ def create_teacher_store(
         raise StoreError(f"{where} is not empty and has no {common.MANIFEST} (not a store, or an interrupted "
                          "create); refusing to write there. Set overwrite=true or choose another output.")
     kv.delete_range(ts.KvStore.KeyRange()).result()
+    # crash safety: the manifest is written first marked CREATING (a re-run knows the arrays may
+    # be half made and re-creates them), and rewritten without the mark once every array exists
+    common.write_json(url, dict(final, **{CREATING: True}))
     level = int(compression_level)
     for split in sorted(layout["num_rows"]):
         for name, spec in _layout_arrays(layout, split).items():
@@ -611,7 +618,7 @@ def create_teacher_store(
         common.create_array(url, "rank_to_id", shape=table.shape, dtype=np.int32, chunk_shape=table.shape,
                             codecs=_codecs(level, 4, None), fill_value=0)
         _open(url, "rank_to_id", write=True, missing_ok=False).write(table).result()
-    common.write_json(url, final)  # last: a store without a manifest is an interrupted create
+    common.write_json(url, final)  # last: the CREATING mark goes
     return TeacherStore(url, final, writable=True)
 
 
@@ -624,6 +631,9 @@ def open_teacher_store(url: str) -> TeacherStore:
                          "that was interrupted). Run the cache program to create it.")
     if manifest.get("kind") != KIND:
         raise StoreError(f"{where} is a {manifest.get('kind')!r} store, not a teacher store")
+    if manifest.get(CREATING):
+        raise StoreError(f"{where} is a store whose creation was interrupted (it holds no rows); re-run the "
+                         "cache program to create it")
     if manifest.get("layout_version", 0) > LAYOUT_VERSION:
         raise StoreError(f"{where} has layout_version {manifest['layout_version']}; this rskd_jax reads up "
                          f"to {LAYOUT_VERSION}. Upgrade rskd_jax.")
