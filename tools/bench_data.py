@@ -17,7 +17,8 @@ import tempfile
 import time
 
 from rskd_jax.config import DataRun, load_config
-from rskd_jax.data import TokenRows, make_batch_iterator, run
+from rskd_jax.data import run
+from rskd_jax.train_data import Rows, make_batch_iterator
 from rskd_jax.store.common import bytes_on_disk
 from rskd_jax.store.tokens import open_token_store
 from rskd_jax.tokenizer import load_tokenizer
@@ -39,7 +40,7 @@ def main() -> None:
                                           f"data.seq_len={args.seq_len}"])
         summary = run(cfg, progress=not args.json)
         store = open_token_store(out)
-        it = make_batch_iterator(TokenRows(store, "train"), global_batch_size=args.batch, seed=0)
+        it = make_batch_iterator(Rows(store, "train"), global_batch_size=args.batch, seed=0)
         next(it)  # thread pool start-up
         start = time.perf_counter()
         for _ in range(args.read_steps):
