@@ -164,17 +164,20 @@ def count_records(f: InputFile) -> int:
     PERF: a JSONL file is decompressed once here; an Arrow file is memory-mapped."""
     if f.format == "text":
         return 1
+    n = 0
     try:
         if f.format == "jsonl":
             with _open(f.path) as fh:
-                return sum(1 for _ in fh)
+                for _ in fh:
+                    n += 1  # a truncated file: the lines before the damage
+            return n
         if f.format == "parquet":
             import pyarrow.parquet as pq
 
             return pq.ParquetFile(f.path).metadata.num_row_groups
         return sum(b.num_rows for b in _arrow_batches(f.path))
     except Exception:  # noqa: BLE001 - a broken file is one 'unreadable' skip, read_shard says so
-        return 1
+        return n
 
 
 def plan_shards(files: Sequence[InputFile], counts: Sequence[int], shard_records: int) -> list[Shard]:
