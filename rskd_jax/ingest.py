@@ -73,6 +73,15 @@ def _init_worker() -> None:
     # otherwise start a thread per core in every worker).
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["RAYON_NUM_THREADS"] = "1"
+    # Die with the main process (SIGKILL included): no orphan writes into the spool of a
+    # store that a re-run is already finishing.
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _label(f: InputFile, shard: Shard, r: int) -> str:
@@ -153,9 +162,6 @@ class ShardPool:
             self.futures[i] = tokenize_shard(*args)
         else:
             self.futures[i] = self._pool.apply_async(tokenize_shard, args)
-
-    def outstanding(self) -> int:
-        return sum(1 for f in self.futures.values() if not isinstance(f, int) and not f.ready())
 
     def wait(self, i: int) -> None:
         f = self.futures.pop(i)
