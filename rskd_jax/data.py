@@ -65,6 +65,9 @@ def expand(c: DataConfig) -> Plan:
     sources: list[Source] = []
     for name, given, exclude, weight, budget in specs:
         found, meta = expand_inputs(given, c.extensions, exclude)
+        if name and not found:
+            raise DataError(f"data.sources[{name}]: inputs {list(given)} give no files (extensions "
+                            f"{list(c.extensions)}, exclude {list(exclude)})")
         base = len(inputs)
         files += [dataclasses.replace(f, input=base + f.input) for f in found]
         inputs += [dict(m, source=name) if name else m for m in meta]
@@ -202,21 +205,10 @@ def run(cfg: DataRun, *, dry_run: bool = False, progress: bool = True) -> dict[s
             save_config(cfg, c.output)
         return _summary(common.read_json(c.output), c.output, start, unchanged=True, tokenized=0)
 
-    # ---- shards: planned once per store (JSONL / Arrow files are counted)
-    saved = common.read_json(c.output, ingest.WORK + "plan.json")
-    if saved is None:
-        saved = {"counts": _count(plan, workers) if procs.index == 0 else None}
-        if procs.index == 0:
-            common.write_json(c.output, saved, ingest.WORK + "plan.json")
-    procs.barrier("plan ready")
-    if saved["counts"] is None:
-        saved = common.read_json(c.output, ingest.WORK + "plan.json")
-    make_shards(plan, saved["counts"], c.shard_records)
-
+    plan_shards_once(c, plan, procs, workers)
     splits = ("train", "val") + tuple(f"val_{s.name}" for s in plan.sources if s.name)
     checkpoint = ingest.load_checkpoint(c.output) if status == "resume" and procs.index == 0 else None
-    writer = TokenStoreWriter(c.output, c.seq_len, splits, create=checkpoint is None and procs.index == 0) \
-        if procs.index == 0 else None
+    writer = TokenStoreWriter(c.output, c.seq_len, splits, create=checkpoint is None) if procs.index == 0 else None
     packer = Packer(writer.write if writer else None, splits, c.seq_len, writer.block_rows if writer else 1)
     mixer = Mixer(plan.sources, packer, max_tokens=c.max_tokens)
     if checkpoint is not None:
@@ -235,35 +227,12 @@ def run(cfg: DataRun, *, dry_run: bool = False, progress: bool = True) -> dict[s
             if bar is not None:
                 bar.close()
         else:
-            state = common.read_json(c.output, ingest.WORK + "state.json")  # process 0's progress
-            below = [s.first + (state["mixer"]["shard"][k] if state else 0) for k, s in enumerate(plan.sources)]
-            have = ingest.spooled(c.output)
-            todo = [g for g in range(len(plan.shards)) if local(g) and g not in have and
-                    g >= below[next(k for k, s in enumerate(plan.sources) if s.first <= g < s.first + s.count)]]
+            todo = ingest.remaining(c.output, plan.sources, local)
             ingest.tokenize_all(pool, todo)
             tokenized = len(todo)
     finally:
         pool.close()
-    final = None
-    if procs.index == 0:
-        _check_inputs(plan, mixer, c)
-        rows = packer.finish()
-        state = mixer.state()
-        documents = {"train": sum(d["train"] for d in state["documents"]),
-                     "val": sum(d["val"] for d in state["documents"])}
-        if not any(documents.values()):
-            raise DataError(f"all {len(plan.files)} input files gave no document ({mixer.skipped}, e.g. "
-                            f"{mixer.examples}); nothing to tokenize")
-        if rows["train"] == 0:
-            raise DataError(f"only {mixer.total} tokens, fewer than one train row of data.seq_len={c.seq_len}; "
-                            "add inputs or lower data.seq_len")
-        results = {
-            "documents": documents, "tokens": mixer.total,
-            "skipped": dict(ingest.empty_skips(), **mixer.skipped, examples=mixer.examples),
-            "source_stats": {s.name: {"documents": state["documents"][k], "tokens": state["taken"][k]}
-                             for k, s in enumerate(plan.sources) if s.name} or None,
-        }
-        final = writer.finish(rows, dict(header, **results))  # type: ignore[union-attr]
+    final = finish(c, plan, mixer, packer, writer, header) if procs.index == 0 else None
     procs.barrier("store written")
     if procs.index == 0:
         _drop_work(c.output)
@@ -272,6 +241,45 @@ def run(cfg: DataRun, *, dry_run: bool = False, progress: bool = True) -> dict[s
         final = common.read_json(c.output)
     return _summary(final, c.output, start, unchanged=False, tokenized=tokenized,
                     shards=len(plan.shards), resumed=checkpoint is not None or status == "resume")
+
+
+def plan_shards_once(c: DataConfig, plan: Plan, procs: _Processes, workers: int) -> None:
+    """Fills plan.shards from the record counts saved with the store (counted once: a
+    resumed run does not decompress its JSONL again)."""
+    from rskd_jax import ingest
+    from rskd_jax.store import common
+
+    saved = common.read_json(c.output, ingest.WORK + "plan.json")
+    if saved is None and procs.index == 0:
+        saved = {"counts": _count(plan, workers)}
+        common.write_json(c.output, saved, ingest.WORK + "plan.json")
+    procs.barrier("plan ready")
+    if saved is None:
+        saved = common.read_json(c.output, ingest.WORK + "plan.json")
+    make_shards(plan, saved["counts"], c.shard_records)  # type: ignore[index]
+
+
+def finish(c: DataConfig, plan: Plan, mixer, packer, writer, header: dict[str, Any]) -> dict[str, Any]:
+    """Checks what was read, writes the last rows and the complete manifest."""
+    from rskd_jax import ingest
+
+    _check_inputs(plan, mixer, c)
+    rows = packer.finish()
+    state = mixer.state()
+    documents = {k: sum(d[k] for d in state["documents"]) for k in ("train", "val")}
+    if not any(documents.values()):
+        raise DataError(f"all {len(plan.files)} input files gave no document ({mixer.skipped}, e.g. "
+                        f"{mixer.examples}); nothing to tokenize")
+    if rows["train"] == 0:
+        raise DataError(f"only {mixer.total} tokens, fewer than one train row of data.seq_len={c.seq_len}; "
+                        "add inputs or lower data.seq_len")
+    results = {
+        "documents": documents, "tokens": mixer.total,
+        "skipped": dict(ingest.empty_skips(), **mixer.skipped, examples=mixer.examples),
+        "source_stats": {s.name: {"documents": state["documents"][k], "tokens": state["taken"][k]}
+                         for k, s in enumerate(plan.sources) if s.name} or None,
+    }
+    return writer.finish(rows, dict(header, **results))
 
 
 def ts_range(prefix: str):

@@ -179,6 +179,17 @@ def spooled(url: str) -> set[int]:
     return {int(k.decode()[len(SPOOL):]) for k in keys}
 
 
+def remaining(url: str, sources: list, local: Callable[[int], bool]) -> list[int]:
+    """The local shards not yet spooled nor taken by the packing process (its last checkpoint)."""
+    state = common.read_json(url, WORK + "state.json")
+    have = spooled(url)
+    todo = []
+    for k, s in enumerate(sources):
+        taken = state["mixer"]["shard"][k] if state else 0
+        todo += [g for g in range(s.first + taken, s.first + s.count) if local(g) and g not in have]
+    return todo
+
+
 def tokenize_all(pool: ShardPool, todo: list[int]) -> None:
     """A non-packing process: tokenizes its shards, a bounded window at a time."""
     queue = collections.deque(todo)
@@ -198,13 +209,13 @@ def load_checkpoint(url: str) -> tuple[dict[str, Any], dict[str, np.ndarray]] | 
         return None
     blob = _kv(url).read(WORK + state["arrays"]).result().value
     z = np.load(io.BytesIO(blob))
-    return state, {k.replace("__", "/"): z[k] for k in z.files}
+    return state, {k.replace(":", "/"): z[k] for k in z.files}
 
 
 def save_checkpoint(url: str, seq: int, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
     kv = _kv(url)
     buf = io.BytesIO()
-    np.savez(buf, **{k.replace("/", "__"): v for k, v in arrays.items()})
+    np.savez(buf, **{k.replace("/", ":"): v for k, v in arrays.items()})
     name = f"state-{seq:08d}.npz"
     kv.write(WORK + name, buf.getvalue()).result()
     common.write_json(url, dict(state, arrays=name, seq=seq), WORK + "state.json")  # atomic switch

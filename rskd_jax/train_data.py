@@ -22,6 +22,7 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
+from rskd_jax.corpus import DataError  # one error type for bad data arguments
 from rskd_jax.store.common import StoreError
 
 log = logging.getLogger("rskd_jax.train")
@@ -34,10 +35,6 @@ STORE_LOSSES = {
 # batch fields each loss method reads from the teacher store
 LOSS_FIELDS = {"ce": (), "full_online": (), "sparse": ("ids", "weights"),
                "ghost": ("ids", "weights", "tail_mass"), "full_cached": ("logprobs",)}
-
-
-class DataError(ValueError):
-    """A pipeline argument is invalid (batch size, process index, too few rows)."""
 
 
 class DataMismatch(StoreError):

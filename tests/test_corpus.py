@@ -303,3 +303,71 @@ def test_two_processes_write_the_same_store(tmp_path):
     assert [s["shards_tokenized"] for s in summaries] == [8, 7]  # 15 shards, split by index mod 2
     assert all(s["content_hash"] == ref["content_hash"] for s in summaries)
     assert arrays(tmp_path / "two") == arrays(tmp_path / "ref")
+
+
+# ----------------------------------------------------------------------------- the mixer, directly
+
+
+def synthetic_shards(seed, n_shards, docs_per_shard, source_tag):
+    """ShardDocs whose tokens name their source and document (tag * 10**6 + doc number)."""
+    from rskd_jax.packing import ShardDocs
+
+    rng = np.random.default_rng(seed)
+    out, d = [], 0
+    for _ in range(n_shards):
+        lengths = rng.integers(1, 60, docs_per_shard)
+        tokens = np.concatenate([np.full(n, source_tag * 10**6 + d + k, np.int32) for k, n in enumerate(lengths)])
+        d += docs_per_shard
+        out.append(ShardDocs(tokens, lengths.astype(np.int64), rng.random(docs_per_shard) < 0.2,
+                             {"skipped": {}, "examples": [], "input": source_tag}))
+    return out
+
+
+def mix(shards_by_source, weights, budgets, *, stop_after=None, resume_from=None):
+    """Runs a Mixer over in-memory shards; returns (written rows per split, mixer, packer)."""
+    from rskd_jax.packing import Mixer, Packer, Source
+
+    written = {}
+    splits = ("train", "val", "val_a", "val_b")
+
+    def write(split, row, tokens, starts):
+        written[(split, row)] = tokens.copy()
+
+    sources, first = [], 0
+    for name, sh, w, b in zip("ab", shards_by_source, weights, budgets):
+        sources.append(Source(name, first, len(sh), w, b))
+        first += len(sh)
+    flat = [s for sh in shards_by_source for s in sh]
+    packer = Packer(write, splits, 8, 4)
+    mixer = Mixer(sources, packer, max_tokens=None)
+    if resume_from is not None:
+        mixer.restore(json.loads(json.dumps(resume_from[0])))
+        packer.restore(resume_from[1], resume_from[2])
+    steps, ratios = 0, []
+    while (i := mixer.next_source()) is not None:
+        mixer.take(i, flat[mixer.needed(i)])
+        ratios.append([mixer.taken[k] / sources[k].weight for k in range(2)])
+        steps += 1
+        if stop_after is not None and steps == stop_after:
+            pstate, arrays = packer.state()
+            return written, (mixer.state(), pstate, arrays)
+    packer.finish()
+    return written, (mixer, ratios)
+
+
+def test_mixer_interleaves_by_weight_within_one_document_and_resumes_exactly():
+    a, b = synthetic_shards(0, 6, 25, 1), synthetic_shards(1, 5, 40, 2)
+    written, (mixer, ratios) = mix([a, b], [3.0, 1.0], [None, 1500])
+    assert mixer.taken[1] == 1500 and mixer.taken[0] == sum(int(s.lengths.sum()) for s in a)
+    # while both are active, the per-weight token counts never differ by more than one document
+    both = [r for r in ratios if r[1] < 1500]
+    assert max(abs(x - y) for x, y in both) <= 59 and len(both) > 50
+    train = np.concatenate([written[("train", r)] for r in sorted(r for s, r in written if s == "train")]).ravel()
+    first_b = np.nonzero(train // 10**6 == 2)[0]
+    assert first_b[0] < 200  # source b's documents start early, not after all of a
+    # a run stopped part-way (mid-shard), checkpointed through JSON and resumed writes the same rows
+    part, state = mix([a, b], [3.0, 1.0], [None, 1500], stop_after=37)
+    rest, _ = mix([a, b], [3.0, 1.0], [None, 1500], resume_from=state)
+    assert {**part, **rest}.keys() == written.keys()
+    assert all(np.array_equal({**part, **rest}[k], written[k]) for k in written)
+    assert state[0]["doc"] != [0, 0]  # it really stopped inside a shard

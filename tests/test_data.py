@@ -11,7 +11,6 @@ import pytest
 
 from rskd_jax.config import load_config, DataRun
 from rskd_jax.data import DataError, expand_inputs, main, pack, run, split_of
-from rskd_jax.train_data import DataError as BatchError
 from rskd_jax.train_data import Rows, make_batch_iterator
 from rskd_jax.store.common import StoreError, read_json, write_json
 from rskd_jax.store.tokens import content_hash, open_token_store, write_token_store
@@ -242,10 +241,10 @@ def test_batches_per_process_slices_partition_global_batch(store):
                                              process_count=count), 15) for p in range(count)]
         for step in range(15):
             assert np.array_equal(np.concatenate([parts[p][step] for p in range(count)]), glob[step])
-    with pytest.raises(BatchError, match="global_batch_size 10 is not a positive multiple of the process count "
+    with pytest.raises(DataError, match="global_batch_size 10 is not a positive multiple of the process count "
                                         r"\(4\); set batch_size to a multiple of 4"):
         make_batch_iterator(src, global_batch_size=10, seed=0, process_count=4)
-    with pytest.raises(BatchError, match="fewer than one global batch"):
+    with pytest.raises(DataError, match="fewer than one global batch"):
         make_batch_iterator(src, global_batch_size=512, seed=0)
 
 
