@@ -329,12 +329,17 @@ def _progress_bar(enabled: bool):
 
 def _summary(m: dict[str, Any], output: str, start: float, *, unchanged: bool, tokenized: int,
              shards: int | None = None, resumed: bool = False) -> dict[str, Any]:
+    import resource
+
     seconds = time.perf_counter() - start
     tokens = int(m.get("tokens", 0))
+    cpu = {k: round(r.ru_utime + r.ru_stime, 2) for k, r in
+           (("main", resource.getrusage(resource.RUSAGE_SELF)), ("workers", resource.getrusage(resource.RUSAGE_CHILDREN)))}
     out = {"output": output, "rows": {k: v["num_sequences"] for k, v in m["splits"].items()},
            "tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds),
            "documents": m["documents"], "skipped": m["skipped"], "content_hash": m["content_hash"],
-           "unchanged": unchanged, "resumed": resumed, "shards_tokenized": tokenized}
+           "unchanged": unchanged, "resumed": resumed, "shards_tokenized": tokenized,
+           "cpu_s": cpu}  # this process (packing, writing) and its finished tokenizer workers
     if shards is not None:
         out["shards"] = shards
     if m.get("source_stats"):

@@ -269,3 +269,28 @@ def test_last_partial_batch_is_padded(store):
     assert [[b["index"].tolist() for b in part] for part in parts] == [[[0, 1], [4, 5]], [[2, 3], [6, -1]]]
     last = parts[1][1]
     assert np.array_equal(last["tokens"][0], splits["val"][6]) and not last["tokens"][1].any()
+
+
+def test_layout_1_stores_open_without_doc_starts(store, tmp_path):
+    """A store written before document starts were recorded still reads; asking for its
+    starts says how to get them."""
+    url, splits = store
+    shutil.copytree(url, tmp_path / "old")
+    old = str(tmp_path / "old")
+    m = read_json(old)
+    write_json(old, dict(m, layout_version=1, splits={k: {kk: vv for kk, vv in v.items() if kk != "doc_starts"}
+                                                      for k, v in m["splits"].items()}))
+    for name in ("train", "val"):
+        shutil.rmtree(os.path.join(old, name, "doc_starts"))
+    s = open_token_store(old)
+    assert not s.has_doc_starts and np.array_equal(s.read("val", np.arange(7)), splits["val"])
+    with pytest.raises(StoreError, match="no document starts.*data.overwrite=true"):
+        s.segment_ids("train", np.array([0]))
+
+
+def test_doc_starts_follow_eos(tmp_path):
+    tokens = np.array([[5, 2, 7, 8], [2, 2, 9, 2], [4, 4, 4, 4]], np.int32)  # eos = 2
+    write_token_store(str(tmp_path / "s"), {"train": tokens}, {"eos_id": 2})
+    s = open_token_store(str(tmp_path / "s"))
+    assert s.read_doc_starts("train", np.arange(3)).astype(int).tolist() == [[1, 0, 1, 0], [0, 1, 1, 0], [1, 0, 0, 0]]
+    assert s.segment_ids("train", np.array([1, 0, 2])).tolist() == [[0, 1, 2, 2], [0, 0, 1, 1], [0, 0, 0, 0]]

@@ -7,11 +7,12 @@ The corpus is the first `--files` CPython standard-library sources (sorted paths
 excluded) written as one JSONL.zst shard per 100 documents in a temporary directory. Each
 measurement runs the real program (`python -m rskd_jax.data`) as a subprocess:
 
-- `tokens_per_s[w]`: tokens / wall seconds of a fresh run with `data.workers=w`, and the
-  speed-up of the largest w over w=1; `cpu_s[w]` is the CPU time of the program and its
+- `tokens_per_s[w]`: tokens / wall seconds of a fresh run over the scaled corpus with
+  `data.workers=w` (`tokens_per_s_in_program`: the program's own figure, without interpreter
+  start-up and imports), and the speed-up of the largest w over w=1; `cpu_s[w]` is the CPU time of the program and its
   workers (from `wait4` rusage), so a loaded machine shows up as cpu_s << w x wall;
 - `peak_rss_mb`: the largest summed RSS of the program and its workers (sampled every
-  20 ms from /proc) on the corpus and on `--scale` x the corpus (every document repeated
+  20 ms from /proc; `peak_rss_main_mb` the program alone) on the corpus and on `--scale` x the corpus (every document repeated
   with a "# copy k" marker line, so all are distinct), with 2 workers;
 - `resume`: a run killed with SIGKILL once half its shards are tokenized, then re-run:
   the shards the re-run tokenized vs a fresh run's, wall seconds of both, and whether the
@@ -51,20 +52,22 @@ def write_corpus(out_dir: str, n_files: int, copies: int, per_file: int = 100) -
     return len(docs)
 
 
-def _tree_rss(pid: int) -> int:
-    """Summed RSS (bytes) of `pid` and its descendants, from /proc."""
-    total, todo = 0, [pid]
+def _tree_rss(pid: int) -> tuple[int, int]:
+    """(summed RSS of `pid` and its descendants, RSS of `pid` alone) in bytes, from /proc."""
+    total, main, todo = 0, 0, [pid]
     while todo:
         p = todo.pop()
         try:
             with open(f"/proc/{p}/statm") as f:
-                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+                rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            total += rss
+            main = rss if p == pid else main
             for t in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{t}/children") as f:
                     todo += [int(c) for c in f.read().split()]
         except (OSError, ValueError):
             pass
-    return total
+    return total, main
 
 
 def run_program(args: list[str], *, kill_when=None) -> dict:
@@ -73,9 +76,10 @@ def run_program(args: list[str], *, kill_when=None) -> dict:
     start, cpu0 = time.perf_counter(), children_cpu()
     proc = subprocess.Popen([sys.executable, "-m", "rskd_jax.data", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    peak, killed = 0, False
+    peak, peak_main, killed = 0, 0, False
     while proc.poll() is None:
-        peak = max(peak, _tree_rss(proc.pid))
+        total, main = _tree_rss(proc.pid)
+        peak, peak_main = max(peak, total), max(peak_main, main)
         if kill_when is not None and kill_when():
             os.kill(proc.pid, signal.SIGKILL)
             killed = True
@@ -85,7 +89,7 @@ def run_program(args: list[str], *, kill_when=None) -> dict:
     wall = time.perf_counter() - start
     # RUSAGE_CHILDREN covers the program and the workers it waited for
     res = {"wall_s": round(wall, 2), "cpu_s": round(children_cpu() - cpu0, 2), "peak_rss_mb": round(peak / 2**20, 1),
-           "killed": killed, "returncode": proc.returncode}
+           "peak_rss_main_mb": round(peak_main / 2**20, 1), "killed": killed, "returncode": proc.returncode}
     if not killed:
         if res["returncode"] != 0:
             raise SystemExit(f"the data program failed: {args}")
@@ -105,27 +109,35 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=16)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--tokenizer", default="smollm2", help="data.tokenizer for every run")
     parser.add_argument("--batch", type=int, default=64, help="global batch for the read benchmark")
     parser.add_argument("--read-steps", type=int, default=100)
+    parser.add_argument("--speed-on-1x", dest="speed_scaled", action="store_false",
+                        help="measure tokens/s on the 1x corpus (default: the scaled one; start-up "
+                             "costs of a few seconds dominate a small corpus)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["speed", "rss", "resume", "read"])
     a = parser.parse_args()
     say = (lambda *m: None) if a.json else (lambda *m: print(*m, file=sys.stderr, flush=True))
 
     from rskd_jax.tokenizer import load_tokenizer
 
-    load_tokenizer("smollm2")  # built and cached outside the timed runs
+    load_tokenizer(a.tokenizer)  # built and cached outside the timed runs
     result: dict = {"cpus": os.cpu_count(), "files": a.files, "seq_len": a.seq_len,
                     "load_avg_1m_start": round(os.getloadavg()[0], 2)}
     with tempfile.TemporaryDirectory() as tmp:
         one, big = os.path.join(tmp, "x1"), os.path.join(tmp, f"x{a.scale}")
         result["documents_1x"] = write_corpus(one, a.files, 1)
-        base = [f"data.seq_len={a.seq_len}", "data.shard_records=25", "data.val_fraction=0.05"]
+        result["documents_scaled"] = write_corpus(big, a.files, a.scale)
+        base = [f"data.tokenizer={a.tokenizer}", f"data.seq_len={a.seq_len}", "data.shard_records=25", "data.val_fraction=0.05"]
         if "speed" not in a.skip:
             result["tokens_per_s"], result["cpu_s"], result["wall_s"] = {}, {}, {}
             for w in a.workers:
-                r = run_program([f"data.inputs={one}", f"data.output={tmp}/speed{w}", f"data.workers={w}", *base])
+                r = run_program([f"data.inputs={big if a.speed_scaled else one}", f"data.output={tmp}/speed{w}",
+                                 f"data.workers={w}", *base])
                 result["tokens"] = r["summary"]["tokens"]
                 result["tokens_per_s"][w] = round(r["summary"]["tokens"] / r["wall_s"])
+                result.setdefault("tokens_per_s_in_program", {})[w] = r["summary"]["tokens_per_s"]
+                result.setdefault("program_cpu_s", {})[w] = r["summary"]["cpu_s"]
                 result["wall_s"][w] = r["wall_s"]
                 result["cpu_s"][w] = r["cpu_s"]
                 say(f"workers={w}: {result['tokens_per_s'][w]} tokens/s, {r['wall_s']} s wall, "
@@ -135,11 +147,11 @@ def main() -> None:
             hashes = {run_hash(f"{tmp}/speed{w}") for w in a.workers}
             result["stores_identical_across_workers"] = len(hashes) == 1
         if "rss" not in a.skip:
-            result["documents_scaled"] = write_corpus(big, a.files, a.scale)
-            result["peak_rss_mb"] = {}
+            result["peak_rss_mb"], result["peak_rss_main_mb"] = {}, {}
             for name, corpus in (("1x", one), (f"{a.scale}x", big)):
                 r = run_program([f"data.inputs={corpus}", f"data.output={tmp}/rss{name}", "data.workers=2", *base])
                 result["peak_rss_mb"][name] = r["peak_rss_mb"]
+                result["peak_rss_main_mb"][name] = r["peak_rss_main_mb"]
                 result[f"tokens_{name}"] = r["summary"]["tokens"]
                 say(f"{name}: {r['summary']['tokens']} tokens, peak RSS {r['peak_rss_mb']} MB, {r['wall_s']} s")
             result["peak_rss_growth_mb"] = round(result["peak_rss_mb"][f"{a.scale}x"] - result["peak_rss_mb"]["1x"], 1)
