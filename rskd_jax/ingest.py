@@ -136,8 +136,15 @@ def decode_docs(blob: bytes) -> ShardDocs:
     return ShardDocs(z["tokens"], z["lengths"], z["val"], json.loads(z["stats"].tobytes()))
 
 
+_KVSTORES: dict[str, ts.KvStore] = {}
+
+
 def _kv(url: str) -> ts.KvStore:
-    return ts.KvStore.open(common.store_url(url)).result()
+    """One KvStore per store per process (a fresh open per shard would build a new context)."""
+    url = common.store_url(url)
+    if url not in _KVSTORES:
+        _KVSTORES[url] = ts.KvStore.open(url).result()
+    return _KVSTORES[url]
 
 
 # ----------------------------------------------------------------------------- scheduling

@@ -148,6 +148,7 @@ def test_bad_records_are_counted_not_fatal(tmp_path):
         data_run([str(tmp_path / "in" / "a.jsonl"), str(tmp_path / "in" / "c.parquet")], tmp_path / "out2")
 
 
+@pytest.mark.slow  # spawns a pool of 2 tokenizer processes
 def test_worker_counts_give_identical_bytes(tmp_path):
     texts = stdlib_texts()
     paths = write_formats(tmp_path, texts)

@@ -154,7 +154,7 @@ def test_split_by_content_hash_is_stable():
 def test_data_program_end_to_end(corpus, tmp_path, capsys):
     out = tmp_path / "tokens"
     main(["data.inputs=" + str(corpus), f"data.output={out}", f"data.seq_len={L}", "data.val_fraction=0.3",
-          "data.workers=1"])
+          "data.workers=0"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["skipped"] == {"non_utf8": 1, "unreadable": 0, "empty": 1, "bad_json": 0, "missing_key": 0,
                                   "not_string": 0, "examples": ["empty.py (empty)", "latin1.py (non_utf8)"]}
