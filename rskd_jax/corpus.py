@@ -130,7 +130,7 @@ def expand_inputs(inputs: Sequence[str], extensions: Sequence[str] = TEXT_EXTENS
         elif os.path.isdir(spec):
             pairs = [(p, spec) for p in _walk(spec, extensions)]
         elif glob.has_magic(spec):
-            base = spec[: min((spec.find(c) for c in "*?[" if c in spec))].rpartition("/")[0] or "."
+            base = spec[: min(spec.find(c) for c in "*?[" if c in spec)].rpartition("/")[0] or "."
             pairs, matches = [], sorted(glob.glob(spec, recursive=True))
             if not matches:
                 raise DataError(f"data.inputs: the glob {given!r} matches nothing")

@@ -32,12 +32,20 @@ from collections.abc import Sequence
 from typing import Any
 
 from rskd_jax.config import DataConfig, DataRun, parse_cli, save_config
-from rskd_jax.corpus import (STDLIB, DataError, InputFile, Shard, count_records, expand_inputs, file_identity,
-                             plan_shards)
-from rskd_jax.ingest import split_of  # noqa: F401 - part of this program's public surface
-from rskd_jax.packing import Source
+from rskd_jax.corpus import (
+    STDLIB,
+    DataError,
+    InputFile,
+    Shard,
+    count_records,
+    expand_inputs,
+    file_identity,
+    plan_shards,
+)
+from rskd_jax.ingest import split_of
+from rskd_jax.packing import Mixer, Source
 
-__all__ = ["DataError", "STDLIB", "expand_inputs", "pack", "run", "main", "split_of"]
+__all__ = ["STDLIB", "DataError", "expand_inputs", "main", "pack", "run", "split_of"]
 
 RESULT_KEYS = ("content_hash", "doc_starts_hash", "splits", "documents", "skipped", "tokens", "source_stats")
 
@@ -216,7 +224,7 @@ def run(cfg: DataRun, *, dry_run: bool = False, progress: bool = True) -> dict[s
         packer.restore(checkpoint[0]["packer"], checkpoint[1])
     job = ingest.TokenizeJob(c.output, c.tokenizer, c.text_key, c.val_fraction, add_bos, c.batch_files)
     pool = ingest.ShardPool(job, plan.files, plan.shards, workers)
-    local = lambda g: g % procs.count == procs.index  # noqa: E731
+    local = lambda g: g % procs.count == procs.index
     try:
         if procs.index == 0:
             bar = _progress_bar(progress)

@@ -18,7 +18,8 @@ token hash that `Rows.read` checks on every batch (`check_token_hash`).
 from __future__ import annotations
 
 import logging
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 

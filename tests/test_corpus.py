@@ -27,8 +27,13 @@ FILES = ["bisect.py", "colorsys.py", "keyword.py", "json/__init__.py", "json/sca
          "fnmatch.py", "shlex.py", "copy.py", "abc.py", "numbers.py"]
 
 
+def read_text(path) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
 def stdlib_texts() -> list[str]:
-    texts = [open(os.path.join(STDLIB, f), encoding="utf-8").read() for f in FILES]
+    texts = [read_text(os.path.join(STDLIB, f)) for f in FILES]
     return texts + [f"short document {i}: {t[:200]}" for i, t in enumerate(texts[:9])]  # 24 docs
 
 
@@ -39,7 +44,8 @@ def arrays(url) -> dict[str, bytes]:
         for f in fs:
             rel = os.path.relpath(os.path.join(d, f), url)
             if "/" in rel and not rel.startswith("_work"):
-                out[rel] = open(os.path.join(d, f), "rb").read()
+                with open(os.path.join(d, f), "rb") as fh:
+                    out[rel] = fh.read()
     return out
 
 
@@ -225,7 +231,7 @@ def big_jsonl(path, n_files=300) -> int:
     from rskd_jax.corpus import expand_inputs
 
     files, _ = expand_inputs(["@stdlib"])
-    lines = [json.dumps({"text": open(f.path, encoding="utf-8", errors="replace").read()}) for f in files[:n_files]]
+    lines = [json.dumps({"text": read_text(f.path)}) for f in files[:n_files]]
     path.write_bytes(zstandard.ZstdCompressor().compress(("\n".join(lines) + "\n").encode()))
     return len(lines)
 

@@ -9,11 +9,11 @@ import shutil
 import numpy as np
 import pytest
 
-from rskd_jax.config import load_config, DataRun
+from rskd_jax.config import DataRun, load_config
 from rskd_jax.data import DataError, expand_inputs, main, pack, run, split_of
-from rskd_jax.train_data import Rows, make_batch_iterator
 from rskd_jax.store.common import StoreError, read_json, write_json
 from rskd_jax.store.tokens import content_hash, open_token_store, write_token_store
+from rskd_jax.train_data import Rows, make_batch_iterator
 
 L = 16
 

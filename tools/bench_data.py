@@ -42,7 +42,10 @@ def write_corpus(out_dir: str, n_files: int, copies: int, per_file: int = 100) -
     from rskd_jax.corpus import expand_inputs
 
     files = expand_inputs(["@stdlib"])[0][:n_files]
-    texts = [open(f.path, encoding="utf-8", errors="replace").read() for f in files]
+    texts = []
+    for f in files:
+        with open(f.path, encoding="utf-8", errors="replace") as fh:
+            texts.append(fh.read())
     os.makedirs(out_dir, exist_ok=True)
     docs = [t if k == 0 else f"# copy {k}\n{t}" for k in range(copies) for t in texts]
     for i in range(0, len(docs), per_file):
@@ -180,7 +183,8 @@ def resume_figures(tmp: str, corpus: str, base: list[str]) -> dict:
 
     def half_done() -> bool:
         try:
-            state = json.load(open(f"{out}/_work/state.json"))
+            with open(f"{out}/_work/state.json") as f:
+                state = json.load(f)
             consumed = state["mixer"]["shard"][0]
         except (OSError, ValueError, KeyError):
             consumed = 0
