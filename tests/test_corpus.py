@@ -163,6 +163,7 @@ def test_worker_counts_give_identical_bytes(tmp_path):
     assert runs[2]["shards_tokenized"] == 8 + 24
     assert len({r["content_hash"] for r in runs.values()}) == 1
     assert arrays(tmp_path / "w0") == arrays(tmp_path / "w2")
+    assert read_text(tmp_path / "w0" / "manifest.json") == read_text(tmp_path / "w2" / "manifest.json")
     again = data_run(inputs, tmp_path / "w2", "data.shard_records=3", "data.workers=2")
     assert again["unchanged"] is True and again["shards_tokenized"] == 0
 
@@ -280,6 +281,7 @@ def test_sigkill_then_resume_redoes_only_unfinished_shards(tmp_path):
     assert resumed["resumed"] is True and resumed["content_hash"] == ref["content_hash"]
     assert 0 < resumed["shards_tokenized"] < ref["shards_tokenized"] == resumed["shards"] == 40
     assert arrays(out) == arrays(tmp_path / "ref") and not (out / "_work").exists()
+    assert read_text(out / "manifest.json") == read_text(tmp_path / "ref" / "manifest.json")
 
 
 @pytest.mark.slow
@@ -310,6 +312,7 @@ def test_two_processes_write_the_same_store(tmp_path):
     assert [s["shards_tokenized"] for s in summaries] == [8, 7]  # 15 shards, split by index mod 2
     assert all(s["content_hash"] == ref["content_hash"] for s in summaries)
     assert arrays(tmp_path / "two") == arrays(tmp_path / "ref")
+    assert read_text(tmp_path / "two" / "manifest.json") == read_text(tmp_path / "ref" / "manifest.json")
 
 
 # ----------------------------------------------------------------------------- the mixer, directly
