@@ -155,6 +155,17 @@ def _count(plan: Plan, workers: int) -> list[int]:
     return counts
 
 
+# Below this much input, worker processes cost more than they save (each starts in ~1 s);
+# the tokenizer's own threads still use every core in process.
+SMALL_INPUT_BYTES = 4 << 20
+
+
+def default_workers(plan: Plan) -> int:
+    """`data.workers` unset: one tokenizer process per core, none for a small input."""
+    small = sum(os.path.getsize(f.path) for f in plan.files) < SMALL_INPUT_BYTES
+    return 0 if small else len(os.sched_getaffinity(0))
+
+
 class _Processes:
     """This process's place among `jax.distributed` processes (one process without it)."""
 
@@ -198,7 +209,7 @@ def run(cfg: DataRun, *, dry_run: bool = False, progress: bool = True) -> dict[s
         raise DataError(f"tokenizer {c.tokenizer!r} has no EOS token; documents need a separator")
     add_bos = resolve_add_bos(tok, c.add_bos)
     header = header_of(c, plan, tok, add_bos)
-    workers = len(os.sched_getaffinity(0)) if c.workers is None else c.workers
+    workers = default_workers(plan) if c.workers is None else c.workers
 
     # ---- the store: finished already, interrupted (resume), or new
     status = begin_token_store(c.output, header, overwrite=c.overwrite, result_keys=RESULT_KEYS) \
@@ -247,8 +258,9 @@ def run(cfg: DataRun, *, dry_run: bool = False, progress: bool = True) -> dict[s
         save_config(cfg, c.output)
     else:
         final = common.read_json(c.output)
-    return _summary(final, c.output, start, unchanged=False, tokenized=tokenized,
-                    shards=len(plan.shards), resumed=checkpoint is not None or status == "resume")
+    return dict(_summary(final, c.output, start, unchanged=False, tokenized=tokenized,
+                         shards=len(plan.shards), resumed=checkpoint is not None or status == "resume"),
+                workers=workers)
 
 
 def plan_shards_once(c: DataConfig, plan: Plan, procs: _Processes, workers: int) -> None:

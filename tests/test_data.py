@@ -294,3 +294,14 @@ def test_doc_starts_follow_eos(tmp_path):
     s = open_token_store(str(tmp_path / "s"))
     assert s.read_doc_starts("train", np.arange(3)).astype(int).tolist() == [[1, 0, 1, 0], [0, 1, 1, 0], [1, 0, 0, 0]]
     assert s.segment_ids("train", np.array([1, 0, 2])).tolist() == [[0, 1, 2, 2], [0, 0, 1, 1], [0, 0, 0, 0]]
+
+
+def test_default_workers_by_input_size(tmp_path):
+    from rskd_jax.config import DataConfig
+    from rskd_jax.data import SMALL_INPUT_BYTES, default_workers, expand
+
+    (tmp_path / "a.txt").write_text("small\n")
+    assert default_workers(expand(DataConfig(inputs=(str(tmp_path),)))) == 0  # in process
+    with open(tmp_path / "b.txt", "wb") as f:
+        f.truncate(SMALL_INPUT_BYTES)  # sparse: no disk used
+    assert default_workers(expand(DataConfig(inputs=(str(tmp_path),)))) == len(os.sched_getaffinity(0))
