@@ -9,15 +9,16 @@ Formats, chosen by file name:
     arrow     .arrow: Arrow IPC stream (or file) shards as `datasets.Dataset.save_to_disk`
               writes them (`data-00000-of-00004.arrow` ...), text in the column `text_key`
 
-The unit of work is a shard: a text file, a Parquet row group, or a fixed range of
-`shard_records` JSONL lines / Arrow rows. `plan_shards` lists them in input order (paths
+The unit of work is a shard: a Parquet row group, a fixed range of `shard_records` JSONL
+lines / Arrow rows, or a run of consecutive text files (~1 MB). `plan_shards` lists them in input order (paths
 sorted, records in file order); `read_shard` yields each record as (text, None) or
 (None, reason). Reasons: unreadable, non_utf8, empty, bad_json, missing_key, not_string.
 Nothing here tokenizes or writes.
 
     files, sources = expand_inputs(["corpus/", "@stdlib/json/*.py"])
-    shards = plan_shards(files, shard_records=10_000)
-    for text, reason in read_shard(files[shards[0].file], shards[0], text_key="text"): ...
+    shards = plan_shards(files, [count_records(f) for f in files], shard_records=10_000)
+    sh = shards[0]
+    for text, reason in read_shard(files[sh.file: sh.file + sh.files], sh, text_key="text"): ...
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class InputFile:
 class Shard:
     file: int  # index into the file list
     start: int  # first record (line / row; row group index for parquet; 0 for text)
-    stop: int  # one past the last record
+    stop: int  # one past the last record (text: the number of files)
+    files: int = 1  # text: consecutive files file .. file + files - 1, one document each
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -180,14 +182,47 @@ def count_records(f: InputFile) -> int:
         return n
 
 
-def plan_shards(files: Sequence[InputFile], counts: Sequence[int], shard_records: int) -> list[Shard]:
-    """Shards in input order: one per text file and Parquet row group, `shard_records`-record
-    ranges of JSONL lines and Arrow rows. `counts` from `count_records`."""
-    shards = []
+TEXT_SHARD_BYTES = 1 << 20
+
+
+def plan_shards(files: Sequence[InputFile], counts: Sequence[int], shard_records: int,
+                text_shard_bytes: int = TEXT_SHARD_BYTES) -> list[Shard]:
+    """Shards in input order: one per Parquet row group, `shard_records`-record ranges of
+    JSONL lines and Arrow rows, and runs of consecutive text files of one input (up to
+    `text_shard_bytes` and `shard_records` files; PERF: one task per small file cost more
+    than its tokenization). `counts` from `count_records`."""
+    shards: list[Shard] = []
+    group: list[int] = []  # consecutive text files of one input
+    size = 0
+
+    def close() -> None:
+        nonlocal size
+        if group:
+            shards.append(Shard(group[0], 0, len(group), len(group)))
+        group.clear()
+        size = 0
+
     for i, (f, n) in enumerate(zip(files, counts)):
-        step = 1 if f.format in ("text", "parquet") else shard_records
+        if f.format == "text":
+            b = _size(f.path)
+            if group and (files[group[0]].input != f.input or size + b > text_shard_bytes
+                          or len(group) >= shard_records):
+                close()
+            group.append(i)
+            size += b
+            continue
+        close()
+        step = 1 if f.format == "parquet" else shard_records
         shards += [Shard(i, lo, min(lo + step, n)) for lo in range(0, max(n, 1), step)]
+    close()
     return shards
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 def _arrow_batches(path: str):
@@ -205,12 +240,13 @@ def _arrow_batches(path: str):
 Record = tuple[str | None, str | None]  # (text, None) or (None, skip reason)
 
 
-def read_shard(f: InputFile, shard: Shard, *, text_key: str) -> Iterator[Record]:
-    """The shard's records in file order. A file that cannot be read (missing, truncated,
-    corrupt) ends the shard with one (None, 'unreadable') after what could be read."""
+def read_shard(files: Sequence[InputFile], shard: Shard, *, text_key: str) -> Iterator[Record]:
+    """The records of `shard` (whose files are `files`) in file order. A file that cannot be
+    read (missing, truncated, corrupt) ends with one (None, 'unreadable') after what could be read."""
+    f = files[0]
     try:
         if f.format == "text":
-            yield _text_record(f)
+            yield from (_text_record(g) for g in files)
         elif f.format == "jsonl":
             yield from _jsonl_records(f.path, shard.start, shard.stop, text_key)
         elif f.format == "parquet":

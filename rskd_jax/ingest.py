@@ -85,25 +85,26 @@ def _init_worker() -> None:
         pass
 
 
-def _label(f: InputFile, shard: Shard, r: int) -> str:
+def _label(files: list[InputFile], shard: Shard, r: int) -> str:
+    f = files[0]
     if f.format == "text":
-        return f.rel
+        return files[r].rel
     if f.format == "parquet":
         return f"{f.rel}:row_group {shard.start} row {r}"
     return f"{f.rel}:{'line' if f.format == 'jsonl' else 'row'} {shard.start + r + (f.format == 'jsonl')}"
 
 
-def tokenize_shard(job: TokenizeJob, index: int, f: InputFile, shard: Shard) -> int:
-    """Reads and tokenizes one shard into the spool; returns `index`."""
+def tokenize_shard(job: TokenizeJob, index: int, files: list[InputFile], shard: Shard) -> int:
+    """Reads and tokenizes one shard (of `files`) into the spool; returns `index`."""
     tok = _tokenizer(job.tokenizer)
     skipped: dict[str, int] = {}
     examples: list[str] = []
     texts: list[str] = []
-    for r, (text, reason) in enumerate(read_shard(f, shard, text_key=job.text_key)):
+    for r, (text, reason) in enumerate(read_shard(files, shard, text_key=job.text_key)):
         if reason is not None:
             skipped[reason] = skipped.get(reason, 0) + 1
             if len(examples) < 5:
-                examples.append(f"{_label(f, shard, r)} ({reason})")
+                examples.append(f"{_label(files, shard, r)} ({reason})")
         else:
             texts.append(text)  # type: ignore[arg-type]
     pieces, lengths = [], []
@@ -114,7 +115,7 @@ def tokenize_shard(job: TokenizeJob, index: int, f: InputFile, shard: Shard) -> 
             pieces.append(doc)
             lengths.append(doc.size)
     val = np.array([split_of(t, job.val_fraction) == "val" for t in texts], bool)
-    stats = {"skipped": skipped, "examples": examples, "input": f.input}
+    stats = {"skipped": skipped, "examples": examples, "input": files[0].input}
     docs = ShardDocs(np.concatenate(pieces) if pieces else np.zeros(0, np.int32),
                      np.asarray(lengths, np.int64), val, stats)
     _kv(job.url).write(f"{SPOOL}{index:08d}", encode_docs(docs)).result()
@@ -165,7 +166,8 @@ class ShardPool:
             self._pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)
 
     def submit(self, i: int) -> None:
-        args = (self.job, i, self.files[self.shards[i].file], self.shards[i])
+        sh = self.shards[i]
+        args = (self.job, i, self.files[sh.file: sh.file + sh.files], sh)
         if self._pool is None:
             self.futures[i] = tokenize_shard(*args)
         else:
