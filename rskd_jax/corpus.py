@@ -252,7 +252,12 @@ def read_shard(files: Sequence[InputFile], shard: Shard, *, text_key: str) -> It
         elif f.format == "parquet":
             import pyarrow.parquet as pq
 
-            yield from _column_records(pq.ParquetFile(f.path).read_row_group(shard.start), text_key)
+            pf = pq.ParquetFile(f.path)
+            if text_key in pf.schema_arrow.names:  # PERF: only the text column is read
+                yield from _column_records(pf.read_row_group(shard.start, columns=[text_key]), text_key)
+            else:
+                rows = pf.metadata.row_group(shard.start).num_rows
+                yield from ((None, "missing_key") for _ in range(rows))
         else:
             yield from _arrow_records(f.path, shard.start, shard.stop, text_key)
     except Exception:  # noqa: BLE001 - OSError, EOFError, zlib/zstd/arrow errors: corrupt input
