@@ -361,7 +361,8 @@ class DataConfig:
     max_tokens: int | None = opt(None, "stop after about this many tokens (for small slices)")
     workers: int | None = opt(None, "tokenizer processes (default: one per core, none below 4 MB of "
                                     "input; 0: in this process)")
-    shard_records: int = opt(10000, "JSONL lines / Arrow rows per shard (the unit of work and resume)")
+    shard_records: int = opt(10000, "JSONL lines / Arrow rows (at most text files) per shard, the unit of "
+                                    "work and resume")
     batch_files: int = opt(256, "documents per tokenizer call")
     checkpoint_seconds: float = opt(10.0, "seconds between checkpoints of the packing state")
     overwrite: bool = opt(False, "replace an existing store that holds different data")
