@@ -278,7 +278,7 @@ def _text_record(f: InputFile) -> Record:
     try:
         with _open(f.path) as fh:
             raw = fh.read()
-    except OSError:
+    except Exception:  # noqa: BLE001 - OSError, EOFError, zlib / zstd errors: this file only
         return None, "unreadable"
     try:
         text = raw.decode("utf-8-sig")

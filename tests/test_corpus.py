@@ -139,12 +139,14 @@ def test_bad_records_are_counted_not_fatal(tmp_path):
     body = "".join(json.dumps({"text": line}) + "\n" for line in stdlib_texts()[5].splitlines() if line.strip())
     cut = gzip.compress(body.encode())[:-300]
     (tmp_path / "in" / "d.jsonl.gz").write_bytes(cut)
+    (tmp_path / "in" / "e1.txt.gz").write_bytes(gzip.compress(good[0].encode())[:-30])  # corrupt, alone
+    (tmp_path / "in" / "e2.txt.gz").write_bytes(gzip.compress(good[1].encode()))  # same shard, still read
     readable = zlib.decompressobj(31).decompress(cut).count(b"\n")  # whole lines before the damage
     s = data_run(str(tmp_path / "in"), tmp_path / "out", "data.shard_records=4")
-    assert readable > 20 and sum(s["documents"].values()) == 3 + readable  # a truncated gzip gives its first lines
+    assert readable > 20 and sum(s["documents"].values()) == 3 + readable + 1  # a truncated gzip: its first lines
     skipped = {k: v for k, v in s["skipped"].items() if k != "examples"}
     assert skipped == {"not_string": 1, "missing_key": 1 + 1 + 1 + 1, "bad_json": 2, "non_utf8": 2,
-                       "empty": 2 + 2, "unreadable": 1}, skipped
+                       "empty": 2 + 2, "unreadable": 1 + 1}, skipped
     assert s["skipped"]["examples"] == ["a.jsonl:line 2 (not_string)", "a.jsonl:line 3 (missing_key)",
                                         "a.jsonl:line 4 (bad_json)", "a.jsonl:line 5 (bad_json)",
                                         "a.jsonl:line 6 (non_utf8)"]
