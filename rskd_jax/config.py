@@ -318,21 +318,53 @@ def parse_cli(
 
 
 @dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """One named source of a mixture (`data.sources`)."""
+
+    name: str = opt("main", "the source's name: its val split is val_<name>")
+    inputs: tuple[str, ...] = opt((), "files, dirs and globs, as data.inputs")
+    exclude: tuple[str, ...] = opt((), "fnmatch patterns; matching file paths are skipped")
+    weight: float | None = opt(None, "share of the interleave (default: max_tokens if given, else 1)")
+    max_tokens: int | None = opt(None, "token budget of this source (default: all of it)")
+
+    def __post_init__(self):
+        if not self.name or not all(ch.isalnum() or ch in "_-." for ch in self.name):
+            raise ConfigError(f"data.sources: name {self.name!r} must be letters, digits, '_', '-' or '.'")
+        if not self.inputs:
+            raise ConfigError(f"data.sources[{self.name}].inputs is empty")
+        if self.weight is not None and not self.weight > 0:
+            raise ConfigError(f"data.sources[{self.name}].weight must be > 0, got {self.weight}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ConfigError(f"data.sources[{self.name}].max_tokens must be >= 1, got {self.max_tokens}")
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """`python -m rskd_jax.data`: text files -> token store."""
+    """`python -m rskd_jax.data`: text files, JSONL, Parquet, Arrow -> token store."""
 
     inputs: tuple[str, ...] = opt(
         ("@stdlib",), "files, dirs (walked recursively) and globs; '@stdlib' is the CPython "
         "standard library source of the running interpreter without its test dirs")
     extensions: tuple[str, ...] = opt(
-        (".py", ".txt", ".md", ".rst"), "file suffixes kept when walking a directory")
+        (".py", ".txt", ".md", ".rst", ".txt.gz", ".txt.zst", ".jsonl", ".jsonl.gz", ".jsonl.zst",
+         ".ndjson", ".json.gz", ".json.zst", ".parquet", ".arrow"), "file suffixes kept when walking a directory")
     exclude: tuple[str, ...] = opt((), "fnmatch patterns; matching file paths are skipped")
+    sources: tuple[SourceConfig, ...] = opt(
+        (), "named sources mixed at document level (replaces data.inputs); val_<name> per source")
+    text_key: str = opt("text", "JSONL field / Parquet and Arrow column holding the text")
     seq_len: int = opt(512, "tokens per stored sequence (row)")
     output: str = opt("runs/tokens", "token store: local path or TensorStore kvstore URL")
     tokenizer: str = opt("smollm2", "'smollm2', or a path to a tokenizer.json or a .gguf file")
+    add_bos: bool | Literal["auto"] = opt("auto", "BOS before each document: auto (the tokenizer's own "
+                                          "setting), true or false")
     val_fraction: float = opt(0.05, "share of documents (by content hash) in the val split")
     max_tokens: int | None = opt(None, "stop after about this many tokens (for small slices)")
-    batch_files: int = opt(256, "files per tokenizer batch")
+    workers: int | None = opt(None, "tokenizer processes (default: one per core, none below 4 MB of "
+                                    "input; 0: in this process)")
+    shard_records: int = opt(10000, "JSONL lines / Arrow rows (at most text files) per shard, the unit of "
+                                    "work and resume")
+    batch_files: int = opt(256, "documents per tokenizer call")
+    checkpoint_seconds: float = opt(10.0, "seconds between checkpoints of the packing state")
     overwrite: bool = opt(False, "replace an existing store that holds different data")
 
     def __post_init__(self):
@@ -342,17 +374,17 @@ class DataConfig:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.max_tokens is not None and self.max_tokens < self.seq_len:
             raise ConfigError(f"data.max_tokens ({self.max_tokens}) must be >= data.seq_len ({self.seq_len})")
-        if not self.inputs:
+        if not self.inputs and not self.sources:
             raise ConfigError("data.inputs is empty; give files, dirs or globs, or '@stdlib'")
         if self.batch_files < 1:
             raise ConfigError(f"data.batch_files must be >= 1, got {self.batch_files}")
-
-
-@dataclasses.dataclass(frozen=True)
-class DataRun:
-    """Root config of `python -m rskd_jax.data`."""
-
-    data: DataConfig = opt(DataConfig())
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"data.workers must be >= 0 (0: tokenize in this process), got {self.workers}")
+        if self.shard_records < 1:
+            raise ConfigError(f"data.shard_records must be >= 1, got {self.shard_records}")
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data.sources: names must be unique, got {names}")
 
 
 # ----------------------------------------------------------------------------- shared sections
@@ -380,6 +412,14 @@ class DistributedConfig:
     coordinator_address: str | None = opt(None, "host:port of process 0")
     num_processes: int | None = opt(None, "number of processes")
     process_id: int | None = opt(None, "this process's index")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataRun:
+    """Root config of `python -m rskd_jax.data`."""
+
+    data: DataConfig = opt(DataConfig())
+    distributed: DistributedConfig = opt(DistributedConfig())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -130,11 +130,11 @@ def load_student(path: str, vocab: int, mesh) -> tuple[Any, Any, dict]:
 
 def run(cfg: EvaluateRun) -> dict[str, Any]:
     """Evaluates a student; returns the JSON summary `main` prints."""
-    from rskd_jax.data import make_batch_iterator
     from rskd_jax.model_spec import build_model
     from rskd_jax.store.teacher import open_teacher_store
     from rskd_jax.store.tokens import open_token_store
-    from rskd_jax.train_data import check_stores, host_batch, split_rows, teacher_fields, tokenizer_vocab
+    from rskd_jax.train_data import (check_stores, host_batch, make_batch_iterator, split_rows,
+                                     teacher_fields, tokenizer_vocab)
     from rskd_jax.train_step import model_shardings, split_model
 
     e = cfg.evaluate

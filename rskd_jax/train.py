@@ -156,11 +156,10 @@ def run(cfg: TrainRun) -> dict[str, Any]:
     from rskd_jax import evaluate, optim, sharding
     from rskd_jax import train_step as ts
     from rskd_jax.checkpoint import Checkpointer
-    from rskd_jax.data import make_batch_iterator
     from rskd_jax.model_spec import build_model
     from rskd_jax.store.teacher import open_teacher_store
     from rskd_jax.store.tokens import open_token_store
-    from rskd_jax.train_data import host_batch, run_rows, tokenizer_vocab
+    from rskd_jax.train_data import host_batch, make_batch_iterator, run_rows, tokenizer_vocab
 
     t, lc, oc = cfg.train, cfg.loss, cfg.optim
     started = time.perf_counter()

@@ -1,20 +1,29 @@
-"""Stores -> checked row sources -> global batches, for the train and evaluate programs.
+"""The input pipeline: stores -> checked row sources -> grain batches, for train and evaluate.
+
+One row-source type, `Rows`: a token-store split, optionally joined with the same rows of a
+teacher store, read with one batched read per batch. `make_batch_iterator` shuffles row
+indices per epoch with grain, cuts global batches, gives each process its slice and reads
+it; its iterator's `get_state()` / `set_state()` resume exactly.
+
+    it = make_batch_iterator(Rows(open_token_store(path), "train"), global_batch_size=8, seed=0)
+    batch = next(it)        # {"tokens": int32 [8, L], "index": int64 [8]}
 
 Cached teacher targets depend on the exact context, so the student must see exactly the
 sequences the teacher saw. The teacher store's manifest records the token store it was
 computed from (content fingerprint, seq_len) and the tokenizer; `check_stores` refuses any
-mismatch with a message naming both values. Stores made by the cache also keep a per-row
-`token_hash`, checked against every row read (`check_token_hash`); for stores without it the
-guarantee rests on the token store's content fingerprint and on joining rows by index.
+mismatch with a message naming both values, and stores made by the cache carry a per-row
+token hash that `Rows.read` checks on every batch (`check_token_hash`).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from rskd_jax.corpus import DataError  # one error type for bad data arguments
 from rskd_jax.store.common import StoreError
 
 log = logging.getLogger("rskd_jax.train")
@@ -76,8 +85,11 @@ def check_stores(tokens, teacher, *, student_vocab: int, method: str | None) -> 
 
 
 class Rows:
-    """A row source: selected fields of a token-store split, optionally joined with the
-    same rows of a teacher-store split, limited to the first `num_rows` rows."""
+    """The row source: selected fields of a token-store split, optionally joined with the
+    same rows of a teacher-store split, limited to the first `num_rows` rows.
+
+    `read(indices)` -> {"tokens": int32 [b, L], "index": int64 [b], *fields}.
+    """
 
     def __init__(self, tokens, split: str, teacher=None, fields: Sequence[str] = (),
                  num_rows: int | None = None):
@@ -178,3 +190,71 @@ def host_batch(batch: dict[str, np.ndarray], fields: Sequence[str]) -> dict[str,
     for k in fields:
         out[k] = batch[k]
     return out
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def local_batch_size(global_batch_size: int, process_count: int) -> int:
+    """Rows per process; a fix-it error when the global batch does not split evenly."""
+    if global_batch_size < 1 or global_batch_size % process_count:
+        raise DataError(f"global_batch_size {global_batch_size} is not a positive multiple of the "
+                        f"process count ({process_count}); set batch_size to a multiple of {process_count}")
+    return global_batch_size // process_count
+
+
+def _read_local(idx_B: np.ndarray, *, source: Rows, global_batch_size: int, lo: int, hi: int):
+    """Pads a short final global batch with index -1, takes rows [lo, hi) and reads them."""
+    full = np.full(global_batch_size, -1, np.int64)
+    full[: len(idx_B)] = idx_B
+    local = full[lo:hi]
+    valid = local >= 0  # padding is a suffix
+    batch = dict(source.read(local[valid]))
+    if not valid.all():
+        b = hi - lo
+        for key, value in batch.items():
+            padded = np.zeros((b,) + value.shape[1:], value.dtype)
+            padded[: len(value)] = value
+            batch[key] = padded
+    batch["index"] = local
+    return batch
+
+
+def make_batch_iterator(source: Rows, *, global_batch_size: int, seed: int, shuffle: bool = True,
+                        num_epochs: int | None = None, process_index: int = 0, process_count: int = 1,
+                        drop_remainder: bool = True, num_threads: int = 2, prefetch: int = 2):
+    """Batches of rows for this process, as a checkpointable `grain.DatasetIterator`.
+
+    Each epoch is a fresh permutation of row indices (seeded by `seed` and the epoch);
+    global batches are cut within an epoch; process p gets rows [p*b, (p+1)*b) of each global
+    batch (b = global_batch_size / process_count) and reads them with one `source.read`.
+    `num_epochs=None` repeats forever. With `drop_remainder=False` the last global batch of
+    an epoch is padded to full size with rows whose "index" is -1 (zeros elsewhere), so
+    every batch has a static shape; mask on `index >= 0`.
+    `it.get_state()` / `it.set_state(state)` resume exactly (a dict; store it as JSON).
+    """
+    import grain
+
+    b = local_batch_size(global_batch_size, process_count)
+    if not 0 <= process_index < process_count:
+        raise DataError(f"process_index {process_index} is outside [0, {process_count})")
+    n = source.num_rows
+    if n == 0 or (drop_remainder and n < global_batch_size):
+        raise DataError(f"the source has {n} rows, fewer than one global batch of {global_batch_size}; "
+                        "lower the batch size or add data")
+    ds = grain.MapDataset.range(n)
+    if shuffle:
+        if not 0 <= seed < 2**32:
+            raise DataError(f"seed must be in [0, 2**32), got {seed}")
+        ds = ds.shuffle(seed=seed)
+    ds = ds.batch(global_batch_size, drop_remainder=drop_remainder)  # within each epoch
+    ds = ds.repeat(num_epochs)
+    lo = process_index * b
+    ds = ds.map(lambda idx: _read_local(np.asarray(idx, np.int64), source=source,
+                                        global_batch_size=global_batch_size, lo=lo, hi=lo + b))
+    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+    return iter(ds.to_iter_dataset(options))
+
+
+def steps_per_epoch(num_rows: int, global_batch_size: int, drop_remainder: bool = True) -> int:
+    return num_rows // global_batch_size if drop_remainder else -(-num_rows // global_batch_size)

@@ -1,4 +1,4 @@
-"""Token store, the data program end to end, and grain batches over row sources."""
+"""Token store, the data program end to end, and grain batches over row sources (train_data)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import shutil
 import numpy as np
 import pytest
 
-from rskd_jax.config import load_config, DataRun
-from rskd_jax.data import (DataError, JoinedSource, TokenRows, expand_inputs, main, make_batch_iterator,
-                           pack, run, split_of)
+from rskd_jax.config import DataRun, load_config
+from rskd_jax.data import DataError, expand_inputs, main, pack, run, split_of
 from rskd_jax.store.common import StoreError, read_json, write_json
 from rskd_jax.store.tokens import content_hash, open_token_store, write_token_store
+from rskd_jax.train_data import Rows, make_batch_iterator
 
 L = 16
 
@@ -42,7 +42,11 @@ def test_store_round_trip(store):
     assert s.fingerprint == content_hash(splits) == s.manifest["content_hash"]
     m = s.manifest
     assert (m["kind"], m["complete"], m["tokenizer"]) == ("tokens", True, {"fingerprint": "t"})
-    assert m["splits"]["train"] == {"num_sequences": 300, "num_tokens": 300 * L, "array": "train/tokens"}
+    assert m["splits"]["train"] == {"num_sequences": 300, "num_tokens": 300 * L, "array": "train/tokens",
+                                    "doc_starts": "train/doc_starts"}
+    # no eos_id in this manifest: each split is one document
+    assert np.array_equal(s.segment_ids("train", np.array([0, 5])), np.zeros((2, L), np.int32))
+    assert s.read_doc_starts("train", np.array([0, 5]))[:, 0].tolist() == [True, False]
     idx = np.array([299, 0, 17, 17, 150])
     out = s.read("train", idx)
     assert out.dtype == np.int32 and np.array_equal(out, splits["train"][idx])
@@ -149,10 +153,11 @@ def test_split_by_content_hash_is_stable():
 
 def test_data_program_end_to_end(corpus, tmp_path, capsys):
     out = tmp_path / "tokens"
-    main(["data.inputs=" + str(corpus), f"data.output={out}", f"data.seq_len={L}", "data.val_fraction=0.3"])
+    main(["data.inputs=" + str(corpus), f"data.output={out}", f"data.seq_len={L}", "data.val_fraction=0.3",
+          "data.workers=0"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["skipped"] == {"non_utf8": 1, "unreadable": 0, "empty": 1,
-                                  "examples": ["empty.py (empty)", "latin1.py (non_utf8)"]}
+    assert summary["skipped"] == {"non_utf8": 1, "unreadable": 0, "empty": 1, "bad_json": 0, "missing_key": 0,
+                                  "not_string": 0, "examples": ["empty.py (empty)", "latin1.py (non_utf8)"]}
     assert sum(summary["documents"].values()) == 4 and summary["unchanged"] is False
     s = open_token_store(str(out))
     assert {k: s.num_rows(k) for k in s.splits} == summary["rows"] and summary["rows"]["train"] > 0
@@ -173,7 +178,7 @@ def test_data_program_end_to_end(corpus, tmp_path, capsys):
 
     # Deterministic: a second run elsewhere writes byte-identical arrays and manifest.
     cfg2 = load_config(DataRun, None, ["data.inputs=" + str(corpus), f"data.output={tmp_path / 'again'}",
-                                       f"data.seq_len={L}", "data.val_fraction=0.3"])
+                                       f"data.seq_len={L}", "data.val_fraction=0.3", "data.workers=0"])
     summary2 = run(cfg2, progress=False)
     a, b = files_under(out), files_under(tmp_path / "again")
     a.pop("config.yaml"), b.pop("config.yaml")
@@ -181,9 +186,11 @@ def test_data_program_end_to_end(corpus, tmp_path, capsys):
     assert run(cfg2, progress=False)["unchanged"] is True
     # A different config at the same output is refused until overwrite=true.
     with pytest.raises(StoreError, match="left untouched"):
-        run(load_config(DataRun, None, [f"data.inputs={corpus}/a.py", f"data.output={out}"]), progress=False)
+        run(load_config(DataRun, None, [f"data.inputs={corpus}/a.py", f"data.output={out}", "data.workers=0"]),
+            progress=False)
     capped = run(load_config(DataRun, None, [f"data.inputs={corpus}", f"data.output={out}", "data.seq_len=16",
-                                             "data.max_tokens=100", "data.overwrite=true"]), progress=False)
+                                             "data.max_tokens=100", "data.overwrite=true", "data.workers=0"]),
+                 progress=False)
     assert capped["tokens"] == 100 and sum(capped["rows"].values()) <= 100 // 16
 
 
@@ -192,8 +199,10 @@ def test_data_program_empty_inputs(tmp_path):
     (tmp_path / "empty.py").write_bytes(b"")
     with pytest.raises(DataError, match="give no files"):
         run(load_config(DataRun, None, [f"data.inputs={tmp_path}", "data.extensions=.rst"]), progress=False)
-    with pytest.raises(DataError, match="all 1 input files were skipped"):
-        run(load_config(DataRun, None, [f"data.inputs={tmp_path}", f"data.output={tmp_path}/o"]), progress=False)
+    with pytest.raises(DataError, match=r"data.inputs '.*' \(1 files\) gave no document: every record was "
+                                        r"skipped \(all inputs: \{'empty': 1\}, e.g. \['empty.py \(empty\)'\]\)"):
+        run(load_config(DataRun, None, [f"data.inputs={tmp_path}", f"data.output={tmp_path}/o", "data.workers=0"]),
+            progress=False)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -205,7 +214,7 @@ def indices(it, n):
 
 def test_batches_shuffle_by_seed_and_epochs(store):
     url, splits = store
-    src = TokenRows(open_token_store(url), "train")
+    src = Rows(open_token_store(url), "train")
     it = make_batch_iterator(src, global_batch_size=32, seed=7)
     batches = [next(it) for _ in range(20)]  # 9 batches per epoch (300 // 32), so 2+ epochs
     for b in batches:
@@ -225,7 +234,7 @@ def test_batches_shuffle_by_seed_and_epochs(store):
 
 
 def test_batches_per_process_slices_partition_global_batch(store):
-    src = TokenRows(open_token_store(store[0]), "train")
+    src = Rows(open_token_store(store[0]), "train")
     glob = indices(make_batch_iterator(src, global_batch_size=24, seed=3), 15)
     for count in (2, 4):
         parts = [indices(make_batch_iterator(src, global_batch_size=24, seed=3, process_index=p,
@@ -240,7 +249,7 @@ def test_batches_per_process_slices_partition_global_batch(store):
 
 
 def test_batches_state_restore_is_exact(store):
-    src = TokenRows(open_token_store(store[0]), "train")
+    src = Rows(open_token_store(store[0]), "train")
     make = lambda: make_batch_iterator(src, global_batch_size=32, seed=5, process_index=1, process_count=2)
     reference = indices(make(), 25)
     for k in (0, 4, 9, 13):  # 9 = an epoch boundary
@@ -254,7 +263,7 @@ def test_batches_state_restore_is_exact(store):
 
 def test_last_partial_batch_is_padded(store):
     url, splits = store
-    src = TokenRows(open_token_store(url), "val")  # 7 rows
+    src = Rows(open_token_store(url), "val")  # 7 rows
     parts = [list(make_batch_iterator(src, global_batch_size=4, seed=0, shuffle=False, num_epochs=1,
                                       drop_remainder=False, process_index=p, process_count=2)) for p in range(2)]
     assert [[b["index"].tolist() for b in part] for part in parts] == [[[0, 1], [4, 5]], [[2, 3], [6, -1]]]
@@ -262,23 +271,37 @@ def test_last_partial_batch_is_padded(store):
     assert np.array_equal(last["tokens"][0], splits["val"][6]) and not last["tokens"][1].any()
 
 
-class Doubled:
-    """A stand-in for teacher-store rows: any source with num_rows and a batched read."""
+def test_layout_1_stores_open_without_doc_starts(store, tmp_path):
+    """A store written before document starts were recorded still reads; asking for its
+    starts says how to get them."""
+    url, splits = store
+    shutil.copytree(url, tmp_path / "old")
+    old = str(tmp_path / "old")
+    m = read_json(old)
+    write_json(old, dict(m, layout_version=1, splits={k: {kk: vv for kk, vv in v.items() if kk != "doc_starts"}
+                                                      for k, v in m["splits"].items()}))
+    for name in ("train", "val"):
+        shutil.rmtree(os.path.join(old, name, "doc_starts"))
+    s = open_token_store(old)
+    assert not s.has_doc_starts and np.array_equal(s.read("val", np.arange(7)), splits["val"])
+    with pytest.raises(StoreError, match="no document starts.*data.overwrite=true"):
+        s.segment_ids("train", np.array([0]))
 
-    def __init__(self, n):
-        self.num_rows = n
 
-    def read(self, indices):
-        return {"x": 2 * np.asarray(indices), "index": np.asarray(indices)}
+def test_doc_starts_follow_eos(tmp_path):
+    tokens = np.array([[5, 2, 7, 8], [2, 2, 9, 2], [4, 4, 4, 4]], np.int32)  # eos = 2
+    write_token_store(str(tmp_path / "s"), {"train": tokens}, {"eos_id": 2})
+    s = open_token_store(str(tmp_path / "s"))
+    assert s.read_doc_starts("train", np.arange(3)).astype(int).tolist() == [[1, 0, 1, 0], [0, 1, 1, 0], [1, 0, 0, 0]]
+    assert s.segment_ids("train", np.array([1, 0, 2])).tolist() == [[0, 1, 2, 2], [0, 0, 1, 1], [0, 0, 0, 0]]
 
 
-def test_joined_source(store):
-    tokens = TokenRows(open_token_store(store[0]), "train")
-    joined = JoinedSource(tokens, Doubled(300))
-    batch = next(make_batch_iterator(joined, global_batch_size=8, seed=1))
-    assert set(batch) == {"tokens", "index", "x"} and np.array_equal(batch["x"], 2 * batch["index"])
-    assert np.array_equal(batch["tokens"], store[1]["train"][batch["index"]])
-    with pytest.raises(DataError, match=r"same num_rows, got \[300, 299\]"):
-        JoinedSource(tokens, Doubled(299))
-    with pytest.raises(DataError, match="field 'x' comes from more than one source"):
-        JoinedSource(Doubled(300), Doubled(300)).read(np.arange(3))
+def test_default_workers_by_input_size(tmp_path):
+    from rskd_jax.config import DataConfig
+    from rskd_jax.data import SMALL_INPUT_BYTES, default_workers, expand
+
+    (tmp_path / "a.txt").write_text("small\n")
+    assert default_workers(expand(DataConfig(inputs=(str(tmp_path),)))) == 0  # in process
+    with open(tmp_path / "b.txt", "wb") as f:
+        f.truncate(SMALL_INPUT_BYTES)  # sparse: no disk used
+    assert default_workers(expand(DataConfig(inputs=(str(tmp_path),)))) == len(os.sched_getaffinity(0))

@@ -34,7 +34,11 @@ def read_all(path: str) -> dict[str, np.ndarray]:
     kind = (read_json(path) or {}).get("kind")
     if kind == "tokens":
         store = open_token_store(path)
-        return {s: store.read(s, np.arange(store.num_rows(s))) for s in store.splits}
+        out = {s: store.read(s, np.arange(store.num_rows(s))) for s in store.splits}
+        if store.has_doc_starts:
+            out.update({f"{s}/doc_starts": store.read_doc_starts(s, np.arange(store.num_rows(s)))
+                        for s in store.splits})
+        return out
     store = open_teacher_store(path)
     out = {}
     for split in store.splits:

@@ -226,7 +226,7 @@ def scan(path: str) -> dict[str, Any]:
     manifest = common.read_json(path) or {}
     if manifest.get("kind") == "tokens":
         store, checked_from = open_token_store(path), 2
-        found = {split: {"tokens": rows} for split, rows in store.scan().items()}
+        found = store.scan()
     else:
         from rskd_jax.store import teacher
 
