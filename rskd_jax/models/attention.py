@@ -6,9 +6,14 @@ dim, C query rows of one chunk, M key positions.
 Mask: query i sees key m iff m <= i and, with a window W, i - m < W (transformers'
 `sliding_window_overlay`: kv_idx > q_idx - W). Soft-capping (Gemma 2): scores
 s -> cap * tanh(s / cap) before the mask.
+
+Two implementations, chosen by `attention(kind, ...)`: the chunked einsum path below (CPU's
+default) and jax.nn.dot_product_attention ("xla"; XLA's fused attention elsewhere).
 """
 
 from __future__ import annotations
+
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -62,3 +67,54 @@ def causal_attention(q_BxKVxLxGxE: jax.Array, k_BxKVxLxE: jax.Array, v_BxKVxLxE:
                                  v_BxKVxLxE[:, :, lo:stop])
         outs.append(o_BxKVxCGxE.reshape(b, kh, c, g, e))
     return jnp.concatenate(outs, axis=2)
+
+
+ATTENTION_KINDS = ("auto", "xla", "chunked")
+_log = logging.getLogger(__name__)
+
+
+def resolve_attention(kind: str, softcap: float | None = None, backend: str | None = None) -> str:
+    """The implementation `kind` runs as: "chunked" or "xla" (jax.nn.dot_product_attention).
+
+    auto: chunked on CPU (it skips the masked triangle; ~5x faster there), xla elsewhere (XLA's
+    fused attention). Soft-capped scores (Gemma 2) are not expressible in
+    jax.nn.dot_product_attention: those fall back to chunked, with the reason logged.
+    """
+    if kind not in ATTENTION_KINDS:
+        raise ValueError(f"attention={kind!r}; use one of {ATTENTION_KINDS}")
+    if kind == "auto":
+        kind = "chunked" if (backend or jax.default_backend()) == "cpu" else "xla"
+    if kind == "xla" and softcap is not None:
+        _log.warning("attention: attention logit soft-capping is not supported by "
+                     "jax.nn.dot_product_attention; using the chunked path")
+        kind = "chunked"
+    return kind
+
+
+def xla_attention(q_BxKVxLxGxE: jax.Array, k_BxKVxLxE: jax.Array, v_BxKVxLxE: jax.Array, *,
+                  window: int | jax.Array | None = None) -> jax.Array:
+    """causal_attention through jax.nn.dot_product_attention (same arguments, same result).
+
+    A static window becomes local_window_size=(W - 1, 0); a traced one (mixed layer kinds)
+    a boolean [L, L] mask. Head h = kv * G + g reads kv head h // G, as jax's GQA does.
+    """
+    b, kh, l, g, e = q_BxKVxLxGxE.shape
+    q_BxLxHxE = jnp.moveaxis(q_BxKVxLxGxE, 2, 1).reshape(b, l, kh * g, e)
+    k_BxLxKVxE, v_BxLxKVxE = jnp.moveaxis(k_BxKVxLxE, 2, 1), jnp.moveaxis(v_BxKVxLxE, 2, 1)
+    local, mask = None, None
+    if isinstance(window, int):
+        local = (window - 1, 0)
+    elif window is not None:
+        i, m = jnp.arange(l)[:, None], jnp.arange(l)[None, :]
+        mask = (m > i - window)[None, None]
+    o_BxLxHxE = jax.nn.dot_product_attention(q_BxLxHxE, k_BxLxKVxE, v_BxLxKVxE, mask=mask,
+                                             scale=1.0, is_causal=True, local_window_size=local)
+    return jnp.moveaxis(o_BxLxHxE.reshape(b, l, kh, g, e), 1, 2)
+
+
+def attention(kind: str, q_BxKVxLxGxE: jax.Array, k_BxKVxLxE: jax.Array, v_BxKVxLxE: jax.Array,
+              *, window: int | jax.Array | None = None, softcap: float | None = None) -> jax.Array:
+    """Causal attention by implementation kind (see resolve_attention); [B, KV, L, G, E] out."""
+    if resolve_attention(kind, softcap) == "xla":
+        return xla_attention(q_BxKVxLxGxE, k_BxKVxLxE, v_BxKVxLxE, window=window)
+    return causal_attention(q_BxKVxLxGxE, k_BxKVxLxE, v_BxKVxLxE, window=window, softcap=softcap)

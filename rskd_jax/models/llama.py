@@ -17,6 +17,8 @@ One decoder with a few explicit variations (LlamaConfig fields, defaults = Llama
     attn_softcap, final_softcap
                              cap * tanh(x / cap) on attention scores / logits (Gemma 2)
     family                   the Hugging Face architecture it exports as (tensor names only)
+    attention                "auto" | "xla" | "chunked": the attention implementation
+                             (models.attention.resolve_attention; same math)
 
 Shape letters (README's B, L, D, V, H, C, plus): NL layers, KV key/value heads, G = H / KV query
 heads per kv head, E head dim, F MLP (intermediate) width, M key positions.
@@ -71,6 +73,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rskd_jax.models.attention import ATTENTION_KINDS, attention
 from rskd_jax.models.attention import attention_chunk, causal_attention  # noqa: F401 (re-export)
 from rskd_jax.models.rope import apply_rope, canonical_scaling, rope_tables
 from rskd_jax.models.rope import rope_inv_freq as _rope_inv_freq
@@ -85,6 +88,7 @@ _VARIATION_DEFAULTS = dict(
     qk_norm=False, sliding_window=None, layer_types=None, rope_local_theta=None,
     hidden_act="silu", norm_plus_one=False, sandwich_norms=False, embed_scale=False,
     query_pre_attn_scalar=None, attn_softcap=None, final_softcap=None, family=None,
+    attention="auto",
 )
 
 
@@ -127,6 +131,7 @@ class LlamaConfig:
     attn_softcap: float | None = None
     final_softcap: float | None = None
     family: str | None = None
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -148,6 +153,8 @@ class LlamaConfig:
         object.__setattr__(self, "rope_scaling", canonical_scaling(self.rope_scaling))
         if self.hidden_act not in HIDDEN_ACTS:
             raise ValueError(f"hidden_act={self.hidden_act!r}; use one of {sorted(HIDDEN_ACTS)}")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention={self.attention!r}; use one of {ATTENTION_KINDS}")
         if self.family is not None and self.family not in FAMILIES:
             raise ValueError(f"family={self.family!r}; use one of {FAMILIES}")
         self._canonical_layer_types()
@@ -300,8 +307,8 @@ def decoder_layer(config: LlamaConfig, x_BxLxD: jax.Array, w: dict[str, jax.Arra
     scale = (c.query_pre_attn_scalar or e) ** -0.5
     q_BxKVxLxGxE = apply_rope(q * jnp.asarray(scale, dt), cos_LxE2[:, None], sin_LxE2[:, None])
     k_BxKVxLxE = apply_rope(kk, cos_LxE2, sin_LxE2)
-    o_BxKVxLxGxE = causal_attention(q_BxKVxLxGxE, k_BxKVxLxE, v, window=window,
-                                    softcap=c.attn_softcap)
+    o_BxKVxLxGxE = attention(c.attention, q_BxKVxLxGxE, k_BxKVxLxE, v, window=window,
+                             softcap=c.attn_softcap)
     wo_DxKVxGxE = w["o_proj"].astype(dt).reshape(-1, k, g, e)
     attn_BxLxD = jnp.einsum("bklge,dkge->bld", o_BxKVxLxGxE, wo_DxKVxGxE)
     if c.sandwich_norms:
