@@ -362,9 +362,10 @@ class Llama(nnx.Module):
         c = self.config
         dt = _DTYPES[c.dtype]
         l = tokens_BxL.shape[1]
-        x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(dt)
-        if c.embed_scale:
-            x_BxLxD = x_BxLxD * jnp.asarray(math.sqrt(c.hidden_size), dt)
+        x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0)
+        if c.embed_scale:  # in the parameter dtype, as transformers' Gemma scales it
+            x_BxLxD = x_BxLxD * jnp.asarray(math.sqrt(c.hidden_size), x_BxLxD.dtype)
+        x_BxLxD = x_BxLxD.astype(dt)
 
         cos_LxE2, sin_LxE2 = rope_tables(l, c.head_dim, c.rope_theta, c.rope_scaling)
         sliding = c.sliding_layers
