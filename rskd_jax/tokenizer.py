@@ -14,7 +14,10 @@ GPT-2 regex; the two agree except where whitespace is directly followed by a dig
 ("x =  1": ours 'ĠĠ','1'; transformers 'Ġ','Ġ','1'), ~0.1% of stdlib tokens.
 
 Special-token strings inside text (e.g. a literal "<|im_end|>" in a document) are encoded
-as plain text: training data must not smuggle control tokens in. No BOS/EOS is added.
+as plain text: training data must not smuggle control tokens in. No EOS is added; BOS is
+prepended to each text where the tokenizer asks for it: `add_bos_token` in
+tokenizer_config.json (Gemma, Llama 2), else a post-processor that adds it (Llama 3's
+tokenizer.json). Gemma is not usable without it.
 """
 
 from __future__ import annotations
@@ -69,22 +72,29 @@ class Tokenizer:
     """A `tokenizers.Tokenizer` plus the ids and identity the data pipeline needs.
 
     Attributes: `backend` (the HF tokenizer), `vocab_size`, `eos_id`, `bos_id` (or None),
-    `fingerprint` (16 hex: vocab, merges, normaliser, pre-tokenizer, added tokens), `source`.
+    `add_bos` (prepend bos_id to every text), `fingerprint` (16 hex: vocab, merges,
+    normaliser, pre-tokenizer, added tokens, and add_bos where set), `source`.
     """
 
     def __init__(self, backend: tokenizers.Tokenizer, *, eos_id: int | None, bos_id: int | None,
-                 source: str):
+                 source: str, add_bos: bool = False):
+        if add_bos and bos_id is None:
+            raise TokenizerError(f"{source}: add_bos_token is set but no BOS token was found")
         backend.encode_special_tokens = True  # "<|im_end|>" inside a text is text, not a control id
         self.backend, self.eos_id, self.bos_id, self.source = backend, eos_id, bos_id, source
+        self.add_bos = bool(add_bos)
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
-        self.fingerprint = tokenizer_fingerprint(backend)
+        self.fingerprint = tokenizer_fingerprint(backend, add_bos=self.add_bos)
 
     def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
+        """Token ids of one text: BOS first when add_bos, never EOS."""
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids per text, no BOS/EOS added. PERF: parallel in Rust (all cores)."""
-        return [e.ids for e in self.backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+        """Token ids per text: BOS first when add_bos, never EOS. PERF: parallel in Rust."""
+        bos = [self.bos_id] if self.add_bos else []
+        return [bos + e.ids
+                for e in self.backend.encode_batch_fast(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.backend.decode(list(map(int, ids)), skip_special_tokens=False)
@@ -94,16 +104,20 @@ class Tokenizer:
                 f"eos_id={self.eos_id}, bos_id={self.bos_id}, fingerprint={self.fingerprint!r})")
 
 
-def tokenizer_fingerprint(backend: tokenizers.Tokenizer) -> str:
-    """Hash of what decides the ids: model vocab/merges, normaliser, pre-tokenizer, added tokens."""
+def tokenizer_fingerprint(backend: tokenizers.Tokenizer, add_bos: bool = False) -> str:
+    """Hash of what decides the ids: model vocab/merges, normaliser, pre-tokenizer, added tokens
+    (and add_bos, hashed only when set, so BOS-less tokenizers keep their fingerprint)."""
     spec = json.loads(backend.to_str())
     model = dict(spec["model"])
     # tokenizers serialises merges as "a b" strings or [a, b] pairs depending on its version.
     model["merges"] = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     added = [(t["id"], t["content"], t["special"]) for t in spec.get("added_tokens", [])]
-    return _fingerprint({"model": model, "normalizer": spec.get("normalizer"),
-                         "pre_tokenizer": spec.get("pre_tokenizer"), "added_tokens": added,
-                         "encode_special_tokens": True})
+    blob = {"model": model, "normalizer": spec.get("normalizer"),
+            "pre_tokenizer": spec.get("pre_tokenizer"), "added_tokens": added,
+            "encode_special_tokens": True}
+    if add_bos:
+        blob["add_bos"] = True
+    return _fingerprint(blob)
 
 
 def load_tokenizer(spec: str = "smollm2") -> Tokenizer:
@@ -137,7 +151,11 @@ def _load_json(path: str) -> Tokenizer:
         token = token.get("content") if isinstance(token, dict) else token
         names = (token,) if token else _SPECIAL_NAMES[kind]
         ids[kind] = next((backend.token_to_id(n) for n in names if backend.token_to_id(n) is not None), None)
-    return Tokenizer(backend, eos_id=ids["eos"], bos_id=ids["bos"], source=path)
+    add_bos = config.get("add_bos_token")
+    if add_bos is None:  # no say in the config: does the tokenizer's own post-processor add it?
+        first = backend.encode("a", add_special_tokens=True).ids[:1]
+        add_bos = ids["bos"] is not None and first == [ids["bos"]]
+    return Tokenizer(backend, eos_id=ids["eos"], bos_id=ids["bos"], source=path, add_bos=add_bos)
 
 
 def _load_gguf(path: str) -> Tokenizer:
