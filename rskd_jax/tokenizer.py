@@ -41,6 +41,15 @@ _BUILDER_VERSION = 1  # bump when the GGUF -> tokenizer.json conversion changes
 # first isolate every numeric code point (llama.cpp: STARCODER, REFACT, SMOLLM, CODESHELL).
 _DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact", "codeshell"}
 _PLAIN_GPT2_PRE = {"gpt-2", "gpt2", "default", None}
+# GGUF `pre` tags whose split regex replaces GPT-2's (then ByteLevel without its own regex),
+# as in the models' own tokenizer.json: Llama 3 ("llama-bpe": digits in runs of up to 3) and
+# Qwen2/2.5/3 ("qwen2": single digits).
+_SPLIT_PRE = {
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+             r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
 _SPECIAL_NAMES = {"eos": ("<|endoftext|>", "</s>", "<eos>", "<|im_end|>"),
                   "bos": ("<|begin_of_text|>", "<s>", "<bos>", "<|im_start|>")}
 
@@ -244,11 +253,15 @@ def build_from_gguf(path: str) -> tuple[tokenizers.Tokenizer, dict[str, Any]]:
     if pre in _DIGIT_SPLIT_PRE:
         pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"), byte_level])
+    elif pre in _SPLIT_PRE:
+        pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(_SPLIT_PRE[pre]), behavior="isolated"),
+             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     elif pre in _PLAIN_GPT2_PRE:
         pre_tokenizer = byte_level
     else:
         raise TokenizerError(f"{path}: pre-tokenizer {pre!r} is not supported (known: "
-                             f"{sorted(_DIGIT_SPLIT_PRE | {'gpt2', 'default'})}). "
+                             f"{sorted(_DIGIT_SPLIT_PRE | set(_SPLIT_PRE) | {'gpt2', 'default'})}). "
                              "Pass the model's tokenizer.json instead.")
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())

@@ -48,3 +48,47 @@ def test_bos_is_part_of_the_fingerprint(tmp_path):
 def test_add_bos_without_a_bos_token_is_refused(tmp_path):
     with pytest.raises(TokenizerError, match="add_bos_token"):
         load_tokenizer(_write(tmp_path, {"add_bos_token": True, "bos_token": "<nope>"}))
+
+
+TEXT = "x =  1234567 + y's\n\n\tdef f(a, b):  # héllo wörld 42\r\n    return a+b  "
+
+
+def _write_gguf(path, pre):
+    """A byte-level BPE GGUF (all 256 byte tokens, a few merges, BOS) with pre-tokenizer `pre`."""
+    gguf = pytest.importorskip("gguf")
+    from rskd_jax.tokenizer import _bytes_to_unicode
+
+    alphabet = list(_bytes_to_unicode().values())
+    merges = ["Ġ =", "d e", "de f"]
+    tokens = alphabet + ["Ġ=", "de", "def", "<|begin_of_text|>", "<|end_of_text|>"]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_merges(merges)
+    w.add_token_types([1] * (len(tokens) - 2) + [3, 3])
+    w.add_bos_token_id(len(tokens) - 2)
+    w.add_eos_token_id(len(tokens) - 1)
+    w.add_add_bos_token(True)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2"])
+def test_gguf_split_pre_tokenizers(tmp_path, monkeypatch, pre):
+    """Llama 3's and Qwen2's GGUF tags split text as their tokenizer.json regex does."""
+    regex = pytest.importorskip("regex")
+    from rskd_jax.tokenizer import _SPLIT_PRE, _bytes_to_unicode
+
+    monkeypatch.setenv("RSKD_CACHE_DIR", str(tmp_path / "cache"))
+    _write_gguf(tmp_path / "t.gguf", pre)
+    tok = load_tokenizer(str(tmp_path / "t.gguf"))
+    unspell = {c: b for b, c in _bytes_to_unicode().items()}
+    pieces = [bytes(unspell[c] for c in p).decode("utf-8")
+              for p, _ in tok.backend.pre_tokenizer.pre_tokenize_str(TEXT)]
+    assert pieces == regex.findall(_SPLIT_PRE[pre], TEXT)
+    assert ("1234567" in pieces) is False and ("123" in pieces) is (pre == "llama-bpe")
+    ids = tok.encode(TEXT)
+    assert tok.add_bos and ids[0] == tok.bos_id and tok.decode(ids[1:]) == TEXT
+    assert tok.encode("def")[1:] == [258]  # the merges apply ("def" is token 256 + 2)
