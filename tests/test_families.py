@@ -119,6 +119,18 @@ def test_export_round_trip(family, tmp_path):
     np.testing.assert_array_equal(_ours(reloaded, tokens), logits)
 
 
+def test_xla_attention_and_bfloat16(family):
+    """attention="xla" (jax.nn.dot_product_attention) also matches transformers; bfloat16 compute
+    and storage run and stay close to float32."""
+    name, ref, path = family
+    tokens = _tokens(seed=3)
+    diff, scale = parity(ref, from_pretrained(path, attention="xla"), tokens)
+    assert diff <= 1e-4 * scale, (name, diff, scale)
+    f32 = _ours(from_pretrained(path), tokens)
+    bf16 = _ours(from_pretrained(path, dtype="bfloat16", param_dtype="bfloat16"), tokens)
+    assert np.isfinite(bf16).all() and np.abs(bf16 - f32).max() <= 0.1 * np.abs(f32).max()
+
+
 def test_chunked_head_keeps_the_final_softcap(family):
     """logits_from_hidden(hidden_states, lm_head_weight) is the model's logits (soft-cap too)."""
     _, _, path = family
