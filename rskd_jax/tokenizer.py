@@ -14,10 +14,10 @@ GPT-2 regex; the two agree except where whitespace is directly followed by a dig
 ("x =  1": ours 'ĠĠ','1'; transformers 'Ġ','Ġ','1'), ~0.1% of stdlib tokens.
 
 Special-token strings inside text (e.g. a literal "<|im_end|>" in a document) are encoded
-as plain text: training data must not smuggle control tokens in. No EOS is added; BOS is
-prepended to each text where the tokenizer asks for it: `add_bos_token` in
-tokenizer_config.json (Gemma, Llama 2), else a post-processor that adds it (Llama 3's
-tokenizer.json). Gemma is not usable without it.
+as plain text: training data must not smuggle control tokens in. No BOS/EOS is added by
+encode/encode_batch; `add_bos_token` (tokenizer_config.json, or the GGUF's metadata) sets the
+post-processor, so `encode(text, add_special_tokens=True)` starts with BOS exactly when the
+model expects one (what data.add_bos=auto reads).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import tokenizers
-from tokenizers import Regex, decoders, models, pre_tokenizers
+from tokenizers import Regex, decoders, models, pre_tokenizers, processors
 
 from rskd_jax.store.common import fingerprint as _fingerprint
 
@@ -81,29 +81,22 @@ class Tokenizer:
     """A `tokenizers.Tokenizer` plus the ids and identity the data pipeline needs.
 
     Attributes: `backend` (the HF tokenizer), `vocab_size`, `eos_id`, `bos_id` (or None),
-    `add_bos` (prepend bos_id to every text), `fingerprint` (16 hex: vocab, merges,
-    normaliser, pre-tokenizer, added tokens, and add_bos where set), `source`.
+    `fingerprint` (16 hex: vocab, merges, normaliser, pre-tokenizer, added tokens), `source`.
     """
 
     def __init__(self, backend: tokenizers.Tokenizer, *, eos_id: int | None, bos_id: int | None,
-                 source: str, add_bos: bool = False):
-        if add_bos and bos_id is None:
-            raise TokenizerError(f"{source}: add_bos_token is set but no BOS token was found")
+                 source: str):
         backend.encode_special_tokens = True  # "<|im_end|>" inside a text is text, not a control id
         self.backend, self.eos_id, self.bos_id, self.source = backend, eos_id, bos_id, source
-        self.add_bos = bool(add_bos)
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
-        self.fingerprint = tokenizer_fingerprint(backend, add_bos=self.add_bos)
+        self.fingerprint = tokenizer_fingerprint(backend)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of one text: BOS first when add_bos, never EOS."""
-        return self.encode_batch([text])[0]
+        return self.backend.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids per text: BOS first when add_bos, never EOS. PERF: parallel in Rust."""
-        bos = [self.bos_id] if self.add_bos else []
-        return [bos + e.ids
-                for e in self.backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+        """Token ids per text, no BOS/EOS added. PERF: parallel in Rust (all cores)."""
+        return [e.ids for e in self.backend.encode_batch_fast(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.backend.decode(list(map(int, ids)), skip_special_tokens=False)
@@ -113,20 +106,16 @@ class Tokenizer:
                 f"eos_id={self.eos_id}, bos_id={self.bos_id}, fingerprint={self.fingerprint!r})")
 
 
-def tokenizer_fingerprint(backend: tokenizers.Tokenizer, add_bos: bool = False) -> str:
-    """Hash of what decides the ids: model vocab/merges, normaliser, pre-tokenizer, added tokens
-    (and add_bos, hashed only when set, so BOS-less tokenizers keep their fingerprint)."""
+def tokenizer_fingerprint(backend: tokenizers.Tokenizer) -> str:
+    """Hash of what decides the ids: model vocab/merges, normaliser, pre-tokenizer, added tokens."""
     spec = json.loads(backend.to_str())
     model = dict(spec["model"])
     # tokenizers serialises merges as "a b" strings or [a, b] pairs depending on its version.
     model["merges"] = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     added = [(t["id"], t["content"], t["special"]) for t in spec.get("added_tokens", [])]
-    blob = {"model": model, "normalizer": spec.get("normalizer"),
-            "pre_tokenizer": spec.get("pre_tokenizer"), "added_tokens": added,
-            "encode_special_tokens": True}
-    if add_bos:
-        blob["add_bos"] = True
-    return _fingerprint(blob)
+    return _fingerprint({"model": model, "normalizer": spec.get("normalizer"),
+                         "pre_tokenizer": spec.get("pre_tokenizer"), "added_tokens": added,
+                         "encode_special_tokens": True})
 
 
 def load_tokenizer(spec: str = "smollm2") -> Tokenizer:
@@ -160,11 +149,28 @@ def _load_json(path: str) -> Tokenizer:
         token = token.get("content") if isinstance(token, dict) else token
         names = (token,) if token else _SPECIAL_NAMES[kind]
         ids[kind] = next((backend.token_to_id(n) for n in names if backend.token_to_id(n) is not None), None)
-    add_bos = config.get("add_bos_token")
-    if add_bos is None:  # no say in the config: does the tokenizer's own post-processor add it?
-        first = backend.encode("a", add_special_tokens=True).ids[:1]
-        add_bos = ids["bos"] is not None and first == [ids["bos"]]
-    return Tokenizer(backend, eos_id=ids["eos"], bos_id=ids["bos"], source=path, add_bos=add_bos)
+    if config.get("add_bos_token") is not None:
+        _set_bos_post_processor(backend, ids["bos"], bool(config["add_bos_token"]), path)
+    return Tokenizer(backend, eos_id=ids["eos"], bos_id=ids["bos"], source=path)
+
+
+def _set_bos_post_processor(backend: tokenizers.Tokenizer, bos_id: int | None, add_bos: bool,
+                            source: str) -> None:
+    """Make `encode(text, add_special_tokens=True)` start with BOS iff add_bos, as transformers
+    does for `add_bos_token` (Gemma, Llama 2 configs; GGUF metadata). That is what
+    data.add_bos=auto reads; ids without special tokens and the fingerprint do not change."""
+    first = backend.encode("a", add_special_tokens=True).ids[:1]
+    has_bos = bos_id is not None and first == [bos_id]
+    if has_bos == add_bos:
+        return
+    if add_bos and bos_id is None:
+        raise TokenizerError(f"{source}: add_bos_token is set but the tokenizer has no BOS token")
+    if add_bos:
+        bos = backend.id_to_token(bos_id)
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
+    else:
+        backend.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
 
 
 def _load_gguf(path: str) -> Tokenizer:
