@@ -12,7 +12,7 @@ and 4.x (`rope_theta` / `rope_scaling`, Gemma 3's `rope_local_base_freq` and
 
 from __future__ import annotations
 
-from rskd_jax.models.llama import LlamaConfig
+from rskd_jax.models.config import LlamaConfig
 from rskd_jax.models.rope import canonical_scaling
 
 ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
