@@ -176,12 +176,15 @@ def test_tied_and_untied():
     assert forward(tied, _tokens(1, 4)).shape == (1, 4, TINY.vocab_size)
 
 
-@pytest.mark.parametrize("qkv_bias", [False, True])
-def test_every_param_has_logical_axis_names(qkv_bias):
-    model = init_model(TINY.replace(qkv_bias=qkv_bias), 0)
+@pytest.mark.parametrize("changes, extra", [
+    ({}, 0), ({"qkv_bias": True}, 3),
+    ({"qk_norm": True, "sandwich_norms": True, "norm_plus_one": True}, 4),  # Gemma 3's params
+])
+def test_every_param_has_logical_axis_names(changes, extra):
+    model = init_model(TINY.replace(**changes), 0)
     params = list(nnx.iter_graph(model))
     params = [(path, v) for path, v in params if isinstance(v, nnx.Param)]
-    assert len(params) == 12 + (3 if qkv_bias else 0)
+    assert len(params) == 12 + extra
     for path, var in params:
         names = var.get_metadata().get("out_sharding")
         assert names is not None and len(names) == var[...].ndim, path
