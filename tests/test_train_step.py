@@ -129,12 +129,15 @@ def _compute_sums_and_grads(model, teacher, batch, spec):
 SPEC_KD = dict(vocab_size=VTOK, z_loss=1e-3, kd_temperature=2.0)
 
 
-@pytest.mark.parametrize("method", ["sparse", "full_online"])
-def test_chunked_equals_unchunked(setup, method):
+@pytest.mark.parametrize("method,chunk", [("sparse", 4), ("sparse", 5), ("full_online", 4),
+                                          ("ghost", 5)])  # 5 does not divide L = 16
+def test_chunked_equals_unchunked(setup, method, chunk):
     model, teacher, batch = setup
+    if method == "ghost":
+        batch = {**batch, "tail_mass": 1.0 - batch["weights"].sum(-1) * 0.9}
     spec = ts.LossSpec(method, **SPEC_KD)
     (l0, s0), g0 = _sums_and_grads(model, teacher, batch, spec)
-    (l1, s1), g1 = _sums_and_grads(model, teacher, batch, spec._replace(chunk_size=4))
+    (l1, s1), g1 = _sums_and_grads(model, teacher, batch, spec._replace(chunk_size=chunk))
     np.testing.assert_allclose(l1, l0, rtol=1e-5)
     for k in s0:
         np.testing.assert_allclose(s1[k], s0[k], rtol=1e-5)
