@@ -53,11 +53,28 @@ def sparse_kd_loss(
     1.386294...
     """
     x_xV = _f32(student_logits)
-    w_xK = _f32(weights)
-    lse_x1 = jax.nn.logsumexp(x_xV, axis=-1, keepdims=True)
     x_xK = jnp.take_along_axis(x_xV, jnp.asarray(ids).astype(jnp.int32), axis=-1)
+    return sparse_kd_from_target_logits(jax.nn.logsumexp(x_xV, axis=-1), x_xK, weights, where=where)
+
+
+def sparse_kd_from_target_logits(
+    lse: jax.Array, target_logits: jax.Array, weights: jax.Array, *, where: jax.Array | None = None
+) -> jax.Array:
+    """Sparse KD from logsumexp(x) [...] and the gathered logits x[ids] [..., K] -> [...].
+
+    sum_k w_k (lse - x[ids_k]) over the slots with w_k != 0 (a weight-0 slot contributes
+    exactly 0 even if its logit is -inf). For callers that share one logsumexp and one gather
+    between several losses, e.g. CE (slot: the label) and KD (slots: the teacher's ids) in one
+    train step: one [..., V] pass for all of them.
+
+    >>> float(sparse_kd_from_target_logits(jnp.log(4.0), jnp.array([0.0, -jnp.inf]),
+    ...                                    jnp.array([1.0, 0.0])))
+    1.386294...
+    """
+    lse_x1 = _f32(lse)[..., None]
+    w_xK = _f32(weights)
     nonzero = w_xK != 0
-    nll_xK = jnp.where(nonzero, lse_x1 - jnp.where(nonzero, x_xK, 0.0), 0.0)
+    nll_xK = jnp.where(nonzero, lse_x1 - jnp.where(nonzero, _f32(target_logits), 0.0), 0.0)
     return _masked(jnp.sum(w_xK * nll_xK, axis=-1), where)
 
 

@@ -109,18 +109,26 @@ def _fit_vocab(logits_xV: jax.Array, v: int) -> jax.Array:
 def chunk_sums(logits_xV, t, teacher_logits_xV, spec: LossSpec) -> dict[str, tuple]:
     """The loss terms of one chunk of positions as {"ce"|"kd"|"z": (sum, count)}."""
     logits_xV = metrics.mask_vocab(logits_xV, spec.vocab_size)  # padded ids never count
-    # CE is sparse KD with one slot (the label, weight 1): the same logsumexp as the sparse KD
-    # term, which XLA then computes once. PERF: at alpha = 0 the CE is only reported: no
-    # backward through it. Together one V-sized exp pass less per position: the RS-KD step
-    # went from +4..14% to +1.6% over the CE step (tools/bench_step.py, CPU).
+    # PERF: CE, sparse KD and the z-loss share ONE logsumexp and ONE gather (the label in slot
+    # 0, the teacher's ids after it): the RS-KD step then makes exactly the CE step's V-sized
+    # passes and buffers. Computing the reported CE separately on stop_gradient(logits) (as
+    # before) kept one more [B, L, V] float32 buffer alive at alpha = 0 (XLA memory_analysis:
+    # +363 MB temporaries at d=128, 8 x 256 tokens) and cost +4..9% per step on CPU
+    # (tools/bench_step.py, N = 50 and N = 13 alike).
     ce_in_loss = spec.method == "ce" or spec.alpha > 0
-    ce_logits_xV = logits_xV if ce_in_loss else jax.lax.stop_gradient(logits_xV)
-    labels_x1 = t["labels"][..., None]
-    ce_x = losses.sparse_kd_loss(ce_logits_xV, labels_x1, jnp.ones(labels_x1.shape, jnp.float32),
-                                 where=t["ce_where"])
+    lse_x = jax.nn.logsumexp(logits_xV, axis=-1)
     kdw = t["kd_where"]
-    if spec.method == "sparse":
-        kd_x = losses.sparse_kd_loss(logits_xV, t["ids"], t["weights"], where=kdw)
+    sparse = spec.method == "sparse"
+    slots_xK = t["labels"][..., None]
+    if sparse:
+        slots_xK = jnp.concatenate([slots_xK, t["ids"].astype(jnp.int32)], axis=-1)
+    x_xK = jnp.take_along_axis(logits_xV, slots_xK, axis=-1)
+    ce_x = losses.sparse_kd_from_target_logits(lse_x, x_xK[..., :1], jnp.ones_like(x_xK[..., :1]),
+                                               where=t["ce_where"])
+    if not ce_in_loss:  # only reported: no backward through it
+        ce_x = jax.lax.stop_gradient(ce_x)
+    if sparse:
+        kd_x = losses.sparse_kd_from_target_logits(lse_x, x_xK[..., 1:], t["weights"], where=kdw)
     elif spec.method == "ghost":
         kd_x = losses.ghost_kd_loss(logits_xV, t["ids"], t["weights"], t["tail_mass"], where=kdw)
     elif spec.method in ("full_online", "full_cached"):
@@ -130,7 +138,8 @@ def chunk_sums(logits_xV, t, teacher_logits_xV, spec: LossSpec) -> dict[str, tup
                                    where=kdw)
     else:
         kd_x = jnp.zeros_like(ce_x)
-    z_x = losses.z_loss(logits_xV, where=t["ce_where"]) if spec.z_loss else jnp.zeros_like(ce_x)
+    # z-loss (log Z)^2 from the shared logsumexp (= losses.z_loss)
+    z_x = jnp.square(lse_x) if spec.z_loss else jnp.zeros_like(ce_x)
     return {"ce": losses.reduce_sum_count(ce_x, t["ce_where"]),
             "kd": losses.reduce_sum_count(kd_x, kdw),
             "z": losses.reduce_sum_count(z_x, t["ce_where"])}
