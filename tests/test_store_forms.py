@@ -18,13 +18,13 @@ TOKENIZER = {"spec": "test", "fingerprint": "test-tokenizer", "vocab_size": VOCA
              "bos_id": None}
 
 
-def _tokens(url, seed):
+def make_tokens(url, seed):
     rng = np.random.default_rng(seed)
     splits = {"train": rng.integers(0, VOCAB, (ROWS, L)).astype(np.int32)}
     return splits, write_token_store(url, splits, {"tokenizer": TOKENIZER})
 
 
-def _teacher(url, manifest_tokens, hashed_tokens, seed=0):
+def make_teacher(url, manifest_tokens, hashed_tokens, seed=0):
     """A `sample` store (N = K draws) from peaked random teachers: 1..K unique ids per position."""
     rng = np.random.default_rng(seed)
     manifest = {"tokens": {"fingerprint": manifest_tokens["content_hash"], "seq_len": L},
@@ -45,8 +45,8 @@ def _teacher(url, manifest_tokens, hashed_tokens, seed=0):
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("forms")
-    splits, manifest = _tokens(str(root / "tokens"), 0)
-    _teacher(str(root / "teacher"), manifest, splits["train"])
+    splits, manifest = make_tokens(str(root / "tokens"), 0)
+    make_teacher(str(root / "teacher"), manifest, splits["train"])
     return str(root / "tokens"), str(root / "teacher")
 
 
@@ -145,14 +145,14 @@ def test_grain_source_joins_tokens_and_targets(stores):
 
 def test_grain_source_refuses_other_tokens(stores, tmp_path):
     tokens_url, teacher_url = stores
-    other_splits, other = _tokens(str(tmp_path / "other"), 1)
+    other_splits, other = make_tokens(str(tmp_path / "other"), 1)
     with pytest.raises(TokenMismatch, match="fingerprint"):  # the manifest names another store
         TeacherSource(str(tmp_path / "other"), teacher_url, "train")
     # a store whose manifest names `other` but whose rows were computed on the first tokens:
     # only the per-row hash can tell
     first = np.asarray(__import__("rskd_jax.store", fromlist=["x"]).open_token_store(tokens_url)
                        .read("train", np.arange(ROWS)), np.int32)
-    _teacher(str(tmp_path / "forged"), other, first)
+    make_teacher(str(tmp_path / "forged"), other, first)
     src = TeacherSource(str(tmp_path / "other"), str(tmp_path / "forged"), "train")
     with pytest.raises(TokenMismatch, match="train row 2: its tokens differ"):
         src._getitems([2, 3])
