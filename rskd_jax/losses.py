@@ -17,7 +17,8 @@ use it to chunk any other per-position function of the logits.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -291,7 +291,7 @@ def test_docstring_examples():
 
 # ------------------------------------------------------------------ losses from hidden states
 
-from rskd_jax.losses import (  # noqa: E402
+from rskd_jax.losses import (
     cross_entropy_from_hidden,
     sparse_kd_loss_from_hidden,
     sparse_kd_loss_from_hidden_ragged,
@@ -325,7 +325,7 @@ def _dense_to_ragged(ids, wt):
 def _value_and_grads(fn, h, w):
     """(loss [B, L], d/dh and d/dw of a weighted sum, so every position's gradient counts)."""
     coef = jnp.asarray(np.random.default_rng(7).uniform(0.5, 1.5, h.shape[:2]), jnp.float32)
-    val, grads = jax.value_and_grad(lambda h_, w_: jnp.sum(coef * fn(h_, w_)), argnums=(0, 1))(h, w)
+    _, grads = jax.value_and_grad(lambda h_, w_: jnp.sum(coef * fn(h_, w_)), argnums=(0, 1))(h, w)
     return fn(h, w), grads
 
 
@@ -333,8 +333,8 @@ def _value_and_grads(fn, h, w):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_sparse_kd_from_hidden_equals_logits_loss(chunk, dtype):
     h, w, ids, wt, where = _hidden_inputs(dtype=dtype)
-    ref = lambda h_, w_: sparse_kd_loss(_ref_logits(h_, w_), ids, wt, where=where)  # noqa: E731
-    got = lambda h_, w_: sparse_kd_loss_from_hidden(h_, w_, ids, wt, chunk_size=chunk,  # noqa: E731
+    ref = lambda h_, w_: sparse_kd_loss(_ref_logits(h_, w_), ids, wt, where=where)
+    got = lambda h_, w_: sparse_kd_loss_from_hidden(h_, w_, ids, wt, chunk_size=chunk,
                                                     where=where)
     (l0, g0), (l1, g1) = _value_and_grads(ref, h, w), _value_and_grads(got, h, w)
     assert l1.shape == h.shape[:2] and l1.dtype == jnp.float32
@@ -354,8 +354,8 @@ def test_sparse_kd_from_hidden_equals_logits_loss(chunk, dtype):
 def test_cross_entropy_from_hidden_equals_logits_loss(chunk):
     h, w, _, _, where = _hidden_inputs()
     labels = jnp.asarray(np.random.default_rng(3).integers(0, w.shape[1], h.shape[:2]))
-    ref = lambda h_, w_: cross_entropy(_ref_logits(h_, w_), labels, where=where)  # noqa: E731
-    got = lambda h_, w_: cross_entropy_from_hidden(h_, w_, labels, chunk_size=chunk,  # noqa: E731
+    ref = lambda h_, w_: cross_entropy(_ref_logits(h_, w_), labels, where=where)
+    got = lambda h_, w_: cross_entropy_from_hidden(h_, w_, labels, chunk_size=chunk,
                                                    where=where)
     (l0, g0), (l1, g1) = _value_and_grads(ref, h, w), _value_and_grads(got, h, w)
     np.testing.assert_allclose(l1, l0, rtol=1e-6, atol=1e-6)
@@ -373,8 +373,8 @@ def test_ragged_entries_equal_dense_slots(chunk):
     wt_e = jnp.concatenate([wt_e, jnp.zeros(3)])
     perm = np.random.default_rng(5).permutation(pos.shape[0])  # any entry order
     pos, ids_e, wt_e = pos[perm], ids_e[perm], wt_e[perm]
-    ref = lambda h_, w_: sparse_kd_loss(_ref_logits(h_, w_), ids, wt, where=where)  # noqa: E731
-    got = lambda h_, w_: sparse_kd_loss_from_hidden_ragged(  # noqa: E731
+    ref = lambda h_, w_: sparse_kd_loss(_ref_logits(h_, w_), ids, wt, where=where)
+    got = lambda h_, w_: sparse_kd_loss_from_hidden_ragged(
         h_, w_, pos, ids_e, wt_e, chunk_size=chunk, where=where)
     (l0, g0), (l1, g1) = _value_and_grads(ref, h, w), _value_and_grads(got, h, w)
     np.testing.assert_allclose(l1, l0, rtol=1e-5, atol=1e-6)
@@ -384,7 +384,7 @@ def test_ragged_entries_equal_dense_slots(chunk):
 
 def test_from_hidden_detects_a_wrong_target():
     """The equality tests can fail: moving one entry's weight to another id changes the loss."""
-    h, w, ids, wt, where = _hidden_inputs()
+    h, w, ids, wt, _ = _hidden_inputs()
     base = sparse_kd_loss_from_hidden(h, w, ids, wt, chunk_size=3)
     moved = ids.at[0, 0, 0].set((ids[0, 0, 0] + 1) % w.shape[1])
     other = sparse_kd_loss_from_hidden(h, w, moved, wt, chunk_size=3)

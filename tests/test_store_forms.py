@@ -145,7 +145,7 @@ def test_grain_source_joins_tokens_and_targets(stores):
 
 def test_grain_source_refuses_other_tokens(stores, tmp_path):
     tokens_url, teacher_url = stores
-    other_splits, other = make_tokens(str(tmp_path / "other"), 1)
+    _, other = make_tokens(str(tmp_path / "other"), 1)
     with pytest.raises(TokenMismatch, match="fingerprint"):  # the manifest names another store
         TeacherSource(str(tmp_path / "other"), teacher_url, "train")
     # a store whose manifest names `other` but whose rows were computed on the first tokens:

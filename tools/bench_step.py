@@ -202,7 +202,7 @@ def memory(bench: Bench, b: int, l: int, chunk: int) -> dict:
 
     from rskd_jax import optim, sharding
 
-    bs = lambda nd: sharding.batch_sharding(bench.mesh, nd)  # noqa: E731
+    bs = lambda nd: sharding.batch_sharding(bench.mesh, nd)
     k = DRAWS[0]
     batch = {"tokens": jax.ShapeDtypeStruct((b, l), jnp.int32, sharding=bs(2)),
              "ids": jax.ShapeDtypeStruct((b, l, k), jnp.int32, sharding=bs(3)),

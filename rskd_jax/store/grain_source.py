@@ -28,7 +28,8 @@ then cut what the host -> device copy moves (see store/forms.py).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import grain  # noqa: F401  (this module is the grain adapter; fail here if grain is missing)
 import numpy as np
