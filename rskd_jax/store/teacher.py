@@ -390,6 +390,13 @@ class TeacherStore:
                    common.read_rows_checked(data, idx, url=self.url).items()}
         return self._decode(raw, idx.size, split)
 
+    def read_rows_as(self, split: str, indices: np.ndarray, form: str = "trimmed", *,
+                     bucket: int | None = None) -> dict[str, np.ndarray]:
+        """read_rows in a compact form: "dense", "trimmed" or "ragged" (see store/forms.py)."""
+        from rskd_jax.store import forms
+
+        return forms.to_form(self.read_rows(split, indices), form, bucket=bucket)
+
     def _decode(self, raw: dict[str, np.ndarray], b: int, split: str) -> dict[str, np.ndarray]:
         length, k = self.seq_len, self.k
         out: dict[str, np.ndarray] = {}
