@@ -203,8 +203,9 @@ def reduce_sum_count(
 # ------------------------------------------------------------------ losses from hidden states
 
 
-def _logits(h_xD: jax.Array, w_DxV: jax.Array) -> jax.Array:
-    return jnp.einsum("...d,dv->...v", h_xD, w_DxV, preferred_element_type=jnp.float32)
+def _logits(h_xD: jax.Array, w_DxV: jax.Array, softcap: float | None = None) -> jax.Array:
+    logits = jnp.einsum("...d,dv->...v", h_xD, w_DxV, preferred_element_type=jnp.float32)
+    return logits if softcap is None else jnp.tanh(logits / softcap) * softcap
 
 
 def _pad_positions(x_BxLx: jax.Array, pad: int) -> jax.Array:
@@ -213,10 +214,12 @@ def _pad_positions(x_BxLx: jax.Array, pad: int) -> jax.Array:
 
 
 def map_logit_chunks(fn: Callable[[jax.Array, Any], Any], h_BxLxD: jax.Array, w_DxV: jax.Array,
-                     xs: Any = None, *, chunk_size: int, remat: bool = True) -> Any:
+                     xs: Any = None, *, chunk_size: int, remat: bool = True,
+                     softcap: float | None = None) -> Any:
     """fn(logits [B, C, V] float32, xs chunk) over chunks of C positions; outputs stacked [n, ...].
 
-    logits = h @ w with float32 accumulation. xs: a pytree of per-position arrays [B, L, ...]
+    logits = h @ w with float32 accumulation, then softcap * tanh(logits / softcap) if a final
+    logit soft-cap is given (Gemma 2). xs: a pytree of per-position arrays [B, L, ...]
     (targets, masks), cut into the same chunks. n = ceil(L / C): when C does not divide L the
     last chunk is padded (zeros in h and xs, so False in boolean masks) and its padded
     positions must be dropped or masked by the caller (`chunks_to_positions` drops them).
@@ -232,7 +235,7 @@ def map_logit_chunks(fn: Callable[[jax.Array, Any], Any], h_BxLxD: jax.Array, w_
     """
     b, l = h_BxLxD.shape[:2]
     if not chunk_size:
-        return jax.tree.map(lambda y: y[None], fn(_logits(h_BxLxD, w_DxV), xs))
+        return jax.tree.map(lambda y: y[None], fn(_logits(h_BxLxD, w_DxV, softcap), xs))
     c, n = chunk_size, -(-l // chunk_size)
 
     def to_chunks(x_BxLx):  # [B, L, ...] -> [n, B, C, ...] (the scan axis first)
@@ -241,7 +244,7 @@ def map_logit_chunks(fn: Callable[[jax.Array, Any], Any], h_BxLxD: jax.Array, w_
 
     def body(_, hx):
         h_BxCxD, x_chunk = hx
-        return None, fn(_logits(h_BxCxD, w_DxV), x_chunk)
+        return None, fn(_logits(h_BxCxD, w_DxV, softcap), x_chunk)
 
     body = jax.checkpoint(body, prevent_cse=False) if remat else body
     _, out = jax.lax.scan(body, None, (to_chunks(h_BxLxD), jax.tree.map(to_chunks, xs)))

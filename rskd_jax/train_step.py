@@ -172,12 +172,12 @@ def sum_over_positions(fn: Callable, model, teacher, t: dict, *, chunk_size: int
         teacher_logits = x["t"].get("teacher_logits")
         if teacher is not None:
             # PERF: with remat the backward recomputes the teacher's chunk logits too.
-            teacher_logits = jnp.einsum("bcd,dv->bcv", x["th"], tw_DxV,
-                                        preferred_element_type=jnp.float32)
+            teacher_logits = teacher.logits_from_hidden(x["th"], tw_DxV)
         return fn(logits_BxCxV, x["t"], teacher_logits)
 
     sums_n = losses.map_logit_chunks(chunk_fn, model.hidden_states(tokens_BxL),
-                                     model.lm_head_weight(), xs, chunk_size=chunk_size, remat=remat)
+                                     model.lm_head_weight(), xs, chunk_size=chunk_size, remat=remat,
+                                     softcap=model.config.final_softcap)
     return jax.tree.map(lambda y: jnp.sum(y, axis=0), sums_n)
 
 

@@ -408,3 +408,16 @@ def test_chunked_loss_never_holds_full_logits():
     full = b * l * v * 4
     assert temp_bytes(0) >= full
     assert temp_bytes(32) < full / 4
+
+
+def test_map_logit_chunks_applies_the_final_softcap():
+    """Gemma 2's final soft-cap in the chunked path equals cap * tanh(h @ w / cap) on whole rows."""
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.normal(size=(2, 7, 4)) * 3, jnp.float32)
+    w = jnp.asarray(rng.normal(size=(4, 11)) * 3, jnp.float32)
+    want = 5.0 * np.tanh(np.einsum("bld,dv->blv", np.asarray(h), np.asarray(w)) / 5.0)
+    for chunk in (0, 3):
+        got = losses.map_logit_chunks(lambda x, _: x, h, w, chunk_size=chunk, softcap=5.0)
+        got = np.moveaxis(np.asarray(got), 0, 1).reshape(2, -1, 11)[:, :7]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert np.abs(got).max() <= 5.0 < np.abs(np.asarray(h) @ np.asarray(w)).max()

@@ -58,7 +58,7 @@ class TeacherSource:
         self.teacher = open_teacher_store(teacher) if isinstance(teacher, str) else teacher
         self.split = split
         self._check_manifests()
-        have = set(self.teacher._split(split))  # pylint: disable=protected-access
+        have = set(self.teacher.arrays(split))
         have |= {"weights"} if "counts" in have or "weights" in have else set()
         self.fields = tuple(fields) if fields is not None else tuple(
             f for f in ("ids", "weights", "num_ids", "counts") if f in have)

@@ -232,6 +232,10 @@ class TeacherStore:
             raise StoreError(f"no split {split!r} in {self.url}; splits: {', '.join(self.splits)}")
         return self._arrays[split]
 
+    def arrays(self, split: str) -> tuple[str, ...]:
+        """The names of the arrays `split` stores (e.g. done, num_ids, ids, counts, token_hash)."""
+        return tuple(self._split(split))
+
     def done_mask(self, split: str) -> np.ndarray:
         """bool [S]: rows whose data is completely written."""
         done = self._split(split)["done"]
