@@ -173,7 +173,7 @@ def make_step(graphdef: Any, outputs: Sequence[OutputConfig], *, seed: int, voca
 
         def body(xs):
             h_BxCxD, keys_BxC, next_BxC = xs
-            logits_BxCxV = jnp.einsum("bcd,dv->bcv", h_BxCxD, w_DxV, preferred_element_type=jnp.float32)
+            logits_BxCxV = model.logits_from_hidden(h_BxCxD, w_DxV)  # + the final soft-cap (Gemma 2)
             logits_BxCxV = mask_padded_vocab(logits_BxCxV, vocab_size)
             res = {o.name: output_targets(o, keys_BxC, logits_BxCxV, vocab_size) for o in outputs}
             res["diagnostics"] = diagnostics(logits_BxCxV, next_BxC)

@@ -430,6 +430,8 @@ class ModelSpec:
     dtype: str = opt("float32", "compute dtype: float32 or bfloat16")
     param_dtype: str = opt("float32", "parameter dtype: float32 or bfloat16")
     remat: bool = opt(False, "recompute each layer's activations in the backward pass")
+    attention: str = opt("auto", "attention implementation: auto (chunked on CPU, "
+                         "jax.nn.dot_product_attention elsewhere), xla or chunked")
     seed: int = opt(0, "random init seed (source: random)")
     vocab_size: int | None = opt(None, "random: vocabulary (default: the tokenizer's)")
     hidden_size: int = opt(64, "random: model width D")
@@ -446,6 +448,8 @@ class ModelSpec:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16"):
                 raise ConfigError(f"{name} must be float32 or bfloat16, got {getattr(self, name)!r}")
+        if self.attention not in ("auto", "xla", "chunked"):
+            raise ConfigError(f"attention must be auto, xla or chunked, got {self.attention!r}")
 
 
 # ----------------------------------------------------------------------------- cache

@@ -14,7 +14,10 @@ GPT-2 regex; the two agree except where whitespace is directly followed by a dig
 ("x =  1": ours 'ĠĠ','1'; transformers 'Ġ','Ġ','1'), ~0.1% of stdlib tokens.
 
 Special-token strings inside text (e.g. a literal "<|im_end|>" in a document) are encoded
-as plain text: training data must not smuggle control tokens in. No BOS/EOS is added.
+as plain text: training data must not smuggle control tokens in. No BOS/EOS is added by
+encode/encode_batch; `add_bos_token` (tokenizer_config.json, or the GGUF's metadata) sets the
+post-processor, so `encode(text, add_special_tokens=True)` starts with BOS exactly when the
+model expects one (what data.add_bos=auto reads).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import tokenizers
-from tokenizers import Regex, decoders, models, pre_tokenizers
+from tokenizers import Regex, decoders, models, pre_tokenizers, processors
 
 from rskd_jax.store.common import fingerprint as _fingerprint
 
@@ -38,6 +41,15 @@ _BUILDER_VERSION = 1  # bump when the GGUF -> tokenizer.json conversion changes
 # first isolate every numeric code point (llama.cpp: STARCODER, REFACT, SMOLLM, CODESHELL).
 _DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact", "codeshell"}
 _PLAIN_GPT2_PRE = {"gpt-2", "gpt2", "default", None}
+# GGUF `pre` tags whose split regex replaces GPT-2's (then ByteLevel without its own regex),
+# as in the models' own tokenizer.json: Llama 3 ("llama-bpe": digits in runs of up to 3) and
+# Qwen2/2.5/3 ("qwen2": single digits).
+_SPLIT_PRE = {
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+             r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
 _SPECIAL_NAMES = {"eos": ("<|endoftext|>", "</s>", "<eos>", "<|im_end|>"),
                   "bos": ("<|begin_of_text|>", "<s>", "<bos>", "<|im_start|>")}
 
@@ -137,7 +149,28 @@ def _load_json(path: str) -> Tokenizer:
         token = token.get("content") if isinstance(token, dict) else token
         names = (token,) if token else _SPECIAL_NAMES[kind]
         ids[kind] = next((backend.token_to_id(n) for n in names if backend.token_to_id(n) is not None), None)
+    if config.get("add_bos_token") is not None:
+        _set_bos_post_processor(backend, ids["bos"], bool(config["add_bos_token"]), path)
     return Tokenizer(backend, eos_id=ids["eos"], bos_id=ids["bos"], source=path)
+
+
+def _set_bos_post_processor(backend: tokenizers.Tokenizer, bos_id: int | None, add_bos: bool,
+                            source: str) -> None:
+    """Make `encode(text, add_special_tokens=True)` start with BOS iff add_bos, as transformers
+    does for `add_bos_token` (Gemma, Llama 2 configs; GGUF metadata). That is what
+    data.add_bos=auto reads; ids without special tokens and the fingerprint do not change."""
+    first = backend.encode("a", add_special_tokens=True).ids[:1]
+    has_bos = bos_id is not None and first == [bos_id]
+    if has_bos == add_bos:
+        return
+    if add_bos and bos_id is None:
+        raise TokenizerError(f"{source}: add_bos_token is set but the tokenizer has no BOS token")
+    if add_bos:
+        bos = backend.id_to_token(bos_id)
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
+    else:
+        backend.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
 
 
 def _load_gguf(path: str) -> Tokenizer:
@@ -226,11 +259,15 @@ def build_from_gguf(path: str) -> tuple[tokenizers.Tokenizer, dict[str, Any]]:
     if pre in _DIGIT_SPLIT_PRE:
         pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"), byte_level])
+    elif pre in _SPLIT_PRE:
+        pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(_SPLIT_PRE[pre]), behavior="isolated"),
+             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     elif pre in _PLAIN_GPT2_PRE:
         pre_tokenizer = byte_level
     else:
         raise TokenizerError(f"{path}: pre-tokenizer {pre!r} is not supported (known: "
-                             f"{sorted(_DIGIT_SPLIT_PRE | {'gpt2', 'default'})}). "
+                             f"{sorted(_DIGIT_SPLIT_PRE | set(_SPLIT_PRE) | {'gpt2', 'default'})}). "
                              "Pass the model's tokenizer.json instead.")
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())

@@ -109,18 +109,26 @@ def _fit_vocab(logits_xV: jax.Array, v: int) -> jax.Array:
 def chunk_sums(logits_xV, t, teacher_logits_xV, spec: LossSpec) -> dict[str, tuple]:
     """The loss terms of one chunk of positions as {"ce"|"kd"|"z": (sum, count)}."""
     logits_xV = metrics.mask_vocab(logits_xV, spec.vocab_size)  # padded ids never count
-    # CE is sparse KD with one slot (the label, weight 1): the same logsumexp as the sparse KD
-    # term, which XLA then computes once. PERF: at alpha = 0 the CE is only reported: no
-    # backward through it. Together one V-sized exp pass less per position: the RS-KD step
-    # went from +4..14% to +1.6% over the CE step (tools/bench_step.py, CPU).
+    # PERF: CE, sparse KD and the z-loss share ONE logsumexp and ONE gather (the label in slot
+    # 0, the teacher's ids after it): the RS-KD step then makes exactly the CE step's V-sized
+    # passes and buffers. Computing the reported CE separately on stop_gradient(logits) (as
+    # before) kept one more [B, L, V] float32 buffer alive at alpha = 0 (XLA memory_analysis:
+    # +363 MB temporaries at d=128, 8 x 256 tokens) and cost +4..9% per step on CPU
+    # (tools/bench_step.py, N = 50 and N = 13 alike).
     ce_in_loss = spec.method == "ce" or spec.alpha > 0
-    ce_logits_xV = logits_xV if ce_in_loss else jax.lax.stop_gradient(logits_xV)
-    labels_x1 = t["labels"][..., None]
-    ce_x = losses.sparse_kd_loss(ce_logits_xV, labels_x1, jnp.ones(labels_x1.shape, jnp.float32),
-                                 where=t["ce_where"])
+    lse_x = jax.nn.logsumexp(logits_xV, axis=-1)
     kdw = t["kd_where"]
-    if spec.method == "sparse":
-        kd_x = losses.sparse_kd_loss(logits_xV, t["ids"], t["weights"], where=kdw)
+    sparse = spec.method == "sparse"
+    slots_xK = t["labels"][..., None]
+    if sparse:
+        slots_xK = jnp.concatenate([slots_xK, t["ids"].astype(jnp.int32)], axis=-1)
+    x_xK = jnp.take_along_axis(logits_xV, slots_xK, axis=-1)
+    ce_x = losses.sparse_kd_from_target_logits(lse_x, x_xK[..., :1], jnp.ones_like(x_xK[..., :1]),
+                                               where=t["ce_where"])
+    if not ce_in_loss:  # only reported: no backward through it
+        ce_x = jax.lax.stop_gradient(ce_x)
+    if sparse:
+        kd_x = losses.sparse_kd_from_target_logits(lse_x, x_xK[..., 1:], t["weights"], where=kdw)
     elif spec.method == "ghost":
         kd_x = losses.ghost_kd_loss(logits_xV, t["ids"], t["weights"], t["tail_mass"], where=kdw)
     elif spec.method in ("full_online", "full_cached"):
@@ -130,16 +138,11 @@ def chunk_sums(logits_xV, t, teacher_logits_xV, spec: LossSpec) -> dict[str, tup
                                    where=kdw)
     else:
         kd_x = jnp.zeros_like(ce_x)
-    z_x = losses.z_loss(logits_xV, where=t["ce_where"]) if spec.z_loss else jnp.zeros_like(ce_x)
+    # z-loss (log Z)^2 from the shared logsumexp (= losses.z_loss)
+    z_x = jnp.square(lse_x) if spec.z_loss else jnp.zeros_like(ce_x)
     return {"ce": losses.reduce_sum_count(ce_x, t["ce_where"]),
             "kd": losses.reduce_sum_count(kd_x, kdw),
             "z": losses.reduce_sum_count(z_x, t["ce_where"])}
-
-
-def _to_chunks(x_BxLx: jax.Array, c: int) -> jax.Array:
-    """[B, L, ...] -> [L/C, B, C, ...] (the scan axis first)."""
-    b, l = x_BxLx.shape[:2]
-    return jnp.moveaxis(x_BxLx.reshape(b, l // c, c, *x_BxLx.shape[2:]), 1, 0)
 
 
 def _tree_add(a, b):
@@ -150,45 +153,32 @@ def sum_over_positions(fn: Callable, model, teacher, t: dict, *, chunk_size: int
                        remat: bool = True) -> Any:
     """sum over position chunks of fn(logits [B, C, V] f32, t chunk, teacher logits or None).
 
-    `fn` returns a pytree of additive sums. The teacher logits come from `teacher` (a model,
-    run here) or else from t["teacher_logits"] (cached), or are None. Chunked
-    (chunk_size > 0): each chunk's logits are computed from the hidden states and the
-    lm-head weight, so no [B, L, V] array ever exists; with remat the chunk is wrapped in
-    jax.checkpoint so the backward pass recomputes its logits instead of storing them.
+    `fn` returns a pytree of additive sums over the positions its masks (t["ce_where"],
+    t["kd_where"]) select. The teacher logits come from `teacher` (a model, run here) or else
+    from t["teacher_logits"] (cached), or are None. The chunking is `losses.map_logit_chunks`
+    (the driver of the pure `*_from_hidden` losses): chunk_size > 0 computes each chunk's
+    logits from the hidden states and the lm-head weight under jax.checkpoint (with remat), so
+    no [B, L, V] array exists; a last partial chunk is padded with masked positions (any
+    chunk_size works). chunk_size=0: the whole rows at once.
     """
     tokens_BxL = t["tokens"]
-    if not chunk_size:
-        teacher_logits = teacher(tokens_BxL) if teacher is not None else t.get("teacher_logits")
-        return fn(model(tokens_BxL), t, teacher_logits)
-
-    c, l = chunk_size, tokens_BxL.shape[1]
-    if l % c:
-        raise ValueError(f"chunk_size={c} does not divide the sequence length {l}; "
-                         f"choose a divisor of {l} (or 0 to disable chunking)")
-    w_DxV = model.lm_head_weight()
-    xs = {"h": model.hidden_states(tokens_BxL), "t": t}
+    xs = {"t": t}
+    tw_DxV = None
     if teacher is not None:
         xs["th"] = teacher.hidden_states(tokens_BxL)
         tw_DxV = teacher.lm_head_weight()
-    xs = jax.tree.map(functools.partial(_to_chunks, c=c), xs)
 
-    def body(acc, x):
-        logits_BxCxV = jnp.einsum("bcd,dv->bcv", x["h"], w_DxV, preferred_element_type=jnp.float32)
+    def chunk_fn(logits_BxCxV, x):
         teacher_logits = x["t"].get("teacher_logits")
         if teacher is not None:
-            teacher_logits = jnp.einsum("bcd,dv->bcv", x["th"], tw_DxV,
-                                        preferred_element_type=jnp.float32)
-        out = fn(logits_BxCxV, x["t"], teacher_logits)
-        return out if acc is None else _tree_add(acc, out), None
+            # PERF: with remat the backward recomputes the teacher's chunk logits too.
+            teacher_logits = teacher.logits_from_hidden(x["th"], tw_DxV)
+        return fn(logits_BxCxV, x["t"], teacher_logits)
 
-    # PERF: with remat the backward recomputes each chunk's logits (and the teacher's): one
-    # extra lm-head matmul per chunk, in exchange for never holding [B, L, V] float32.
-    scan_body = jax.checkpoint(body, prevent_cse=False) if remat else body
-    first = jax.tree.map(lambda x: x[0], xs)
-    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
-                         jax.eval_shape(lambda x: body(None, x)[0], first))
-    sums, _ = jax.lax.scan(scan_body, zeros, xs)
-    return sums
+    sums_n = losses.map_logit_chunks(chunk_fn, model.hidden_states(tokens_BxL),
+                                     model.lm_head_weight(), xs, chunk_size=chunk_size, remat=remat,
+                                     softcap=model.config.final_softcap)
+    return jax.tree.map(lambda y: jnp.sum(y, axis=0), sums_n)
 
 
 def loss_sums(params, teacher_params, t, *, graphdef, teacher_graphdef, spec: LossSpec):

@@ -291,3 +291,137 @@ def test_cross_entropy_and_z_loss_gradients():
 def test_docstring_examples():
     result = doctest.testmod(losses, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ------------------------------------------------------------------ losses from hidden states
+
+from rskd_jax.losses import (
+    cross_entropy_from_hidden,
+    sparse_kd_loss_from_hidden,
+    sparse_kd_loss_from_hidden_ragged,
+)
+
+
+def _hidden_inputs(b=2, l=7, d=5, v=13, k=4, dtype=jnp.float32, seed=1):
+    rng = np.random.default_rng(seed)
+    h = jnp.asarray(rng.normal(size=(b, l, d)), dtype)
+    w = jnp.asarray(rng.normal(size=(d, v)), dtype)
+    ids = np.stack([rng.choice(v, k, replace=False) for _ in range(b * l)]).reshape(b, l, k)
+    wt = rng.dirichlet(np.ones(k), (b, l)).astype(np.float32)
+    wt[..., -1] = 0.0  # an empty slot
+    where = rng.uniform(size=(b, l)) < 0.7
+    return h, w, jnp.asarray(ids, jnp.int32), jnp.asarray(wt), jnp.asarray(where)
+
+
+def _ref_logits(h, w):
+    return jnp.einsum("bld,dv->blv", h, w, preferred_element_type=jnp.float32)
+
+
+def _dense_to_ragged(ids, wt):
+    """Per-position slots -> flat entries (position b * L + l, id, weight), empty slots dropped."""
+    ids, wt = np.asarray(ids), np.asarray(wt)
+    b, l, k = ids.shape
+    keep = wt != 0
+    pos = np.broadcast_to(np.arange(b * l).reshape(b, l, 1), (b, l, k))
+    return jnp.asarray(pos[keep]), jnp.asarray(ids[keep]), jnp.asarray(wt[keep])
+
+
+def _value_and_grads(fn, h, w):
+    """(loss [B, L], d/dh and d/dw of a weighted sum, so every position's gradient counts)."""
+    coef = jnp.asarray(np.random.default_rng(7).uniform(0.5, 1.5, h.shape[:2]), jnp.float32)
+    _, grads = jax.value_and_grad(lambda h_, w_: jnp.sum(coef * fn(h_, w_)), argnums=(0, 1))(h, w)
+    return fn(h, w), grads
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 3, 7, 16])  # 3 does not divide L = 7; 16 > L
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_sparse_kd_from_hidden_equals_logits_loss(chunk, dtype):
+    h, w, ids, wt, where = _hidden_inputs(dtype=dtype)
+    ref = lambda h_, w_: sparse_kd_loss(_ref_logits(h_, w_), ids, wt, where=where)
+    got = lambda h_, w_: sparse_kd_loss_from_hidden(h_, w_, ids, wt, chunk_size=chunk,
+                                                    where=where)
+    (l0, g0), (l1, g1) = _value_and_grads(ref, h, w), _value_and_grads(got, h, w)
+    assert l1.shape == h.shape[:2] and l1.dtype == jnp.float32
+    assert float(jnp.abs(l1 * ~where).max()) == 0.0  # masked positions give exactly 0
+    np.testing.assert_allclose(l1, l0, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g1, g0):
+        assert a.dtype == dtype
+        # bf16: both are bfloat16 roundings of float32 gradients summed in another order
+        tol = 1e-5 if dtype == jnp.float32 else 2e-2
+        np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol)
+    if dtype == jnp.float32:  # and against a float64 numpy reference of the value
+        x = np.asarray(h, np.float64) @ np.asarray(w, np.float64)
+        np.testing.assert_allclose(l1, np_sparse_kd(x, np.asarray(ids), wt) * where, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [0, 2, 5])
+def test_cross_entropy_from_hidden_equals_logits_loss(chunk):
+    h, w, _, _, where = _hidden_inputs()
+    labels = jnp.asarray(np.random.default_rng(3).integers(0, w.shape[1], h.shape[:2]))
+    ref = lambda h_, w_: cross_entropy(_ref_logits(h_, w_), labels, where=where)
+    got = lambda h_, w_: cross_entropy_from_hidden(h_, w_, labels, chunk_size=chunk,
+                                                   where=where)
+    (l0, g0), (l1, g1) = _value_and_grads(ref, h, w), _value_and_grads(got, h, w)
+    np.testing.assert_allclose(l1, l0, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g1, g0):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_ragged_entries_equal_dense_slots(chunk):
+    h, w, ids, wt, where = _hidden_inputs()
+    pos, ids_e, wt_e = _dense_to_ragged(ids, wt)
+    # padding entries (weight 0) at arbitrary valid positions and ids change nothing
+    pos = jnp.concatenate([pos, jnp.array([0, 5, 13])])
+    ids_e = jnp.concatenate([ids_e, jnp.array([12, 0, 3])])
+    wt_e = jnp.concatenate([wt_e, jnp.zeros(3)])
+    perm = np.random.default_rng(5).permutation(pos.shape[0])  # any entry order
+    pos, ids_e, wt_e = pos[perm], ids_e[perm], wt_e[perm]
+    ref = lambda h_, w_: sparse_kd_loss(_ref_logits(h_, w_), ids, wt, where=where)
+    got = lambda h_, w_: sparse_kd_loss_from_hidden_ragged(
+        h_, w_, pos, ids_e, wt_e, chunk_size=chunk, where=where)
+    (l0, g0), (l1, g1) = _value_and_grads(ref, h, w), _value_and_grads(got, h, w)
+    np.testing.assert_allclose(l1, l0, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g1, g0):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_from_hidden_detects_a_wrong_target():
+    """The equality tests can fail: moving one entry's weight to another id changes the loss."""
+    h, w, ids, wt, _ = _hidden_inputs()
+    base = sparse_kd_loss_from_hidden(h, w, ids, wt, chunk_size=3)
+    moved = ids.at[0, 0, 0].set((ids[0, 0, 0] + 1) % w.shape[1])
+    other = sparse_kd_loss_from_hidden(h, w, moved, wt, chunk_size=3)
+    assert abs(float(other[0, 0] - base[0, 0])) > 1e-3
+    np.testing.assert_array_equal(other[1:], base[1:])
+
+
+def test_chunked_loss_never_holds_full_logits():
+    """Memory: the chunked loss's compiled temporaries stay far below B * L * V floats."""
+    b, l, d, v = 2, 512, 16, 4096
+    h = jax.ShapeDtypeStruct((b, l, d), jnp.float32)
+    w = jax.ShapeDtypeStruct((d, v), jnp.float32)
+    ids = jax.ShapeDtypeStruct((b, l, 4), jnp.int32)
+    wt = jax.ShapeDtypeStruct((b, l, 4), jnp.float32)
+
+    def temp_bytes(chunk):
+        f = jax.grad(lambda h_, w_, i, t: sparse_kd_loss_from_hidden(h_, w_, i, t, chunk_size=chunk).sum(),
+                     argnums=(0, 1))
+        return jax.jit(f).lower(h, w, ids, wt).compile().memory_analysis().temp_size_in_bytes
+
+    full = b * l * v * 4
+    assert temp_bytes(0) >= full
+    assert temp_bytes(32) < full / 4
+
+
+def test_map_logit_chunks_applies_the_final_softcap():
+    """Gemma 2's final soft-cap in the chunked path equals cap * tanh(h @ w / cap) on whole rows."""
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.normal(size=(2, 7, 4)) * 3, jnp.float32)
+    w = jnp.asarray(rng.normal(size=(4, 11)) * 3, jnp.float32)
+    want = 5.0 * np.tanh(np.einsum("bld,dv->blv", np.asarray(h), np.asarray(w)) / 5.0)
+    for chunk in (0, 3):
+        got = losses.map_logit_chunks(lambda x, _: x, h, w, chunk_size=chunk, softcap=5.0)
+        got = np.moveaxis(np.asarray(got), 0, 1).reshape(2, -1, 11)[:, :7]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert np.abs(got).max() <= 5.0 < np.abs(np.asarray(h) @ np.asarray(w)).max()

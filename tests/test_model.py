@@ -93,20 +93,37 @@ def test_scan_matches_unrolled_numpy_reference(tiny):
     assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
 
 
-@pytest.mark.parametrize("chunk", [3, 16, 64])
-def test_causal_attention_chunks_match_dense(chunk):
+def _dense_attention(q, k, v, window=None, softcap=None):
+    """numpy reference: [B, KV, L, G, E] queries (pre-scaled), one masked [L, L] block."""
+    l = q.shape[2]
+    s = np.einsum("bklge,bkme->bkglm", q, k)
+    if softcap is not None:
+        s = np.tanh(s / softcap) * softcap
+    i, m = np.arange(l)[:, None], np.arange(l)[None, :]
+    visible = (m <= i) & ((i - m < window) if window is not None else True)
+    s = np.where(visible, s, -np.inf)
+    a = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("bkglm,bkme->bklge", a / a.sum(-1, keepdims=True), v)
+
+
+@pytest.mark.parametrize("chunk, window, softcap", [
+    (3, None, None), (16, None, None), (64, None, None), (3, 5, None), (16, 16, 2.0), (64, 40, None)])
+def test_causal_attention_chunks_match_dense(chunk, window, softcap):
     b, kh, l, g, e = 2, 2, 37, 3, 8
     rng = np.random.default_rng(0)
     q = rng.standard_normal((b, kh, l, g, e)).astype(np.float32)
     k = rng.standard_normal((b, kh, l, e)).astype(np.float32)
     v = rng.standard_normal((b, kh, l, e)).astype(np.float32)
-    s = np.einsum("bklge,bkme->bkglm", q, k)
-    s = np.where(np.tril(np.ones((l, l), bool)), s, -np.inf)
-    a = np.exp(s - s.max(-1, keepdims=True))
-    want = np.einsum("bkglm,bkme->bklge", a / a.sum(-1, keepdims=True), v)
-    attend = jax.jit(causal_attention, static_argnames="chunk")
-    got = attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), chunk=chunk)
+    want = _dense_attention(q, k, v, window, softcap)
+    attend = jax.jit(causal_attention, static_argnames=("chunk", "window", "softcap"))
+    got = attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), chunk=chunk, window=window,
+                 softcap=softcap)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    if window is not None:  # a traced window (mixed layer kinds in one scan) masks the same
+        traced = jax.jit(lambda q, k, v, w: causal_attention(q, k, v, chunk, window=w,
+                                                             softcap=softcap))
+        got = traced(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.int32(window))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_causal_mask(tiny):
@@ -159,12 +176,15 @@ def test_tied_and_untied():
     assert forward(tied, _tokens(1, 4)).shape == (1, 4, TINY.vocab_size)
 
 
-@pytest.mark.parametrize("qkv_bias", [False, True])
-def test_every_param_has_logical_axis_names(qkv_bias):
-    model = init_model(TINY.replace(qkv_bias=qkv_bias), 0)
+@pytest.mark.parametrize("changes, extra", [
+    ({}, 0), ({"qkv_bias": True}, 3),
+    ({"qk_norm": True, "sandwich_norms": True, "norm_plus_one": True}, 4),  # Gemma 3's params
+])
+def test_every_param_has_logical_axis_names(changes, extra):
+    model = init_model(TINY.replace(**changes), 0)
     params = list(nnx.iter_graph(model))
     params = [(path, v) for path, v in params if isinstance(v, nnx.Param)]
-    assert len(params) == 12 + (3 if qkv_bias else 0)
+    assert len(params) == 12 + extra
     for path, var in params:
         names = var.get_metadata().get("out_sharding")
         assert names is not None and len(names) == var[...].ndim, path
@@ -180,8 +200,21 @@ def test_fingerprint():
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="yarn"):
+    with pytest.raises(ValueError, match="longrope"):
+        TINY.replace(rope_scaling={"rope_type": "longrope", "factor": 4.0})
+    with pytest.raises(ValueError, match="yarn lacks .*original_max_position_embeddings"):
         TINY.replace(rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(ValueError, match="sliding_window"):
+        TINY.replace(layer_types=("sliding_attention",) * 3)
+    with pytest.raises(ValueError, match="chunked_attention"):
+        TINY.replace(sliding_window=8, layer_types=("chunked_attention",) * 3)
+    with pytest.raises(ValueError, match="2 entries for 3 layers"):
+        TINY.replace(sliding_window=8, layer_types=("sliding_attention",) * 2)
+    with pytest.raises(ValueError, match="hidden_act"):
+        TINY.replace(hidden_act="relu")
+    assert TINY.replace(sliding_window=8).layer_types == ("sliding_attention",) * 3
+    full = TINY.replace(sliding_window=8, layer_types=("full_attention",) * 3)
+    assert full == TINY and full.to_dict() == TINY.to_dict()  # no sliding layer: plain causal
     with pytest.raises(ValueError, match="original_max_position_embeddings"):
         TINY.replace(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0})
@@ -202,14 +235,14 @@ HF_BASE = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"architectures": ["MistralForCausalLM"]}, "MistralForCausalLM"),
+    ({"architectures": ["Gemma3ForConditionalGeneration"]}, "Gemma3ForConditionalGeneration"),
     ({"architectures": None, "model_type": "gemma"}, "gemma"),
     ({"attention_bias": True}, "attention_bias"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"use_sliding_window": True}, "use_sliding_window"),
     ({"layer_types": ["full_attention", "sliding_attention", "full_attention"]}, "layer_types"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+    ({"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}, "longrope"),
     ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4}}, "dynamic"),
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
                           "partial_rotary_factor": 0.5}}, "partial_rotary_factor"),

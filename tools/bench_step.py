@@ -1,23 +1,30 @@
-"""Student train-step cost: cross-entropy vs RS-KD (sparse store targets) vs online full KD.
+"""Student train-step cost: cross-entropy vs RS-KD (sparse store targets, N = 50 and 13 draws).
 
-    python tools/bench_step.py --json [--preset cpu|smollm2] [--batch B] [--len L] [--reps 5]
-                               [--chunk-size C] [--mem-chunk-size 256]
+    python tools/bench_step.py --json [--preset cpu|comparison|smollm2] [--reps 9]
+                               [--forms dense,trimmed] [--full-online] [--chunk-size C]
+                               [--skip-memory] [--mem-chunk-size 256]
 
-One student, one batch, three jitted steps (rskd_jax.train_step, AdamW included):
-  ce           L = CE
-  sparse       L = KD from store-shaped targets: N = 50 draws, K = 50 slots of which ~12
-               hold a unique id (weight count / 50), the rest weight 0 (what a `sample`
-               store at N = 50 returns on real text)
-  full_online  L = full KD from a frozen teacher run inside the step (the same
-               architecture as the student, other weights)
-Timing: after a warm-up, the three steps run interleaved --reps times (a busy machine slows
-all alike); the medians are reported, with sparse_overhead = sparse / ce - 1 (the paper: RS-KD
-costs ~2-10% over CE; our target is <= 3%).
-Memory: the sparse step compiled (not run) at V = 49,152 and 8 x 1024 tokens, with the
+One student, one batch, jitted steps of rskd_jax.train_step (AdamW included):
+  ce              L = CE
+  rskd_n{N}_{form} L = sparse KD from store-shaped targets: N draws per position from a
+                  Zipf-like teacher (exponent ~ U(1, 3) per position: 13.0 unique ids on
+                  average at N = 50 and 5.3 at N = 13, the paper's 12.1 and 5.0), weights
+                  count / N, in the reader's `form` (rskd_jax.store.forms): dense = K = N
+                  slots as read_rows returns them, trimmed = slots cut to the batch's largest
+                  entry count rounded up to 8
+  full_online     (--full-online) full KD from a frozen teacher of the student's shape
+Every timed call copies the host batch to the device (sharding.global_batch, as the train
+loop does) and runs the step. After one warm-up call each, the candidates run interleaved
+--reps times, in a rotating order (a busy machine slows neighbours alike). Reported: each
+candidate's median seconds, and its ratio to CE as the median over reps of (its time / the
+CE time of the same rep), with the standard error of the mean log-ratio (`*_se`); goal:
+rskd / ce <= 1.03. h2d_bytes_per_token: the host batch's bytes per token.
+Memory: the N = 50 dense step compiled (not run) at V = 49,152 and 8 x 1024 tokens, with the
 unchunked loss ([B, L, V] float32 logits) and the chunked one; XLA's memory_analysis of the
 executable gives arguments + outputs + temporaries - aliased (donated) bytes.
-Presets: `cpu` (a 4-layer d=256 student with SmolLM2's vocabulary, 4 x 256 tokens) and
-`smollm2` (SmolLM2-135M's shape, 8 x 1024 tokens, bfloat16 compute; for an accelerator).
+Presets: `cpu` (a 4-layer d=256 student with SmolLM2's vocabulary, 4 x 256 tokens),
+`comparison` (the comparison's student: d=128, 4 layers, 8 x 256 tokens, configs/reproduce.yaml)
+and `smollm2` (SmolLM2-135M's shape, 8 x 1024 tokens, bfloat16 compute; for an accelerator).
 Prints one JSON object.
 """
 
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -32,10 +40,12 @@ import time
 PRESETS = {
     "cpu": dict(model=dict(hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
                            num_kv_heads=2, dtype="float32"), batch=4, length=256),
+    "comparison": dict(model=dict(hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
+                                  num_kv_heads=2, dtype="float32"), batch=8, length=256),
     "smollm2": dict(model=dict(hidden_size=576, intermediate_size=1536, num_layers=30,
                                num_heads=9, num_kv_heads=3, dtype="bfloat16"), batch=8, length=1024),
 }
-VOCAB, DRAWS, UNIQUE = 49152, 50, 12
+VOCAB, DRAWS = 49152, (50, 13)
 
 
 def _parse() -> argparse.Namespace:
@@ -44,7 +54,9 @@ def _parse() -> argparse.Namespace:
                    help="default: smollm2 on an accelerator, cpu otherwise")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--len", type=int, default=None, dest="length")
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--forms", default="dense,trimmed", help="reader forms of the RS-KD batches")
+    p.add_argument("--full-online", action="store_true", help="also time online full KD")
     p.add_argument("--chunk-size", type=int, default=0, help="loss chunk for the timed steps")
     p.add_argument("--mem-chunk-size", type=int, default=256)
     p.add_argument("--alpha", type=float, default=0.0, help="CE weight of the KD steps")
@@ -53,20 +65,30 @@ def _parse() -> argparse.Namespace:
     return p.parse_args()
 
 
-def sparse_targets(rng, b: int, l: int):
-    """ids [b, l, 50] int32, weights [b, l, 50]: 12 unique ids with counts summing to 50."""
+def store_rows(rng, b: int, l: int, draws: int) -> dict:
+    """What TeacherStore.read_rows returns for a `sample` store at N = draws (dense, K = N
+    slots): ids (ascending, empty slots last with id 0), weights count / N, counts, num_ids."""
     import numpy as np
 
-    ids = np.zeros((b, l, DRAWS), np.int32)
-    w = np.zeros((b, l, DRAWS), np.float32)
-    ids[..., :UNIQUE] = rng.integers(0, VOCAB, (b, l, UNIQUE))
-    counts = 1 + rng.multinomial(DRAWS - UNIQUE, [1 / UNIQUE] * UNIQUE, size=(b, l))
-    w[..., :UNIQUE] = counts / DRAWS
-    return ids, w
+    p = b * l
+    ranks = np.arange(1, VOCAB + 1, dtype=np.float64)
+    ids = np.zeros((p, draws), np.int32)
+    counts = np.zeros((p, draws), np.int32)
+    perm = rng.permutation(VOCAB)  # rank -> id
+    cdfs = np.cumsum(ranks[None] ** -np.linspace(1.0, 3.0, 64)[:, None], axis=1)
+    for i, j in enumerate(rng.integers(0, 64, p)):
+        cdf = cdfs[j]
+        u, c = np.unique(perm[np.searchsorted(cdf, rng.uniform(0, cdf[-1], draws))],
+                         return_counts=True)
+        ids[i, :u.size], counts[i, :u.size] = u, c
+    num = (counts > 0).sum(-1)
+    return {"ids": ids.reshape(b, l, draws), "counts": counts.reshape(b, l, draws),
+            "weights": (counts / draws).astype(np.float32).reshape(b, l, draws),
+            "num_ids": num.reshape(b, l).astype(np.int32)}
 
 
 class Bench:
-    """One student and teacher, one batch; `step(method, chunk)` jits a train step."""
+    """One student and teacher and the host batches; `step(method, chunk)` jits a train step."""
 
     def __init__(self, args, model_kw: dict, b: int, l: int):
         import jax
@@ -78,31 +100,55 @@ class Bench:
 
         config = LlamaConfig(vocab_size=VOCAB, tie_embeddings=True, rope_theta=1e5,
                              max_position_embeddings=max(l, 2048), **model_kw)
-        student, teacher = init_model(config, seed=0), init_model(config, seed=1)
+        student = init_model(config, seed=0)
         rng = np.random.default_rng(0)
-        ids, w = sparse_targets(rng, b, l)
-        batch = {"tokens": rng.integers(0, VOCAB, (b, l)).astype(np.int32), "ids": ids, "weights": w}
+        tokens = rng.integers(0, VOCAB, (b, l)).astype(np.int32)
+        base = {"tokens": tokens, "mask": np.ones((b, l), np.int32)}
+        self.batches = {"ce": base}  # candidate -> (loss method, host batch)
+        self.unique = {}
+        forms = [f for f in args.forms.split(",") if f]
+        for n in DRAWS:
+            rows = store_rows(rng, b, l, n)
+            self.unique[n] = float(rows["num_ids"].mean())
+            for form in forms:
+                if form != "dense":  # imported only when asked: `--forms dense` runs on older code
+                    from rskd_jax.store.forms import to_form
+
+                    rows_f = to_form(rows, form)
+                else:
+                    rows_f = rows
+                self.batches[f"rskd_n{n}_{form}"] = {**base, "ids": rows_f["ids"],
+                                                     "weights": rows_f["weights"]}
+        if args.full_online:
+            self.batches["full_online"] = base
         self.mesh = mesh = sharding.make_mesh(sharding.MeshConfig(data=-1))
         sharding.check_batch(b, mesh, key="--batch")
         self.graphdef, self.params = ts.split_model(student)
-        self.tgraph, tparams = ts.split_model(teacher)
         self.schedule = optim.lr_schedule(1e-4, 10, 1000)
         self.tx = optim.make_optimizer(self.schedule)
         self.state_sh = optim.state_shardings(self.params, ts.model_shardings(student, mesh), self.tx, mesh)
-        self.t_sh = ts.model_shardings(teacher, mesh)
-        self.tparams = jax.device_put(tparams, self.t_sh)
-        self.batch = sharding.global_batch(batch, mesh)
+        self.tgraph = self.tparams = self.t_sh = None
+        if args.full_online:
+            teacher = init_model(config, seed=1)
+            self.tgraph, tparams = ts.split_model(teacher)
+            self.t_sh = ts.model_shardings(teacher, mesh)
+            self.tparams = jax.device_put(tparams, self.t_sh)
         self.alpha = args.alpha
 
-    def step(self, method: str, chunk: int):
+    @staticmethod
+    def method(name: str) -> str:
+        return "sparse" if name.startswith("rskd") else name
+
+    def step(self, name: str, chunk: int, batch: dict):
         from rskd_jax import train_step as ts
 
+        method = self.method(name)
         online = method == "full_online"
         spec = ts.LossSpec(method, alpha=1.0 if method == "ce" else self.alpha, vocab_size=VOCAB,
                            chunk_size=chunk)
         step = ts.make_train_step(self.graphdef, self.tx, self.schedule, spec,
                                   teacher_graphdef=self.tgraph if online else None)
-        return ts.jit_step(step, self.state_sh, ts.batch_shardings(self.batch, self.mesh), self.mesh,
+        return ts.jit_step(step, self.state_sh, ts.batch_shardings(batch, self.mesh), self.mesh,
                            self.t_sh if online else None)
 
     def fresh_state(self):
@@ -110,47 +156,59 @@ class Bench:
 
         return optim.create_state(self.params, self.tx, 0, self.state_sh)
 
-    def teacher_for(self, method: str):
-        return self.tparams if method == "full_online" else None
+    def teacher_for(self, name: str):
+        return self.tparams if name == "full_online" else None
 
 
 def time_steps(bench: Bench, chunk: int, reps: int) -> dict:
-    """Medians of interleaved runs of the three steps (after one warm-up run each)."""
+    """Interleaved timing (host -> device copy + step), after one warm-up call each."""
     import jax
 
-    methods = ("ce", "sparse", "full_online")
-    steps = {m: bench.step(m, chunk) for m in methods}
-    states = {m: bench.fresh_state() for m in methods}
-    times: dict[str, list[float]] = {m: [] for m in methods}
+    from rskd_jax import sharding
+
+    names = list(bench.batches)
+    steps = {m: bench.step(m, chunk, sharding.global_batch(bench.batches[m], bench.mesh)) for m in names}
+    states = {m: bench.fresh_state() for m in names}
+    times: dict[str, list[float]] = {m: [] for m in names}
     first = {}
     for rep in range(reps + 1):
-        for m in methods:
+        for j in range(len(names)):
+            m = names[(j + rep) % len(names)]  # rotating order: no candidate always runs first
             t = time.perf_counter()
-            states[m], out = steps[m](states[m], bench.batch, bench.teacher_for(m))
+            batch = sharding.global_batch(bench.batches[m], bench.mesh)
+            states[m], out = steps[m](states[m], batch, bench.teacher_for(m))
             jax.block_until_ready((states[m], out))
             dt = time.perf_counter() - t
             if rep:
                 times[m].append(dt)
             else:  # compile + first run
-                first[m] = dt
-    res = {f"{m}_step_s": statistics.median(times[m]) for m in methods}
-    res["first_step_s"] = {m: round(v, 3) for m, v in first.items()}
+                first[m] = round(dt, 3)
+    res = {"step_s": {m: statistics.median(times[m]) for m in names}, "ratio_to_ce": {},
+           "ratio_to_ce_se": {}, "first_step_s": first}
+    for m in names:
+        logs = [math.log(a / c) for a, c in zip(times[m], times["ce"])]
+        res["ratio_to_ce"][m] = math.exp(statistics.median(logs))
+        res["ratio_to_ce_se"][m] = (statistics.stdev(logs) / math.sqrt(len(logs))) if len(logs) > 1 else None
+    tokens = bench.batches["ce"]["tokens"].size
+    res["h2d_bytes_per_token"] = {m: sum(x.nbytes for x in bench.batches[m].values()) / tokens
+                                  for m in names}
     return res
 
 
 def memory(bench: Bench, b: int, l: int, chunk: int) -> dict:
-    """XLA memory analysis of the sparse step compiled for a [b, l] batch (nothing runs)."""
+    """XLA memory analysis of the N = 50 dense sparse step compiled for a [b, l] batch."""
     import jax
     import jax.numpy as jnp
 
     from rskd_jax import optim, sharding
 
-    bs = lambda nd: sharding.batch_sharding(bench.mesh, nd)  # noqa: E731
+    bs = lambda nd: sharding.batch_sharding(bench.mesh, nd)
+    k = DRAWS[0]
     batch = {"tokens": jax.ShapeDtypeStruct((b, l), jnp.int32, sharding=bs(2)),
-             "ids": jax.ShapeDtypeStruct((b, l, DRAWS), jnp.int32, sharding=bs(3)),
-             "weights": jax.ShapeDtypeStruct((b, l, DRAWS), jnp.float32, sharding=bs(3))}
+             "ids": jax.ShapeDtypeStruct((b, l, k), jnp.int32, sharding=bs(3)),
+             "weights": jax.ShapeDtypeStruct((b, l, k), jnp.float32, sharding=bs(3))}
     state = optim.abstract_state(bench.params, bench.tx, bench.state_sh)
-    m = bench.step("sparse", chunk).jitted.lower(state, batch, None).compile().memory_analysis()
+    m = bench.step("rskd", chunk, batch).jitted.lower(state, batch, None).compile().memory_analysis()
     if m is None:
         return {"available": False}
     peak = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
@@ -169,11 +227,9 @@ def main() -> None:
     bench = Bench(args, preset["model"], b, l)
     result = {"device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
               "preset": preset_name, "student": preset["model"], "vocab": VOCAB, "batch": [b, l],
-              "draws": DRAWS, "slots": DRAWS, "unique_ids": UNIQUE, "alpha": args.alpha,
+              "draws": list(DRAWS), "mean_unique_ids": bench.unique, "alpha": args.alpha,
               "chunk_size": args.chunk_size, "reps": args.reps}
     result.update(time_steps(bench, args.chunk_size, args.reps))
-    result["sparse_overhead"] = result["sparse_step_s"] / result["ce_step_s"] - 1.0
-    result["full_online_overhead"] = result["full_online_step_s"] / result["ce_step_s"] - 1.0
     if not args.skip_memory:
         mb, ml = 8, 1024
         result["memory"] = {

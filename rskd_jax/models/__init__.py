@@ -1,8 +1,10 @@
-"""Llama-family models: the Flax NNX decoder, GGUF / HF safetensors import, HF export.
+"""Decoder LMs (Llama, Qwen2/2.5/3, Mistral, Gemma 2/3 text): the Flax NNX decoder, GGUF /
+HF safetensors import, HF export.
 
     model = from_pretrained(smollm2_path())       # the SmolLM2-135M teacher (GGUF)
     logits_BxLxV = model(tokens_BxL)                # float32, tokens int32
     h_BxLxD, w_DxV = model.hidden_states(tokens_BxL), model.lm_head_weight()  # chunked losses
+    logits_BxCxV = model.logits_from_hidden(h_BxLxD[:, :C], w_DxV)   # with Gemma 2's soft-cap
     save_pretrained(model, "out/hf")                # transformers loads this directory
 """
 
@@ -39,14 +41,17 @@ def smollm2_path() -> str:
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
-                    param_dtype: str | None = None, remat: bool = False) -> Llama:
+                    param_dtype: str | None = None, remat: bool = False,
+                    attention: str | None = None) -> Llama:
     """Load a `.gguf` file or an HF directory (config.json + *.safetensors) as a Llama.
 
     dtype: compute dtype ("float32" default, "bfloat16"); param_dtype: storage dtype
-    ("float32" default). The model's `fingerprint` is the sha256 of the source files and
-    the resolved config.
+    ("float32" default); attention: "auto" (default), "xla" or "chunked". The model's
+    `fingerprint` is the sha256 of the source files and the resolved config.
     """
     overrides = {"remat": remat}
+    if attention is not None:
+        overrides["attention"] = attention
     if dtype is not None:
         overrides["dtype"] = dtype
     if param_dtype is not None:

@@ -3,7 +3,8 @@
 Every tensor is dequantized to float32 with `gguf.quants.dequantize` (so a Q4_1 file gives
 exactly the weights llama.cpp and transformers' GGUF loader compute with). llama.cpp stores
 attn_q / attn_k rows permuted for its interleaved RoPE; `unpermute_qk` undoes that so the
-rotate-half RoPE of the model applies. Only the "llama" architecture is supported.
+rotate-half RoPE of the model applies. Architectures: llama (Llama 2/3.x, SmolLM2; a
+Llama 3.1+ `rope_freqs` tensor becomes its llama3 rope_scaling), qwen2, qwen3.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ _GGUF_TO_HF = {  # per-layer GGUF name -> HF name
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",          # qwen2
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",  # qwen3
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
 }
 _GLOBAL_TO_HF = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -65,60 +71,96 @@ def _reader(path):
     return Reader(str(path))
 
 
+# GGUF architecture -> (HF architecture, q/k rows permuted by llama.cpp's converter). Qwen
+# models use llama.cpp's NEOX RoPE, which is HF's rotate-half: their rows are stored as is.
+GGUF_ARCHS = {"llama": ("LlamaForCausalLM", True), "qwen2": ("Qwen2ForCausalLM", False),
+              "qwen3": ("Qwen3ForCausalLM", False)}
+
+
+def llama3_from_rope_freqs(rope_freqs: np.ndarray, head_dim: int, theta: float) -> dict:
+    """The llama3 rope_scaling whose per-frequency divisors are `rope_freqs` (what
+    convert_hf_to_gguf.py writes for Llama 3.1+). Searched over the factor (the largest
+    divisor) and a grid of low/high frequency factors and original context lengths; an
+    exact match or a ValueError naming rope_freqs."""
+    from rskd_jax.models.rope import rope_inv_freq  # noqa: PLC0415
+
+    base, _ = rope_inv_freq(head_dim, theta)
+    want = base / rope_freqs.astype(np.float32)
+    # (old, low, high) and (c old, c low, c high) give the same frequencies: prefer low = 1.
+    for low in (1.0, 0.5, 2.0):
+        for high in (4.0, 2.0, 8.0):
+            for old in (2 ** k for k in range(4, 21)):
+                cand = {"rope_type": "llama3", "factor": float(rope_freqs.max()),
+                        "low_freq_factor": low, "high_freq_factor": high,
+                        "original_max_position_embeddings": old}
+                if np.allclose(rope_inv_freq(head_dim, theta, cand)[0], want, rtol=1e-5, atol=0):
+                    return cand
+    raise ValueError("GGUF rope_freqs do not match a llama3 RoPE scaling; other frequency "
+                     "factors are not implemented")
+
+
 def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
-    """(HF config dict, HF-named float32 tensors) from a llama-architecture GGUF file."""
+    """(HF config dict, HF-named float32 tensors) from a llama, qwen2 or qwen3 GGUF file."""
     import gguf  # noqa: PLC0415
 
     reader = _reader(path)
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
+    if arch not in GGUF_ARCHS:
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported "
+                         f"(only {sorted(GGUF_ARCHS)})")
+    hf_arch, permuted = GGUF_ARCHS[arch]
 
     def meta(key, default=None):
-        value = _field(reader, f"llama.{key}", default)
+        value = _field(reader, f"{arch}.{key}", default)
         if value is None:
-            raise ValueError(f"{path}: GGUF metadata lacks llama.{key}")
+            raise ValueError(f"{path}: GGUF metadata lacks {arch}.{key}")
         return value
 
     names = {t.name for t in reader.tensors}
-    scaling = _field(reader, "llama.rope.scaling.type", "none")
-    if scaling not in ("none", None) or "rope_freqs.weight" in names:
-        raise ValueError(f"{path}: GGUF RoPE scaling ({scaling!r}, rope_freqs) is not supported")
+    scaling = _field(reader, f"{arch}.rope.scaling.type", "none")
+    if scaling not in ("none", None):
+        raise ValueError(f"{path}: GGUF RoPE scaling {scaling!r} is not supported")
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     hidden, heads = int(meta("embedding_length")), int(meta("attention.head_count"))
-    head_dim = int(_field(reader, "llama.attention.key_length", hidden // heads))
-    rot_dim = int(_field(reader, "llama.rope.dimension_count", head_dim))
+    head_dim = int(_field(reader, f"{arch}.attention.key_length", hidden // heads))
+    rot_dim = int(_field(reader, f"{arch}.rope.dimension_count", head_dim))
     if rot_dim != head_dim:
         raise ValueError(f"{path}: partial RoPE (rope.dimension_count {rot_dim} != head dim "
                          f"{head_dim}) is not supported")
     hf = dict(
-        architectures=["LlamaForCausalLM"],
-        model_type="llama",
+        architectures=[hf_arch],
+        model_type=arch,
         vocab_size=len(tokens.data) if tokens is not None else int(meta("vocab_size")),
         hidden_size=hidden,
         intermediate_size=int(meta("feed_forward_length")),
         num_hidden_layers=int(meta("block_count")),
         num_attention_heads=heads,
-        num_key_value_heads=int(_field(reader, "llama.attention.head_count_kv", heads)),
+        num_key_value_heads=int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
         head_dim=head_dim,
-        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
         rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon")),
-        max_position_embeddings=int(_field(reader, "llama.context_length", 2048)),
+        max_position_embeddings=int(_field(reader, f"{arch}.context_length", 2048)),
         tie_word_embeddings="output.weight" not in names,
     )
 
     tensors = {}
     for t in reader.tensors:
         w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        if t.name == "rope_freqs.weight":
+            try:
+                hf["rope_scaling"] = llama3_from_rope_freqs(w, head_dim, hf["rope_theta"])
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from None
+            continue
         if t.name in _GLOBAL_TO_HF:
             tensors[_GLOBAL_TO_HF[t.name]] = w
             continue
         parts = t.name.split(".", 2)  # blk, i, rest
         if parts[0] != "blk" or len(parts) != 3 or parts[2] not in _GGUF_TO_HF:
             raise ValueError(f"{path}: unexpected GGUF tensor {t.name!r}")
-        if parts[2] == "attn_q.weight":
+        if permuted and parts[2] == "attn_q.weight":
             w = unpermute_qk(w, hf["num_attention_heads"])
-        elif parts[2] == "attn_k.weight":
+        elif permuted and parts[2] == "attn_k.weight":
             w = unpermute_qk(w, hf["num_key_value_heads"])
         tensors[f"model.layers.{parts[1]}.{_GGUF_TO_HF[parts[2]]}"] = w
     return hf, tensors

@@ -1,9 +1,9 @@
-"""Hugging Face interop: config.json <-> LlamaConfig, safetensors directories <-> Llama.
+"""Hugging Face interop: safetensors directories <-> Llama (config.json: models.hf_config).
 
-Supported: LlamaForCausalLM and Qwen2ForCausalLM (q/k/v bias), tied or untied embeddings,
-default or llama3 RoPE. Anything that would silently change the math (o_proj or MLP bias,
-sliding-window attention, other activations or RoPE types) is refused with an error naming
-the field. Weights are read with numpy (memory-mapped) and become jax arrays once.
+Supported: the families of hf_config.ARCHS (Llama, Qwen2, Qwen3, Mistral, Gemma 2, Gemma 3
+text), tied or untied embeddings. Anything that would silently change the math is refused
+with an error naming the field. Weights are read with numpy (memory-mapped) and become jax
+arrays once.
 
 The intermediate format shared with the GGUF loader is an HF-named dict of numpy arrays in
 HF layout (Linear weights [out, in]); `model_from_hf_tensors` turns it into a `Llama`.
@@ -21,114 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rskd_jax.models.hf_config import ARCHS, config_from_hf, config_to_hf  # noqa: F401 (API)
 from rskd_jax.models.llama import _DTYPES, Llama, LlamaConfig
 
-ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 _IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-def _unsupported(what: str) -> ValueError:
-    return ValueError(f"unsupported model config: {what}")
-
-
-def _rope_from_hf(hf: dict) -> tuple[float, dict | None]:
-    """(rope_theta, rope_scaling) from a v5 `rope_parameters` or v4 `rope_theta`/`rope_scaling`."""
-    params = dict(hf.get("rope_parameters") or {})
-    legacy = dict(hf.get("rope_scaling") or {})
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    scaling = {k: v for k, v in (params or legacy).items() if k != "rope_theta"}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if scaling.get("partial_rotary_factor", 1.0) != 1.0 or hf.get("partial_rotary_factor", 1.0) != 1.0:
-        raise _unsupported("partial_rotary_factor != 1 (partial RoPE) is not implemented")
-    if rope_type in ("default", None):
-        return float(theta), None
-    if rope_type != "llama3":
-        raise _unsupported(f"rope type {rope_type!r} (only default and llama3 are implemented)")
-    return float(theta), {"rope_type": "llama3", **{k: v for k, v in scaling.items()
-                                                    if k not in ("rope_type", "type")}}
-
-
-def config_from_hf(hf: dict, **overrides) -> LlamaConfig:
-    """LlamaConfig from an HF config.json dict; overrides (dtype=..., remat=...) win."""
-    archs = hf.get("architectures") or []
-    arch = archs[0] if archs else None
-    if arch is not None and arch not in ARCHS:
-        raise _unsupported(f"architecture {arch!r}; supported: {sorted(ARCHS)}")
-    model_type = ARCHS.get(arch) or hf.get("model_type")
-    if model_type not in ARCHS.values():
-        raise _unsupported(f"model_type {model_type!r}; supported: {sorted(ARCHS.values())}")
-    act = hf.get("hidden_act", hf.get("hidden_activation", "silu"))
-    if act != "silu":
-        raise _unsupported(f"hidden_act={act!r} (only silu / SwiGLU is implemented)")
-    if hf.get("mlp_bias"):
-        raise _unsupported("mlp_bias=True (biases on the MLP projections)")
-    if model_type == "llama" and hf.get("attention_bias"):
-        raise _unsupported("attention_bias=True (Llama puts a bias on o_proj too; only "
-                           "q/k/v biases, as in Qwen2, are implemented)")
-    if hf.get("use_sliding_window"):
-        raise _unsupported("use_sliding_window=True (sliding-window attention)")
-    layer_types = set(hf.get("layer_types") or ["full_attention"])
-    if layer_types != {"full_attention"}:
-        raise _unsupported(f"layer_types {sorted(layer_types)} (only full_attention)")
-    theta, scaling = _rope_from_hf(hf)
-    heads = hf["num_attention_heads"]
-    fields = dict(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or None,
-        rope_theta=theta,
-        rope_scaling=scaling,
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=model_type == "qwen2",
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
-    )
-    fields.update(overrides)
-    return LlamaConfig(**fields)
-
-
-def config_to_hf(config: LlamaConfig, arch: str | None = None) -> dict:
-    """HF config.json dict. arch: LlamaForCausalLM / Qwen2ForCausalLM (default by qkv_bias)."""
-    c = config
-    arch = arch or ("Qwen2ForCausalLM" if c.qkv_bias else "LlamaForCausalLM")
-    if arch not in ARCHS:
-        raise _unsupported(f"export architecture {arch!r}; supported: {sorted(ARCHS)}")
-    if arch == "LlamaForCausalLM" and c.qkv_bias:
-        raise _unsupported("qkv_bias=True cannot be exported as LlamaForCausalLM; use Qwen2ForCausalLM")
-    if arch == "Qwen2ForCausalLM" and not c.qkv_bias:
-        raise _unsupported("Qwen2ForCausalLM always has q/k/v biases; export as LlamaForCausalLM")
-    rope_parameters = {"rope_type": "default", "rope_theta": c.rope_theta}
-    if c.rope_scaling is not None:
-        rope_parameters = {**c.rope_scaling, "rope_theta": c.rope_theta}
-    hf = dict(
-        architectures=[arch],
-        model_type=ARCHS[arch],
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers,
-        num_attention_heads=c.num_heads,
-        num_key_value_heads=c.num_kv_heads,
-        head_dim=c.head_dim,
-        hidden_act="silu",
-        max_position_embeddings=c.max_position_embeddings,
-        rms_norm_eps=c.rms_norm_eps,
-        tie_word_embeddings=c.tie_embeddings,
-        # transformers >= 5 reads rope_parameters; 4.x reads rope_theta / rope_scaling.
-        rope_parameters=rope_parameters,
-        rope_theta=c.rope_theta,
-        rope_scaling=c.rope_scaling,
-        dtype=c.param_dtype,
-    )
-    if arch == "LlamaForCausalLM":
-        hf.update(attention_bias=False, mlp_bias=False)
-    else:
-        hf.update(use_sliding_window=False, sliding_window=None)
-    return hf
 
 
 # ---------------------------------------------------------------------------- weights
@@ -142,11 +38,23 @@ _LAYER_NAMES = {  # our stacked name -> HF per-layer name
     "q_bias": "self_attn.q_proj.bias",
     "k_bias": "self_attn.k_proj.bias",
     "v_bias": "self_attn.v_proj.bias",
+    "q_norm": "self_attn.q_norm.weight",
+    "k_norm": "self_attn.k_norm.weight",
     "mlp_norm": "post_attention_layernorm.weight",
     "gate_proj": "mlp.gate_proj.weight",
     "up_proj": "mlp.up_proj.weight",
     "down_proj": "mlp.down_proj.weight",
 }
+# Gemma 2/3 name their four norms after their place: post_attention_layernorm is the norm of
+# the attention output, not the MLP input.
+_SANDWICH_NAMES = {**_LAYER_NAMES, "post_attn_norm": "post_attention_layernorm.weight",
+                   "mlp_norm": "pre_feedforward_layernorm.weight",
+                   "post_mlp_norm": "post_feedforward_layernorm.weight"}
+
+
+def layer_names(config: LlamaConfig) -> dict[str, str]:
+    """Our stacked parameter name -> the HF per-layer tensor name, for this config."""
+    return _SANDWICH_NAMES if config.sandwich_norms else _LAYER_NAMES
 
 
 def _to_ours(name: str, w: np.ndarray, c: LlamaConfig) -> np.ndarray:
@@ -195,7 +103,7 @@ def model_from_hf_tensors(config: LlamaConfig, tensors: Mapping[str, np.ndarray]
         _set(model.lm_head, get("lm_head.weight"), "lm_head.weight", pd)
     elif "lm_head.weight" in tensors:
         used.add("lm_head.weight")  # some tied checkpoints store the copy; it is the embedding
-    for ours, theirs in _LAYER_NAMES.items():
+    for ours, theirs in layer_names(c).items():
         if not hasattr(model.layers, ours):
             continue
         stacked = np.stack([_to_ours(ours, get(f"model.layers.{i}.{theirs}"), c)
@@ -215,7 +123,7 @@ def hf_tensors(model: Llama) -> dict[str, np.ndarray]:
            "model.norm.weight": np.asarray(model.final_norm[...])}
     if not c.tie_embeddings:
         out["lm_head.weight"] = np.asarray(model.lm_head[...])
-    for ours, theirs in _LAYER_NAMES.items():
+    for ours, theirs in layer_names(c).items():
         if not hasattr(model.layers, ours):
             continue
         stacked = np.asarray(getattr(model.layers, ours)[...])

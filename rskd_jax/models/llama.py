@@ -1,4 +1,24 @@
-"""A Llama-family decoder in Flax NNX (Llama 2/3, SmolLM2, Qwen2).
+"""The decoder in Flax NNX: Llama 2/3, SmolLM2, Qwen2/2.5, Qwen3, Mistral, Gemma 2, Gemma 3 text.
+
+One decoder with a few explicit variations (models.config.LlamaConfig fields, defaults = Llama):
+
+    qkv_bias                 q/k/v projection biases (Qwen2)
+    qk_norm                  per-head RMSNorm of q and k before RoPE (Qwen3, Gemma 3)
+    sliding_window, layer_types
+                             per-layer "full_attention" / "sliding_attention" (Mistral: all
+                             sliding; Gemma 2: alternating; Gemma 3: 5 local : 1 global)
+    rope_scaling             None, linear, llama3 or yarn (Qwen2.5 long context)
+    rope_local_theta         RoPE base of the sliding layers (Gemma 3; None: rope_theta)
+    hidden_act               "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma)
+    norm_plus_one            RMSNorm scales by (1 + w) (Gemma)
+    sandwich_norms           norms after attention and after the MLP too (Gemma 2/3)
+    embed_scale              embeddings times sqrt(D) (Gemma)
+    query_pre_attn_scalar    attention scale s^-1/2 instead of E^-1/2 (Gemma)
+    attn_softcap, final_softcap
+                             cap * tanh(x / cap) on attention scores / logits (Gemma 2)
+    family                   the Hugging Face architecture it exports as (tensor names only)
+    attention                "auto" | "xla" | "chunked": the attention implementation
+                             (models.attention.resolve_attention; same math)
 
 Shape letters (README's B, L, D, V, H, C, plus): NL layers, KV key/value heads, G = H / KV query
 heads per kv head, E head dim, F MLP (intermediate) width, M key positions.
@@ -8,24 +28,29 @@ so a 30-layer model compiles as fast as a 1-layer one. Parameters (param_dtype) 
 logical axis names (nnx variable metadata `out_sharding`; map them to mesh axes with
 `nnx.get_partition_spec` under logical-axis rules):
 
-    embed             [V, D]         ("vocab", "embed")
-    layers.attn_norm  [NL, D]        ("layers", "norm")
-    layers.q_proj     [NL, H, E, D]  ("layers", "heads", "head_dim", "embed")
-    layers.k_proj     [NL, KV, E, D] ("layers", "kv_heads", "head_dim", "embed")
-    layers.v_proj     [NL, KV, E, D] ("layers", "kv_heads", "head_dim", "embed")
-    layers.q_bias     [NL, H, E]     ("layers", "heads", "head_dim")           qkv_bias only
-    layers.k_bias     [NL, KV, E]    ("layers", "kv_heads", "head_dim")        qkv_bias only
-    layers.v_bias     [NL, KV, E]    ("layers", "kv_heads", "head_dim")        qkv_bias only
-    layers.o_proj     [NL, D, H, E]  ("layers", "embed", "heads", "head_dim")
-    layers.mlp_norm   [NL, D]        ("layers", "norm")
-    layers.gate_proj  [NL, F, D]     ("layers", "mlp", "embed")
-    layers.up_proj    [NL, F, D]     ("layers", "mlp", "embed")
-    layers.down_proj  [NL, D, F]     ("layers", "embed", "mlp")
-    final_norm        [D]            ("norm",)
-    lm_head           [V, D]         ("vocab", "embed")                        untied only
+    embed               [V, D]         ("vocab", "embed")
+    layers.attn_norm    [NL, D]        ("layers", "norm")
+    layers.q_proj       [NL, H, E, D]  ("layers", "heads", "head_dim", "embed")
+    layers.k_proj       [NL, KV, E, D] ("layers", "kv_heads", "head_dim", "embed")
+    layers.v_proj       [NL, KV, E, D] ("layers", "kv_heads", "head_dim", "embed")
+    layers.q_bias       [NL, H, E]     ("layers", "heads", "head_dim")       qkv_bias only
+    layers.k_bias       [NL, KV, E]    ("layers", "kv_heads", "head_dim")    qkv_bias only
+    layers.v_bias       [NL, KV, E]    ("layers", "kv_heads", "head_dim")    qkv_bias only
+    layers.q_norm       [NL, E]        ("layers", "norm")                    qk_norm only
+    layers.k_norm       [NL, E]        ("layers", "norm")                    qk_norm only
+    layers.o_proj       [NL, D, H, E]  ("layers", "embed", "heads", "head_dim")
+    layers.post_attn_norm [NL, D]      ("layers", "norm")                    sandwich_norms only
+    layers.mlp_norm     [NL, D]        ("layers", "norm")
+    layers.gate_proj    [NL, F, D]     ("layers", "mlp", "embed")
+    layers.up_proj      [NL, F, D]     ("layers", "mlp", "embed")
+    layers.down_proj    [NL, D, F]     ("layers", "embed", "mlp")
+    layers.post_mlp_norm [NL, D]       ("layers", "norm")                    sandwich_norms only
+    final_norm          [D]            ("norm",)
+    lm_head             [V, D]         ("vocab", "embed")                    untied only
 
 Projection weights keep the Hugging Face / PyTorch [out, in] order (the dots contract the
-last axis), so loading and exporting never transpose a matrix.
+last axis), so loading and exporting never transpose a matrix. Norm weights are stored as the
+checkpoint stores them (Gemma's are offsets from 1).
 
 Logical names used: layers, vocab, embed, norm, heads, kv_heads, head_dim, mlp.
 Variables are created with eager_sharding=False: a model can be built without a mesh, and
@@ -37,174 +62,28 @@ RoPE uses the Hugging Face rotate-half convention (pairs (i, i + E/2)).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-_ROPE_TYPES = ("llama3",)
-_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+from rskd_jax.models.attention import attention
+from rskd_jax.models.attention import attention_chunk, causal_attention  # noqa: F401 (re-export)
+from rskd_jax.models.config import (  # noqa: F401 (re-exported: models.llama was their home)
+    _DTYPES, FAMILIES, HIDDEN_ACTS, LAYER_TYPES, LlamaConfig, rope_inv_freq)
+from rskd_jax.models.rope import apply_rope, rope_tables
 
-
-@dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-    """Architecture and numerics of a Llama-family decoder.
-
-    rope_scaling: None (or {"rope_type": "default"}) or {"rope_type": "llama3", "factor",
-    "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}; other types
-    raise. dtype is the compute dtype,
-    param_dtype the storage dtype ("float32" / "bfloat16"). remat wraps each layer in
-    jax.checkpoint (activations recomputed in the backward pass).
-    """
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int | None = None
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None
-    rms_norm_eps: float = 1e-5
-    tie_embeddings: bool = False
-    qkv_bias: bool = False
-    max_position_embeddings: int = 2048
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    remat: bool = False
-
-    def __post_init__(self):
-        if self.head_dim is None:
-            if self.hidden_size % self.num_heads:
-                raise ValueError(
-                    f"hidden_size {self.hidden_size} is not divisible by num_heads "
-                    f"{self.num_heads}; set head_dim explicitly"
-                )
-            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
-            )
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in _DTYPES:
-                raise ValueError(f"{name}={getattr(self, name)!r}; use one of {sorted(_DTYPES)}")
-        rs = dict(self.rope_scaling or {})
-        if rs.get("rope_type", rs.get("type")) == "default":
-            object.__setattr__(self, "rope_scaling", None)
-        elif self.rope_scaling is not None:
-            rope_type = rs.get("rope_type", rs.get("type"))
-            if rope_type not in _ROPE_TYPES:
-                raise ValueError(
-                    f"unsupported rope_scaling type {rope_type!r}: only {_ROPE_TYPES} (or None) "
-                    "is implemented"
-                )
-            missing = [k for k in _LLAMA3_KEYS if k not in rs]
-            if missing:
-                raise ValueError(f"rope_scaling of type llama3 lacks {missing}")
-            canon = {"rope_type": "llama3", **{k: rs[k] for k in _LLAMA3_KEYS}}
-            object.__setattr__(self, "rope_scaling", canon)
-
-    def __hash__(self):  # rope_scaling is a dict; hash the canonical JSON instead
-        return hash(json.dumps(self.to_dict(), sort_keys=True))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def replace(self, **changes) -> "LlamaConfig":
-        return dataclasses.replace(self, **changes)
-
-    @classmethod
-    def from_hf(cls, hf: dict, **overrides) -> "LlamaConfig":
-        """From a Hugging Face config.json dict (LlamaForCausalLM or Qwen2ForCausalLM)."""
-        from rskd_jax.models.hf import config_from_hf  # noqa: PLC0415 (avoid an import cycle)
-
-        return config_from_hf(hf, **overrides)
-
-    def to_hf(self, arch: str | None = None) -> dict:
-        """To a Hugging Face config.json dict; arch defaults by qkv_bias (Qwen2 / Llama)."""
-        from rskd_jax.models.hf import config_to_hf  # noqa: PLC0415
-
-        return config_to_hf(self, arch)
-
-
-def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
-    """Inverse frequencies [E/2] float32, computed as transformers does (incl. llama3 scaling)."""
-    e = config.head_dim
-    inv_freq = 1.0 / (np.float32(config.rope_theta) ** (np.arange(0, e, 2, dtype=np.float32) / e))
-    inv_freq = inv_freq.astype(np.float32)
-    rs = config.rope_scaling
-    if rs is None:
-        return inv_freq
-    factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
-    old_len = rs["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
-    return np.where(medium, smoothed, scaled).astype(np.float32)
-
-
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """x / rms(x) * scale, computed in float32, returned in x's dtype."""
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, plus_one: bool = False) -> jax.Array:
+    """x / rms(x) * scale (or * (1 + scale), Gemma), in float32, returned in x's dtype."""
     x32 = x.astype(jnp.float32)
     var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-    return (x32 * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32)).astype(x.dtype)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate-half RoPE on the last axis: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s), where x1, x2
-    are the two halves of x and cos/sin [..., E/2] broadcast against them. float32 inside."""
-    x32 = x.astype(jnp.float32)
-    x1, x2 = jnp.split(x32, 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
-
-
-def attention_chunk(length: int) -> int:
-    """Query-chunk size for causal attention: 64, or L/16 for long sequences (<= 16 chunks)."""
-    return max(64, -(-length // 16))
-
-
-def causal_attention(q_BxKVxLxGxE: jax.Array, k_BxKVxLxE: jax.Array, v_BxKVxLxE: jax.Array,
-                     chunk: int | None = None) -> jax.Array:
-    """Exact causal grouped-query attention, o[..., i, :] = softmax(q_i k_{<=i}^T) v_{<=i}.
-
-    q is already scaled by E^-1/2; query head (kv, g) reads kv head kv. Returns [B, KV, L, G, E].
-    Scores and softmax are float32; the probabilities are cast back to q's dtype for the PV dot.
-
-    PERF: queries are processed in chunks of `chunk` rows and chunk i only scores the keys
-    0..end_i, which skips the masked upper triangle (~40% of the score work at L=512) and
-    keeps each score block cache-sized. The G query heads sharing a kv head are folded into
-    the rows of one matmul per (batch, kv head), with no copy of k/v per query head. On 2 CPU
-    cores this is ~5x faster than one masked [L, L] block per head.
-    """
-    b, kh, l, g, e = q_BxKVxLxGxE.shape
-    chunk = chunk or attention_chunk(l)
-    outs = []
-    for start in range(0, l, chunk):  # static, unrolled: L / chunk blocks
-        stop = min(start + chunk, l)
-        c = stop - start
-        q_BxKVxCGxE = q_BxKVxLxGxE[:, :, start:stop].reshape(b, kh, c * g, e)
-        s_BxKVxCGxM = jnp.einsum("bkqe,bkme->bkqm", q_BxKVxCGxE, k_BxKVxLxE[:, :, :stop],
-                                preferred_element_type=jnp.float32)
-        s_BxKVxCxGxM = s_BxKVxCGxM.reshape(b, kh, c, g, stop)
-        causal_CxM = jnp.arange(stop)[None, :] <= jnp.arange(start, stop)[:, None]
-        s_BxKVxCxGxM = jnp.where(causal_CxM[:, None, :], s_BxKVxCxGxM, jnp.finfo(jnp.float32).min)
-        p_BxKVxCGxM = jax.nn.softmax(s_BxKVxCxGxM, axis=-1).astype(q_BxKVxLxGxE.dtype)
-        o_BxKVxCGxE = jnp.einsum("bkqm,bkme->bkqe", p_BxKVxCGxM.reshape(b, kh, c * g, stop),
-                                v_BxKVxLxE[:, :, :stop])
-        outs.append(o_BxKVxCGxE.reshape(b, kh, c, g, e))
-    return jnp.concatenate(outs, axis=2)
+    scale32 = scale.astype(jnp.float32)
+    if plus_one:
+        scale32 = 1.0 + scale32
+    return (x32 * jax.lax.rsqrt(var + eps) * scale32).astype(x.dtype)
 
 
 def _param(value, names) -> nnx.Param:
@@ -220,11 +99,15 @@ class LlamaLayers(nnx.Module):
                             c.head_dim, c.intermediate_size)
         pd = _DTYPES[c.param_dtype]
         normal = nnx.initializers.normal(0.02)
+        norm_init = jnp.zeros if c.norm_plus_one else jnp.ones  # both mean "scale 1"
 
         def w(shape, names):
             return _param(normal(rngs.params(), shape, pd), names)
 
-        self.attn_norm = _param(jnp.ones((n, d), pd), ("layers", "norm"))
+        def norm(size):
+            return _param(norm_init((n, size), pd), ("layers", "norm"))
+
+        self.attn_norm = norm(d)
         self.q_proj = w((n, h, e, d), ("layers", "heads", "head_dim", "embed"))
         self.k_proj = w((n, k, e, d), ("layers", "kv_heads", "head_dim", "embed"))
         self.v_proj = w((n, k, e, d), ("layers", "kv_heads", "head_dim", "embed"))
@@ -232,8 +115,12 @@ class LlamaLayers(nnx.Module):
             self.q_bias = _param(jnp.zeros((n, h, e), pd), ("layers", "heads", "head_dim"))
             self.k_bias = _param(jnp.zeros((n, k, e), pd), ("layers", "kv_heads", "head_dim"))
             self.v_bias = _param(jnp.zeros((n, k, e), pd), ("layers", "kv_heads", "head_dim"))
+        if c.qk_norm:
+            self.q_norm, self.k_norm = norm(e), norm(e)
         self.o_proj = w((n, d, h, e), ("layers", "embed", "heads", "head_dim"))
-        self.mlp_norm = _param(jnp.ones((n, d), pd), ("layers", "norm"))
+        if c.sandwich_norms:
+            self.post_attn_norm, self.post_mlp_norm = norm(d), norm(d)
+        self.mlp_norm = norm(d)
         self.gate_proj = w((n, f, d), ("layers", "mlp", "embed"))
         self.up_proj = w((n, f, d), ("layers", "mlp", "embed"))
         self.down_proj = w((n, d, f), ("layers", "embed", "mlp"))
@@ -241,21 +128,26 @@ class LlamaLayers(nnx.Module):
     def weights(self) -> dict[str, jax.Array]:
         """The stacked arrays by name (what the scan iterates over)."""
         names = ["attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_norm",
-                 "gate_proj", "up_proj", "down_proj"]
-        if hasattr(self, "q_bias"):
-            names += ["q_bias", "k_bias", "v_bias"]
-        return {name: getattr(self, name)[...] for name in names}
+                 "gate_proj", "up_proj", "down_proj", "q_bias", "k_bias", "v_bias",
+                 "q_norm", "k_norm", "post_attn_norm", "post_mlp_norm"]
+        return {name: getattr(self, name)[...] for name in names if hasattr(self, name)}
 
 
 def decoder_layer(config: LlamaConfig, x_BxLxD: jax.Array, w: dict[str, jax.Array],
-                  cos_LxE2: jax.Array, sin_LxE2: jax.Array) -> jax.Array:
-    """One pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(.)). w: one layer's weights."""
+                  cos_LxE2: jax.Array, sin_LxE2: jax.Array,
+                  window: int | jax.Array | None = None) -> jax.Array:
+    """One pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(.)). w: one layer's weights.
+
+    With sandwich_norms the attention and MLP outputs are normed too before the residual add.
+    window: this layer's sliding window (None: full causal attention).
+    """
     c = config
     dt = _DTYPES[c.dtype]
     k, g, e = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
+    p1 = c.norm_plus_one
 
     # Projections straight into the attention layout (XLA folds the transposes into the dots).
-    h_BxLxD = rms_norm(x_BxLxD, w["attn_norm"], c.rms_norm_eps)
+    h_BxLxD = rms_norm(x_BxLxD, w["attn_norm"], c.rms_norm_eps, p1)
     wq_KVxGxExD = w["q_proj"].astype(dt).reshape(k, g, e, -1)
     q = jnp.einsum("bld,kged->bklge", h_BxLxD, wq_KVxGxExD)
     kk = jnp.einsum("bld,ked->bkle", h_BxLxD, w["k_proj"].astype(dt))
@@ -264,21 +156,37 @@ def decoder_layer(config: LlamaConfig, x_BxLxD: jax.Array, w: dict[str, jax.Arra
         q = q + w["q_bias"].astype(dt).reshape(k, 1, g, e)
         kk = kk + w["k_bias"].astype(dt)[:, None, :]
         v = v + w["v_bias"].astype(dt)[:, None, :]
-    q_BxKVxLxGxE = apply_rope(q * jnp.asarray(e**-0.5, dt), cos_LxE2[:, None], sin_LxE2[:, None])
+    if c.qk_norm:  # per head, over E, before RoPE
+        q = rms_norm(q, w["q_norm"], c.rms_norm_eps, p1)
+        kk = rms_norm(kk, w["k_norm"], c.rms_norm_eps, p1)
+    scale = (c.query_pre_attn_scalar or e) ** -0.5
+    q_BxKVxLxGxE = apply_rope(q * jnp.asarray(scale, dt), cos_LxE2[:, None], sin_LxE2[:, None])
     k_BxKVxLxE = apply_rope(kk, cos_LxE2, sin_LxE2)
-    o_BxKVxLxGxE = causal_attention(q_BxKVxLxGxE, k_BxKVxLxE, v)
+    o_BxKVxLxGxE = attention(c.attention, q_BxKVxLxGxE, k_BxKVxLxE, v, window=window,
+                             softcap=c.attn_softcap)
     wo_DxKVxGxE = w["o_proj"].astype(dt).reshape(-1, k, g, e)
-    x_BxLxD = x_BxLxD + jnp.einsum("bklge,dkge->bld", o_BxKVxLxGxE, wo_DxKVxGxE)
+    attn_BxLxD = jnp.einsum("bklge,dkge->bld", o_BxKVxLxGxE, wo_DxKVxGxE)
+    if c.sandwich_norms:
+        attn_BxLxD = rms_norm(attn_BxLxD, w["post_attn_norm"], c.rms_norm_eps, p1)
+    x_BxLxD = x_BxLxD + attn_BxLxD
 
-    h_BxLxD = rms_norm(x_BxLxD, w["mlp_norm"], c.rms_norm_eps)
+    h_BxLxD = rms_norm(x_BxLxD, w["mlp_norm"], c.rms_norm_eps, p1)
     gate_BxLxF = jnp.einsum("bld,fd->blf", h_BxLxD, w["gate_proj"].astype(dt))
     up_BxLxF = jnp.einsum("bld,fd->blf", h_BxLxD, w["up_proj"].astype(dt))
-    act_BxLxF = jax.nn.silu(gate_BxLxF) * up_BxLxF
-    return x_BxLxD + jnp.einsum("blf,df->bld", act_BxLxF, w["down_proj"].astype(dt))
+    act_BxLxF = HIDDEN_ACTS[c.hidden_act](gate_BxLxF) * up_BxLxF
+    mlp_BxLxD = jnp.einsum("blf,df->bld", act_BxLxF, w["down_proj"].astype(dt))
+    if c.sandwich_norms:
+        mlp_BxLxD = rms_norm(mlp_BxLxD, w["post_mlp_norm"], c.rms_norm_eps, p1)
+    return x_BxLxD + mlp_BxLxD
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """cap * tanh(x / cap) (identity for cap None)."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
 
 
 class Llama(nnx.Module):
-    """Llama-family causal LM. `model(tokens[B, L] int32) -> logits[B, L, V] float32`.
+    """Decoder-only causal LM. `model(tokens[B, L] int32) -> logits[B, L, V] float32`.
 
     Positions are 0..L-1 for every row (packed sequences, plain causal mask).
 
@@ -298,7 +206,8 @@ class Llama(nnx.Module):
         self.embed = _param(normal(rngs.params(), (c.vocab_size, c.hidden_size), pd),
                             ("vocab", "embed"))
         self.layers = LlamaLayers(c, rngs=rngs)
-        self.final_norm = _param(jnp.ones((c.hidden_size,), pd), ("norm",))
+        norm_init = jnp.zeros if c.norm_plus_one else jnp.ones
+        self.final_norm = _param(norm_init((c.hidden_size,), pd), ("norm",))
         if not c.tie_embeddings:
             self.lm_head = _param(normal(rngs.params(), (c.vocab_size, c.hidden_size), pd),
                                   ("vocab", "embed"))
@@ -308,33 +217,60 @@ class Llama(nnx.Module):
         c = self.config
         dt = _DTYPES[c.dtype]
         l = tokens_BxL.shape[1]
-        x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(dt)
+        x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0)
+        if c.embed_scale:  # in the parameter dtype, as transformers' Gemma scales it
+            x_BxLxD = x_BxLxD * jnp.asarray(math.sqrt(c.hidden_size), x_BxLxD.dtype)
+        x_BxLxD = x_BxLxD.astype(dt)
 
-        angles_LxE2 = jnp.arange(l, dtype=jnp.float32)[:, None] * jnp.asarray(rope_inv_freq(c))
-        cos_LxE2, sin_LxE2 = jnp.cos(angles_LxE2), jnp.sin(angles_LxE2)
+        cos_LxE2, sin_LxE2 = rope_tables(l, c.head_dim, c.rope_theta, c.rope_scaling)
+        sliding = c.sliding_layers
+        xs = self.layers.weights()
+        if len(set(sliding)) == 1:  # one kind of layer: the window and RoPE are static
+            window = c.sliding_window if sliding[0] else None
+            if sliding[0] and c.rope_local_theta is not None:
+                cos_LxE2, sin_LxE2 = rope_tables(l, c.head_dim, c.rope_local_theta)
 
-        def body(x, w):
-            return decoder_layer(c, x, w, cos_LxE2, sin_LxE2), None
+            def body(x, w):
+                return decoder_layer(c, x, w, cos_LxE2, sin_LxE2, window), None
+        else:  # PERF: mixed kinds share one scan, so the window is masked, not skipped
+            xs = (xs, jnp.asarray(sliding))
+            local = None
+            if c.rope_local_theta is not None:
+                local = rope_tables(l, c.head_dim, c.rope_local_theta)
+
+            def body(x, w_and_sliding):
+                w, is_sliding = w_and_sliding
+                window = jnp.where(is_sliding, c.sliding_window, l + 1)
+                cos, sin = cos_LxE2, sin_LxE2
+                if local is not None:
+                    cos, sin = jnp.where(is_sliding, local[0], cos), jnp.where(is_sliding, local[1], sin)
+                return decoder_layer(c, x, w, cos, sin, window), None
 
         if c.remat:
             body = jax.checkpoint(body, prevent_cse=False)
-        x_BxLxD, _ = jax.lax.scan(body, x_BxLxD, self.layers.weights())
-        return rms_norm(x_BxLxD, self.final_norm[...], c.rms_norm_eps)
+        x_BxLxD, _ = jax.lax.scan(body, x_BxLxD, xs)
+        return rms_norm(x_BxLxD, self.final_norm[...], c.rms_norm_eps, c.norm_plus_one)
 
     def lm_head_weight(self) -> jax.Array:
         """The output projection [D, V] in config.dtype (the embedding transposed when tied).
 
-        logits = hidden_states(tokens) @ lm_head_weight(); the transpose is free inside a jit
-        (XLA folds it into the dot), so a chunked loss can slice V without copying.
+        logits = logits_from_hidden(hidden_states(tokens), lm_head_weight()); the transpose is
+        free inside a jit (XLA folds it into the dot), so a chunked loss can slice V without
+        copying.
         """
         w_VxD = self.embed[...] if self.config.tie_embeddings else self.lm_head[...]
         return w_VxD.astype(_DTYPES[self.config.dtype]).T
 
+    def logits_from_hidden(self, h_BxCxD: jax.Array, w_DxV: jax.Array) -> jax.Array:
+        """Logits [B, C, V'] float32 of hidden states and (a vocabulary slice of) lm_head_weight:
+        h @ w accumulated in float32, then the final soft-cap where the family has one (Gemma 2).
+        A chunked loss must use this, not a bare h @ w, or it misses the cap."""
+        logits = jnp.einsum("bld,dv->blv", h_BxCxD, w_DxV, preferred_element_type=jnp.float32)
+        return softcap(logits, self.config.final_softcap)
+
     def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
         """Logits [B, L, V] float32 (accumulated in float32 whatever the compute dtype)."""
-        h_BxLxD = self.hidden_states(tokens_BxL)
-        return jnp.einsum("bld,dv->blv", h_BxLxD, self.lm_head_weight(),
-                          preferred_element_type=jnp.float32)
+        return self.logits_from_hidden(self.hidden_states(tokens_BxL), self.lm_head_weight())
 
 
 def random_fingerprint(config: LlamaConfig, seed: int) -> str:
@@ -345,7 +281,7 @@ def random_fingerprint(config: LlamaConfig, seed: int) -> str:
 
 
 def init_model(config: LlamaConfig, seed: int = 0) -> Llama:
-    """A randomly initialised model (weights normal(0.02), norms 1, biases 0, as in HF)."""
+    """A randomly initialised model (weights normal(0.02), norms 1 (Gemma: 0), biases 0, as in HF)."""
     return Llama(config, rngs=nnx.Rngs(params=seed), fingerprint=random_fingerprint(config, seed))
 
 

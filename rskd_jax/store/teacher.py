@@ -232,6 +232,10 @@ class TeacherStore:
             raise StoreError(f"no split {split!r} in {self.url}; splits: {', '.join(self.splits)}")
         return self._arrays[split]
 
+    def arrays(self, split: str) -> tuple[str, ...]:
+        """The names of the arrays `split` stores (e.g. done, num_ids, ids, counts, token_hash)."""
+        return tuple(self._split(split))
+
     def done_mask(self, split: str) -> np.ndarray:
         """bool [S]: rows whose data is completely written."""
         done = self._split(split)["done"]
@@ -389,6 +393,13 @@ class TeacherStore:
             raw = {name.split("/", 1)[1]: x for name, x in
                    common.read_rows_checked(data, idx, url=self.url).items()}
         return self._decode(raw, idx.size, split)
+
+    def read_rows_as(self, split: str, indices: np.ndarray, form: str = "trimmed", *,
+                     bucket: int | None = None) -> dict[str, np.ndarray]:
+        """read_rows in a compact form: "dense", "trimmed" or "ragged" (see store/forms.py)."""
+        from rskd_jax.store import forms
+
+        return forms.to_form(self.read_rows(split, indices), form, bucket=bucket)
 
     def _decode(self, raw: dict[str, np.ndarray], b: int, split: str) -> dict[str, np.ndarray]:
         length, k = self.seq_len, self.k
