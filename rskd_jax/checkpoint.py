@@ -39,9 +39,16 @@ class CheckpointError(ValueError):
 class Checkpointer:
     """Save / restore train states and data-iterator states under `directory`.
 
-    >>> ckpt = Checkpointer("runs/x/checkpoints", keep=3)
-    >>> ckpt.save(10, state, {"it": ...}); ckpt.wait()
-    >>> state, data = ckpt.restore(ckpt.latest_step(), abstract_state)
+    >>> import tempfile, jax.numpy as jnp
+    >>> ckpt = Checkpointer(tempfile.mkdtemp() + "/checkpoints", keep=3)
+    >>> state = {"w": jnp.arange(4.0)}
+    >>> ckpt.save(10, state, {"epoch": 0}); ckpt.wait()
+    True
+    >>> abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+    >>> restored, data = ckpt.restore(ckpt.latest_step(), abstract)
+    >>> restored["w"].tolist(), data
+    ([0.0, 1.0, 2.0, 3.0], {'epoch': 0})
+    >>> ckpt.close()
     """
 
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True,
