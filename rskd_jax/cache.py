@@ -33,7 +33,8 @@ import os
 import sys
 import time
 from collections import deque
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -79,25 +80,32 @@ def store_manifest(run: CacheRun, out, model, tokens, *, device_batch: int, mesh
 def plan_blocks(done_R: np.ndarray, chunk_rows: int) -> list[int]:
     """Indices of the chunk_rows-row blocks that still have a row not done."""
     n_blocks = -(-len(done_R) // chunk_rows)
-    return [b for b in range(n_blocks) if not done_R[b * chunk_rows:(b + 1) * chunk_rows].all()]
+    return [b for b in range(n_blocks) if not done_R[b * chunk_rows : (b + 1) * chunk_rows].all()]
 
 
-def local_rows(blocks: Sequence[int], *, step: int, blocks_per_step: int, process_index: int,
-               blocks_per_process: int, chunk_rows: int, num_rows: int) -> np.ndarray:
+def local_rows(
+    blocks: Sequence[int],
+    *,
+    step: int,
+    blocks_per_step: int,
+    process_index: int,
+    blocks_per_process: int,
+    chunk_rows: int,
+    num_rows: int,
+) -> np.ndarray:
     """This process's rows for global step `step`, padded with -1 to a static length."""
     start = step * blocks_per_step + process_index * blocks_per_process
-    mine = blocks[start:start + blocks_per_process]
+    mine = blocks[start : start + blocks_per_process]
     rows = [r for b in mine for r in range(b * chunk_rows, min((b + 1) * chunk_rows, num_rows))]
     out = np.full(blocks_per_process * chunk_rows, -1, np.int64)
-    out[:len(rows)] = rows
+    out[: len(rows)] = rows
     return out
 
 
 class Cacher:
     """Holds the teacher, mesh, jitted step and open stores for one cache run."""
 
-    def __init__(self, run: CacheRun, *, store_prefix: str | None = None,
-                 devices: Sequence[Any] | None = None):
+    def __init__(self, run: CacheRun, *, store_prefix: str | None = None, devices: Sequence[Any] | None = None):
         import jax
         from flax import nnx
 
@@ -117,7 +125,8 @@ class Cacher:
             raise CacheError(
                 f"cache.batch_size={c.batch_size} gives {local} rows per process, not a multiple of "
                 f"cache.chunk_rows={c.chunk_rows}; processes own whole chunks. Set cache.batch_size "
-                f"to a multiple of {c.chunk_rows * self.P}")
+                f"to a multiple of {c.chunk_rows * self.P}"
+            )
         self.blocks_per_process = local // c.chunk_rows
         self.blocks_per_step = self.blocks_per_process * self.P
         missing = [s for s in c.splits if s not in self.tokens.splits]
@@ -135,14 +144,26 @@ class Cacher:
         graphdef, state = nnx.split(self.model)
         state_shardings = sharding.param_shardings(state, self.mesh)
         self.state = jax.device_put(state, state_shardings)
-        step = cache_step.make_step(graphdef, c.outputs, seed=c.seed, vocab_size=self.vocab,
-                                    with_diagnostics=c.diagnostics, device_batch=self.device_batch,
-                                    batch_shards=sharding.batch_shards(self.mesh),
-                                    batch_sharding=sharding.batch_sharding(self.mesh, 2))
+        step = cache_step.make_step(
+            graphdef,
+            c.outputs,
+            seed=c.seed,
+            vocab_size=self.vocab,
+            with_diagnostics=c.diagnostics,
+            device_batch=self.device_batch,
+            batch_shards=sharding.batch_shards(self.mesh),
+            batch_sharding=sharding.batch_sharding(self.mesh, 2),
+        )
         # The split code is traced (not static): one compile serves every split.
-        self.step = jax.jit(step, in_shardings=(
-            state_shardings, sharding.batch_sharding(self.mesh, 2), sharding.batch_sharding(self.mesh, 1),
-            sharding.replicated(self.mesh)))
+        self.step = jax.jit(
+            step,
+            in_shardings=(
+                state_shardings,
+                sharding.batch_sharding(self.mesh, 2),
+                sharding.batch_sharding(self.mesh, 1),
+                sharding.replicated(self.mesh),
+            ),
+        )
         self.stores = self._open_stores(prefix)
 
     def _device_batch(self, prefix: str) -> int:
@@ -161,20 +182,24 @@ class Cacher:
                     recorded[o.name] = int(m["device_batch"])
         values = set(recorded.values())
         if len(values) > 1:
-            raise CacheError(f"the existing stores under {prefix} were written with different device_batch "
-                             f"values {recorded}; resume them in separate runs (one output each)")
+            raise CacheError(
+                f"the existing stores under {prefix} were written with different device_batch "
+                f"values {recorded}; resume them in separate runs (one output each)"
+            )
         db = c.device_batch or (values.pop() if values else per_device)
         if recorded and db != next(iter(recorded.values())):
             name, old = next(iter(recorded.items()))
             raise CacheError(
                 f"{prefix}/{name} was written with cache.device_batch={old}, this run has {db}: the teacher's "
                 f"rounding depends on it, so the store would mix two runs' bytes. Resume with "
-                f"cache.device_batch={old} (or 0 to take it from the store), or set cache.overwrite=true.")
+                f"cache.device_batch={old} (or 0 to take it from the store), or set cache.overwrite=true."
+            )
         if per_device % db:
             raise CacheError(
                 f"cache.batch_size={c.batch_size} gives {per_device} rows per device (mesh batch shards "
                 f"{sharding.batch_shards(self.mesh)}), not a multiple of cache.device_batch={db}. Set "
-                f"cache.batch_size to a multiple of {db * sharding.batch_shards(self.mesh)}")
+                f"cache.batch_size to a multiple of {db * sharding.batch_shards(self.mesh)}"
+            )
         return db
 
     def _open_stores(self, prefix: str) -> dict:
@@ -185,17 +210,32 @@ class Cacher:
         c, freqs = self.cfg, self._id_frequencies()
 
         def open_all():
-            return {o.name: create_teacher_store(
-                f"{prefix}/{o.name}", manifest=store_manifest(self.run, o, self.model, self.tokens,
-                                                              device_batch=self.device_batch,
-                                                              mesh_shape=dict(self.mesh.shape)),
-                num_rows=self.num_rows, seq_len=self.tokens.seq_len, method=o.method,
-                k=self.vocab if o.method == "full" else o.num_draws,
-                vocab_size=self.vocab, chunk_rows=c.chunk_rows, diagnostics=c.diagnostics,
-                overwrite=c.overwrite, id_frequencies=None if o.method == "full" else freqs, token_hash=True,
-                # only `sample` stores the proposal temperature; the others' weights carry it
-                temperature=o.temperature if o.method == "sample" else 1.0)
-                for o in c.outputs}
+            return {
+                o.name: create_teacher_store(
+                    f"{prefix}/{o.name}",
+                    manifest=store_manifest(
+                        self.run,
+                        o,
+                        self.model,
+                        self.tokens,
+                        device_batch=self.device_batch,
+                        mesh_shape=dict(self.mesh.shape),
+                    ),
+                    num_rows=self.num_rows,
+                    seq_len=self.tokens.seq_len,
+                    method=o.method,
+                    k=self.vocab if o.method == "full" else o.num_draws,
+                    vocab_size=self.vocab,
+                    chunk_rows=c.chunk_rows,
+                    diagnostics=c.diagnostics,
+                    overwrite=c.overwrite,
+                    id_frequencies=None if o.method == "full" else freqs,
+                    token_hash=True,
+                    # only `sample` stores the proposal temperature; the others' weights carry it
+                    temperature=o.temperature if o.method == "sample" else 1.0,
+                )
+                for o in c.outputs
+            }
 
         if self.P == 1:
             return open_all()
@@ -223,7 +263,8 @@ class Cacher:
             raise CacheError(
                 f"a `full` output would take ~{gb:.1f} GB ({rows} rows x {self.tokens.seq_len} x "
                 f"V={self.model.config.vocab_size} x 2 bytes), above cache.full_max_gb="
-                f"{self.cfg.full_max_gb}; cache fewer rows (cache.max_rows) or raise the cap")
+                f"{self.cfg.full_max_gb}; cache fewer rows (cache.max_rows) or raise the cap"
+            )
         log.warning("`full` output: ~%.2f GB on disk (V log-probs per position)", gb)
 
     def done_mask(self, split: str) -> np.ndarray:
@@ -251,8 +292,12 @@ class Cacher:
         from jax.experimental import multihost_utils
         from jax.sharding import PartitionSpec
 
-        return {k: multihost_utils.host_local_array_to_global_array(
-            v, self.mesh, PartitionSpec(sharding.BATCH_AXES, *([None] * (v.ndim - 1)))) for k, v in local.items()}
+        return {
+            k: multihost_utils.host_local_array_to_global_array(
+                v, self.mesh, PartitionSpec(sharding.BATCH_AXES, *([None] * (v.ndim - 1)))
+            )
+            for k, v in local.items()
+        }
 
     def _local(self, out):
         """Device outputs -> this process's rows as numpy (nothing is all-gathered)."""
@@ -262,8 +307,14 @@ class Cacher:
 
         if self.P == 1:
             return jax.tree.map(np.asarray, out)
-        return jax.tree.map(lambda a: np.asarray(multihost_utils.global_array_to_host_local_array(
-            a, self.mesh, PartitionSpec(sharding.BATCH_AXES, *([None] * (a.ndim - 1))))), out)
+        return jax.tree.map(
+            lambda a: np.asarray(
+                multihost_utils.global_array_to_host_local_array(
+                    a, self.mesh, PartitionSpec(sharding.BATCH_AXES, *([None] * (a.ndim - 1)))
+                )
+            ),
+            out,
+        )
 
     def _read_tokens(self, split: str, rows_R: np.ndarray) -> np.ndarray:
         valid = rows_R >= 0
@@ -275,28 +326,31 @@ class Cacher:
             raise CacheError(
                 f"{split} row {int(rows_R[r])} of {self.cfg.tokens} holds token id "
                 f"{int(toks[r][bad[r]][0])}, outside the teacher tokenizer's vocabulary "
-                f"[0, {self.vocab}): the token store was made with another tokenizer")
+                f"[0, {self.vocab}): the token store was made with another tokenizer"
+            )
         return toks
 
     def _write(self, split: str, rows_R: np.ndarray, tokens_RxL: np.ndarray, out: dict) -> None:
         """Writes this process's finished blocks of one step (runs on the writer thread)."""
         if not out["finite"][rows_R >= 0].all():
             r = int(rows_R[np.nonzero(~out["finite"] & (rows_R >= 0))[0][0]])
-            raise CacheError(f"teacher logits are NaN/inf on {split} row {r}; nothing of its block "
-                             "was written. Check the teacher weights and dtype (try teacher.dtype=float32)")
+            raise CacheError(
+                f"teacher logits are NaN/inf on {split} row {r}; nothing of its block "
+                "was written. Check the teacher weights and dtype (try teacher.dtype=float32)"
+            )
         futures = []
         cr = self.cfg.chunk_rows
         for i in range(0, len(rows_R), cr):
-            block = rows_R[i:i + cr]
+            block = rows_R[i : i + cr]
             block = block[block >= 0]
             if not len(block):
                 continue
             n = len(block)
             for name, store in self.stores.items():
-                rows = {k: v[i:i + n] for k, v in out[name].items()}
-                rows["tokens"] = tokens_RxL[i:i + n]  # stored as token_hash: the trainer's check
+                rows = {k: v[i : i + n] for k, v in out[name].items()}
+                rows["tokens"] = tokens_RxL[i : i + n]  # stored as token_hash: the trainer's check
                 if self.cfg.diagnostics:
-                    rows.update({k: v[i:i + n] for k, v in out["diagnostics"].items()})
+                    rows.update({k: v[i : i + n] for k, v in out["diagnostics"].items()})
                 futures.append(store.write_rows(split, int(block[0]), rows))
         for f in futures:
             f.result()
@@ -310,11 +364,12 @@ class Cacher:
         if max_steps is not None:
             steps = min(steps, max_steps)
         cr, bps = self.cfg.chunk_rows, self.blocks_per_step
-        rows_of = lambda bs: sum(min((b + 1) * cr, self.num_rows[split]) - b * cr for b in bs)  # noqa: E731
-        todo_rows = rows_of(blocks[:steps * bps])
+        rows_of = lambda bs: sum(min((b + 1) * cr, self.num_rows[split]) - b * cr for b in bs)
+        todo_rows = rows_of(blocks[: steps * bps])
         L = self.tokens.seq_len
-        bar = tqdm(total=todo_rows, unit="row", desc=f"cache {split}", disable=not progress or self.p != 0,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=todo_rows, unit="row", desc=f"cache {split}", disable=not progress or self.p != 0, dynamic_ncols=True
+        )
         code = self._replicated_scalar(cache_step.split_code(split))
         pending: deque = deque()
         step_times, done_rows, t0 = [], 0, time.perf_counter()
@@ -323,9 +378,15 @@ class Cacher:
             for i in range(steps + 1):
                 if i < steps:
                     t_step = time.perf_counter()
-                    rows_R = local_rows(blocks, step=i, blocks_per_step=self.blocks_per_step,
-                                        process_index=self.p, blocks_per_process=self.blocks_per_process,
-                                        chunk_rows=self.cfg.chunk_rows, num_rows=self.num_rows[split])
+                    rows_R = local_rows(
+                        blocks,
+                        step=i,
+                        blocks_per_step=self.blocks_per_step,
+                        process_index=self.p,
+                        blocks_per_process=self.blocks_per_process,
+                        chunk_rows=self.cfg.chunk_rows,
+                        num_rows=self.num_rows[split],
+                    )
                     tokens_RxL = self._read_tokens(split, rows_R)
                     batch = self._global({"tokens": tokens_RxL, "rows": np.maximum(rows_R, 0).astype(np.int32)})
                     out = self.step(self.state, batch["tokens"], batch["rows"], code)  # async dispatch
@@ -336,7 +397,7 @@ class Cacher:
                     pending.append(writer.submit(self._write, split, prev_rows, prev_tokens, local))
                     while len(pending) > MAX_WRITES_IN_FLIGHT or (pending and pending[0].done()):
                         pending.popleft().result()  # raises a writer error here, never swallowed
-                    n = rows_of(blocks[(i - 1) * bps:i * bps])  # all processes' rows of that step
+                    n = rows_of(blocks[(i - 1) * bps : i * bps])  # all processes' rows of that step
                     done_rows += n
                     bar.update(n)
                     bar.set_postfix(tok_s=f"{done_rows * L / (time.perf_counter() - t0):,.0f}")
@@ -348,8 +409,9 @@ class Cacher:
         return {"rows": done_rows, "tokens": done_rows * L, "seconds": seconds, "step_times": step_times}
 
 
-def run(cfg: CacheRun, *, dry_run: bool = False, progress: bool = True,
-        devices: Sequence[Any] | None = None) -> dict[str, Any]:
+def run(
+    cfg: CacheRun, *, dry_run: bool = False, progress: bool = True, devices: Sequence[Any] | None = None
+) -> dict[str, Any]:
     """Runs the cache program; returns the summary that `main` prints as JSON. `devices`
     restricts the mesh to these devices (default: all, of every process)."""
     sharding.initialize_distributed(cfg.distributed)
@@ -392,14 +454,22 @@ def _dry_run(cfg: CacheRun, *, progress: bool, devices: Sequence[Any] | None = N
             # per-row arrays scale with the tokens; the rest (rank table, metadata) is fixed
             per_token = sum(v for v in st["bytes_per_token_by_array"].values() if v is not None)
             fixed = st["bytes_on_disk"] - per_token * st["positions_done"]
-            stores[name] = {"bytes_per_token": per_token, "mean_unique_ids": st["mean_unique_ids"],
-                            "projected_bytes": int(fixed + per_token * total_tokens)}
+            stores[name] = {
+                "bytes_per_token": per_token,
+                "mean_unique_ids": st["mean_unique_ids"],
+                "projected_bytes": int(fixed + per_token * total_tokens),
+            }
             store.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"dry_run": True, "steps": len(res["step_times"]), "tokens_total": total_tokens,
-            "projected_seconds": round(s_per_token * total_tokens, 1),
-            "tokens_per_s": round(1 / s_per_token), "stores": stores}
+    return {
+        "dry_run": True,
+        "steps": len(res["step_times"]),
+        "tokens_total": total_tokens,
+        "projected_seconds": round(s_per_token * total_tokens, 1),
+        "tokens_per_s": round(1 / s_per_token),
+        "stores": stores,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> None:

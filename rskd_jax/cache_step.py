@@ -17,7 +17,8 @@ device_batch and the fsdp/tensor layout (which reorder the matmuls' reductions),
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +28,10 @@ from rskd_jax.config import OutputConfig
 
 SPLIT_CODES = {"train": 0, "val": 1}
 CHUNK_BYTES = 16 << 20  # float32 logits per lax.map iteration of the step
-KEY_RULE = ("fold_in(fold_in(key(seed), split_code), row), then fold_in(position); split_code: "
-            "train 0, val 1, any other name the first 4 bytes (little-endian) of sha256(name)")
+KEY_RULE = (
+    "fold_in(fold_in(key(seed), split_code), row), then fold_in(position); split_code: "
+    "train 0, val 1, any other name the first 4 bytes (little-endian) of sha256(name)"
+)
 
 
 def split_code(split: str) -> int:
@@ -49,8 +52,9 @@ def check_split_codes(splits: Iterable[str]) -> dict[str, int]:
     for split in splits:
         code = split_code(split)
         if code in codes and codes[code] != split:
-            raise ValueError(f"splits {codes[code]!r} and {split!r} hash to the same key code {code}; "
-                             "rename one of them")
+            raise ValueError(
+                f"splits {codes[code]!r} and {split!r} hash to the same key code {code}; rename one of them"
+            )
         codes[code] = split
     return {split: code for code, split in codes.items()}
 
@@ -75,8 +79,9 @@ def position_keys(keys_B: jax.Array, seq_len: int) -> jax.Array:
     return jax.vmap(lambda k: jax.vmap(lambda p: jax.random.fold_in(k, p))(positions_L))(keys_B)
 
 
-def output_targets(out: OutputConfig, keys_xC: jax.Array, logits_xCxV: jax.Array,
-                   vocab_size: int) -> dict[str, jax.Array]:
+def output_targets(
+    out: OutputConfig, keys_xC: jax.Array, logits_xCxV: jax.Array, vocab_size: int
+) -> dict[str, jax.Array]:
     """The arrays one output stores for positions [..., C] (position i sampled with keys_xC[i],
     so a position's targets depend on its key and logits alone). Logits of padded vocabulary
     rows (ids >= vocab_size) must already be -inf."""
@@ -96,8 +101,11 @@ def output_targets(out: OutputConfig, keys_xC: jax.Array, logits_xCxV: jax.Array
             res["weights"] = sc.weights
         return res
     if out.method == "sample_wor":
-        st = per_position(lambda k, lg: sampling.sample_tokens(
-            k, lg, n, temperature=out.temperature, replace=False, normalize=out.normalize))
+        st = per_position(
+            lambda k, lg: sampling.sample_tokens(
+                k, lg, n, temperature=out.temperature, replace=False, normalize=out.normalize
+            )
+        )
         return {"ids": st.ids, "weights": st.weights}
     if out.method == "top_k":
         st = sampling.top_k_targets(logits_xCxV, n, renormalize=out.renormalize)
@@ -138,9 +146,17 @@ def position_chunk(seq_len: int, rows: int, vocab: int, budget_bytes: int = CHUN
     return best
 
 
-def make_step(graphdef: Any, outputs: Sequence[OutputConfig], *, seed: int, vocab_size: int,
-              with_diagnostics: bool, device_batch: int, batch_shards: int = 1,
-              batch_sharding: Any = None) -> Callable:
+def make_step(
+    graphdef: Any,
+    outputs: Sequence[OutputConfig],
+    *,
+    seed: int,
+    vocab_size: int,
+    with_diagnostics: bool,
+    device_batch: int,
+    batch_shards: int = 1,
+    batch_sharding: Any = None,
+) -> Callable:
     """step(state, tokens_BxL, rows_B, split) -> {"finite": [B] bool, "<output>": {...},
     "diagnostics": {...}}; jit it with the shardings of the caller's mesh.
 
@@ -187,8 +203,9 @@ def make_step(graphdef: Any, outputs: Sequence[OutputConfig], *, seed: int, voca
         w_DxV = model.lm_head_weight()
         B, L = tokens_BxL.shape
         if B % (batch_shards * device_batch):
-            raise ValueError(f"{B} rows do not split into {batch_shards} devices x micro-batches of "
-                             f"device_batch={device_batch}")
+            raise ValueError(
+                f"{B} rows do not split into {batch_shards} devices x micro-batches of device_batch={device_batch}"
+            )
         m = B // (batch_shards * device_batch)
         keys_BxL = position_keys(row_keys(seed, split, rows_B), L)
 
@@ -196,8 +213,12 @@ def make_step(graphdef: Any, outputs: Sequence[OutputConfig], *, seed: int, voca
             a = a.reshape(batch_shards, m, device_batch, *a.shape[1:])
             a = jnp.swapaxes(a, 0, 1).reshape(m, batch_shards * device_batch, *a.shape[3:])
             if batch_sharding is not None:
-                a = jax.lax.with_sharding_constraint(a, jax.sharding.NamedSharding(
-                    batch_sharding.mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec[:1])))
+                a = jax.lax.with_sharding_constraint(
+                    a,
+                    jax.sharding.NamedSharding(
+                        batch_sharding.mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec[:1])
+                    ),
+                )
             return a
 
         def from_micro(a):  # inverse of to_micro

@@ -51,27 +51,38 @@ class Checkpointer:
     >>> ckpt.close()
     """
 
-    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True,
-                 read_only: bool = False):
+    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
         directory = local_path(directory) or directory  # orbax takes paths / gs:// URLs
         self.directory = directory
-        policy = policies.AnyPreservationPolicy([
-            policies.LatestN(n=keep),
-            policies.BestN(get_metric_fn=_val_loss, reverse=True, n=1,  # reverse: min is best
-                           keep_checkpoints_without_metrics=False),
-        ])
+        policy = policies.AnyPreservationPolicy(
+            [
+                policies.LatestN(n=keep),
+                policies.BestN(
+                    get_metric_fn=_val_loss,
+                    reverse=True,
+                    n=1,  # reverse: min is best
+                    keep_checkpoints_without_metrics=False,
+                ),
+            ]
+        )
         options = ocp.CheckpointManagerOptions(
-            best_fn=_val_loss, best_mode="min", preservation_policy=policy,
-            enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
-            save_interval_steps=1)
-        self.manager = ocp.CheckpointManager(directory, options=options,
-                                             item_names=("state", "data"))
+            best_fn=_val_loss,
+            best_mode="min",
+            preservation_policy=policy,
+            enable_async_checkpointing=async_save,
+            create=not read_only,
+            read_only=read_only,
+            save_interval_steps=1,
+        )
+        self.manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
 
-    def save(self, step: int, state: Any, data_state: dict | None = None,
-             metrics: dict[str, float] | None = None) -> bool:
+    def save(
+        self, step: int, state: Any, data_state: dict | None = None, metrics: dict[str, float] | None = None
+    ) -> bool:
         """Starts saving `state` (and the iterator state) as `step`; metrics rank the best."""
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  data=ocp.args.JsonSave(_jsonable(data_state or {})))
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(_jsonable(data_state or {}))
+        )
         return self.manager.save(int(step), args=args, metrics=metrics, force=True)
 
     def latest_step(self) -> int | None:
@@ -92,25 +103,26 @@ class Checkpointer:
         optim.abstract_state); each process reads only its own shards.
         """
         if step not in self.manager.all_steps():
-            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; "
-                                  f"available: {self.all_steps()}")
-        restored = self.manager.restore(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; available: {self.all_steps()}")
+        restored = self.manager.restore(
+            int(step),
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
+        )
         return restored["state"], dict(restored["data"] or {})
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Only the params of a checkpoint (evaluation): the optimizer state is not read."""
         if step not in self.manager.all_steps():
-            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; "
-                                  f"available: {self.all_steps()}")
+            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; available: {self.all_steps()}")
         item = {"params": abstract_params}
         restore_args = jax.tree.map(
-            lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
-            item)
+            lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype), item
+        )
         path = os.path.join(str(self.directory), str(int(step)), "state")
         with ocp.PyTreeCheckpointer() as reader:
-            restored = reader.restore(path, args=ocp.args.PyTreeRestore(
-                item=item, restore_args=restore_args, partial_restore=True))
+            restored = reader.restore(
+                path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+            )
         return restored["params"]
 
     def wait(self) -> None:
@@ -124,8 +136,11 @@ class Checkpointer:
 
 def _jsonable(obj: Any) -> Any:
     """Grain iterator states are plain dicts but may hold bytes / numpy scalars."""
-    return json.loads(json.dumps(obj, default=lambda o: o.decode() if isinstance(o, bytes)
-                                 else o.item() if hasattr(o, "item") else str(o)))
+    return json.loads(
+        json.dumps(
+            obj, default=lambda o: o.decode() if isinstance(o, bytes) else o.item() if hasattr(o, "item") else str(o)
+        )
+    )
 
 
 def find_checkpoint(path: str) -> tuple[str, int | None]:
@@ -142,5 +157,6 @@ def find_checkpoint(path: str) -> tuple[str, int | None]:
         return os.path.dirname(path), int(base)
     if any(name.isdigit() for name in (os.listdir(path) if os.path.isdir(path) else ())):
         return path, None
-    raise CheckpointError(f"{path} is not a run directory (no checkpoints/), a checkpoints "
-                          "directory, or a checkpoint step directory")
+    raise CheckpointError(
+        f"{path} is not a run directory (no checkpoints/), a checkpoints directory, or a checkpoint step directory"
+    )

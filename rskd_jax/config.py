@@ -39,7 +39,7 @@ class ConfigError(ValueError):
     """A config file or override is invalid: unknown key, wrong type, bad syntax."""
 
 
-def opt(default: Any, help: str = "") -> Any:  # noqa: A002 - mirrors argparse's name
+def opt(default: Any, help: str = "") -> Any:
     """A dataclass field with a default and a one-line help text shown by `--help`."""
     if dataclasses.is_dataclass(default) or isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: default, metadata={"help": help})
@@ -236,8 +236,9 @@ def config_to_dict(cfg: Any) -> Any:
 
 def save_config(cfg: Any, url_or_dir: str, name: str = "config.yaml") -> str:
     """Writes the resolved config as YAML into a local dir or kvstore URL; returns its URL."""
-    from rskd_jax.store.common import store_url  # tensorstore only where configs are saved
     import tensorstore as ts
+
+    from rskd_jax.store.common import store_url  # tensorstore only where configs are saved
 
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
     url = store_url(url_or_dir)
@@ -257,8 +258,11 @@ def _help_lines(cls: type, prefix: str = "") -> list[str]:
         if dataclasses.is_dataclass(tp):
             lines += _help_lines(tp, dotted)
             continue
-        default = f.default if f.default is not _MISSING else (
-            f.default_factory() if f.default_factory is not _MISSING else "(required)")
+        default = (
+            f.default
+            if f.default is not _MISSING
+            else (f.default_factory() if f.default_factory is not _MISSING else "(required)")
+        )
         shown = yaml.safe_dump(config_to_dict(default), default_flow_style=True, width=10**6).strip()
         shown = shown.removesuffix("\n...").removesuffix("...").strip()
         text = f.metadata.get("help", "")
@@ -267,7 +271,10 @@ def _help_lines(cls: type, prefix: str = "") -> list[str]:
 
 
 def parse_cli(
-    cls: type[T], argv: Sequence[str] | None = None, *, prog: str | None = None,
+    cls: type[T],
+    argv: Sequence[str] | None = None,
+    *,
+    prog: str | None = None,
     flags: Sequence[str] = (),
 ) -> Any:
     """`[--config FILE] [--FLAG ...] [key=value ...]` -> config (and flags, if any declared).
@@ -299,8 +306,9 @@ def parse_cli(
             elif arg.startswith("--"):
                 if arg[2:] not in flags:
                     known = ["--config", "--help"] + [f"--{n}" for n in flags]
-                    raise ConfigError(f"unknown option {arg!r}; options: {', '.join(known)}; "
-                                      "config keys are given as key=value")
+                    raise ConfigError(
+                        f"unknown option {arg!r}; options: {', '.join(known)}; config keys are given as key=value"
+                    )
                 found[arg[2:].replace("-", "_")] = True
             elif "=" in arg:
                 overrides.append(arg)
@@ -343,26 +351,48 @@ class DataConfig:
     """`python -m rskd_jax.data`: text files, JSONL, Parquet, Arrow -> token store."""
 
     inputs: tuple[str, ...] = opt(
-        ("@stdlib",), "files, dirs (walked recursively) and globs; '@stdlib' is the CPython "
-        "standard library source of the running interpreter without its test dirs")
+        ("@stdlib",),
+        "files, dirs (walked recursively) and globs; '@stdlib' is the CPython "
+        "standard library source of the running interpreter without its test dirs",
+    )
     extensions: tuple[str, ...] = opt(
-        (".py", ".txt", ".md", ".rst", ".txt.gz", ".txt.zst", ".jsonl", ".jsonl.gz", ".jsonl.zst",
-         ".ndjson", ".json.gz", ".json.zst", ".parquet", ".arrow"), "file suffixes kept when walking a directory")
+        (
+            ".py",
+            ".txt",
+            ".md",
+            ".rst",
+            ".txt.gz",
+            ".txt.zst",
+            ".jsonl",
+            ".jsonl.gz",
+            ".jsonl.zst",
+            ".ndjson",
+            ".json.gz",
+            ".json.zst",
+            ".parquet",
+            ".arrow",
+        ),
+        "file suffixes kept when walking a directory",
+    )
     exclude: tuple[str, ...] = opt((), "fnmatch patterns; matching file paths are skipped")
     sources: tuple[SourceConfig, ...] = opt(
-        (), "named sources mixed at document level (replaces data.inputs); val_<name> per source")
+        (), "named sources mixed at document level (replaces data.inputs); val_<name> per source"
+    )
     text_key: str = opt("text", "JSONL field / Parquet and Arrow column holding the text")
     seq_len: int = opt(512, "tokens per stored sequence (row)")
     output: str = opt("runs/tokens", "token store: local path or TensorStore kvstore URL")
     tokenizer: str = opt("smollm2", "'smollm2', or a path to a tokenizer.json or a .gguf file")
-    add_bos: bool | Literal["auto"] = opt("auto", "BOS before each document: auto (the tokenizer's own "
-                                          "setting), true or false")
+    add_bos: bool | Literal["auto"] = opt(
+        "auto", "BOS before each document: auto (the tokenizer's own setting), true or false"
+    )
     val_fraction: float = opt(0.05, "share of documents (by content hash) in the val split")
     max_tokens: int | None = opt(None, "stop after about this many tokens (for small slices)")
-    workers: int | None = opt(None, "tokenizer processes (default: one per core, none below 4 MB of "
-                                    "input; 0: in this process)")
-    shard_records: int = opt(10000, "JSONL lines / Arrow rows (at most text files) per shard, the unit of "
-                                    "work and resume")
+    workers: int | None = opt(
+        None, "tokenizer processes (default: one per core, none below 4 MB of input; 0: in this process)"
+    )
+    shard_records: int = opt(
+        10000, "JSONL lines / Arrow rows (at most text files) per shard, the unit of work and resume"
+    )
     batch_files: int = opt(256, "documents per tokenizer call")
     checkpoint_seconds: float = opt(10.0, "seconds between checkpoints of the packing state")
     overwrite: bool = opt(False, "replace an existing store that holds different data")
@@ -430,8 +460,10 @@ class ModelSpec:
     dtype: str = opt("float32", "compute dtype: float32 or bfloat16")
     param_dtype: str = opt("float32", "parameter dtype: float32 or bfloat16")
     remat: bool = opt(False, "recompute each layer's activations in the backward pass")
-    attention: str = opt("auto", "attention implementation: auto (chunked on CPU, "
-                         "jax.nn.dot_product_attention elsewhere), xla or chunked")
+    attention: str = opt(
+        "auto",
+        "attention implementation: auto (chunked on CPU, jax.nn.dot_product_attention elsewhere), xla or chunked",
+    )
     seed: int = opt(0, "random init seed (source: random)")
     vocab_size: int | None = opt(None, "random: vocabulary (default: the tokenizer's)")
     hidden_size: int = opt(64, "random: model width D")
@@ -464,7 +496,8 @@ class OutputConfig:
 
     name: str = opt("rskd_n50", "store name: written to <cache.output>/<name>")
     method: Literal["sample", "sample_wor", "top_k", "ghost", "full"] = opt(
-        "sample", "sample (with replacement, counts), sample_wor (Gumbel-top-k), top_k, ghost, full")
+        "sample", "sample (with replacement, counts), sample_wor (Gumbel-top-k), top_k, ghost, full"
+    )
     num_draws: int = opt(50, "sample: draws N; sample_wor / top_k / ghost: ids kept k")
     temperature: float = opt(1.0, "proposal temperature (sample, sample_wor); targets stay unbiased")
     normalize: bool = opt(False, "sample_wor: self-normalised weights (consistent, biased)")
@@ -489,12 +522,18 @@ class CacheConfig:
     max_rows: int | None = opt(None, "cache only the first rows of each split (slices, dry runs)")
     batch_size: int = opt(8, "sequences per step, global (all processes together)")
     chunk_rows: int = opt(8, "rows per store chunk; processes own whole chunks")
-    device_batch: int = opt(0, "rows per device per teacher forward: a fixed shape, so the store "
-                            "does not depend on batch_size or the data-parallel width (it depends "
-                            "on this). 0: the store's recorded value, or for a new store the rows "
-                            "per device of batch_size")
-    seed: int = opt(0, "sampling seed; row r of split s: fold_in(fold_in(key(seed), split_code(s)), r), "
-                    "position p: fold_in(row key, p)")
+    device_batch: int = opt(
+        0,
+        "rows per device per teacher forward: a fixed shape, so the store "
+        "does not depend on batch_size or the data-parallel width (it depends "
+        "on this). 0: the store's recorded value, or for a new store the rows "
+        "per device of batch_size",
+    )
+    seed: int = opt(
+        0,
+        "sampling seed; row r of split s: fold_in(fold_in(key(seed), split_code(s)), r), "
+        "position p: fold_in(row key, p)",
+    )
     diagnostics: bool = opt(True, "store the teacher's log-prob of the next token and its entropy")
     overwrite: bool = opt(False, "replace existing stores written with a different manifest")
     full_max_gb: float = opt(4.0, "refuse a `full` output projected above this many GB")
@@ -521,6 +560,7 @@ class CacheRun:
 # ----------------------------------------------------------------------------- train / evaluate
 # (owned by the training code: rskd_jax.train, rskd_jax.evaluate)
 
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """`python -m rskd_jax.train`: token store + teacher store -> student checkpoints."""
@@ -542,8 +582,15 @@ class TrainConfig:
     progress: bool = opt(True, "tqdm progress bar")
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every",
-                     "keep_checkpoints", "eval_batches"):
+        for name in (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "log_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "eval_batches",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_every < 0:
@@ -555,8 +602,10 @@ class LossConfig:
     """L = alpha * CE + (1 - alpha) * KD (+ z_loss * (log Z)^2); method picks the KD term."""
 
     method: Literal["ce", "sparse", "ghost", "full_online", "full_cached"] = opt(
-        "sparse", "ce | sparse (sampled, without-replacement or top-K store) | ghost | "
-        "full_online (teacher runs in the step) | full_cached (store of full log-probs)")
+        "sparse",
+        "ce | sparse (sampled, without-replacement or top-K store) | ghost | "
+        "full_online (teacher runs in the step) | full_cached (store of full log-probs)",
+    )
     alpha: float = opt(0.0, "weight of the cross-entropy term")
     kd_temperature: float = opt(1.0, "softmax temperature of full_online / full_cached KD")
     z_loss: float = opt(0.0, "coefficient of the (log Z)^2 auxiliary loss")
@@ -606,13 +655,17 @@ class TrainRun:
 class EvaluateConfig:
     """`python -m rskd_jax.evaluate`: a student checkpoint on a token-store split."""
 
-    checkpoint: str | None = opt(None, "run dir (latest checkpoint), a checkpoint step dir, or "
-                                 "an HF directory; default: train.output")
+    checkpoint: str | None = opt(
+        None, "run dir (latest checkpoint), a checkpoint step dir, or an HF directory; default: train.output"
+    )
     tokens: str | None = opt(None, "token store; default: train.tokens")
     split: str = opt("val", "token-store split")
-    teacher: str | None = opt(None, "KL / agreement reference: a teacher store (estimated KL), "
-                              "or a model source ('smollm2', .gguf, HF dir, 'random' = the "
-                              "teacher section)")
+    teacher: str | None = opt(
+        None,
+        "KL / agreement reference: a teacher store (estimated KL), "
+        "or a model source ('smollm2', .gguf, HF dir, 'random' = the "
+        "teacher section)",
+    )
     batch_size: int = opt(8, "sequences per batch, global")
     max_batches: int | None = opt(None, "evaluate only this many batches")
     chunk_size: int = opt(0, "positions per logits chunk (0: whole rows)")

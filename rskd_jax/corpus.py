@@ -38,8 +38,18 @@ STDLIB = "@stdlib"
 # Directories never taken from the standard library: its test suites and installed packages.
 STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages"})
 TEXT_EXTENSIONS = (".py", ".txt", ".md", ".rst")
-CORPUS_EXTENSIONS = (".txt.gz", ".txt.zst", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson", ".json.gz",
-                     ".json.zst", ".parquet", ".arrow")
+CORPUS_EXTENSIONS = (
+    ".txt.gz",
+    ".txt.zst",
+    ".jsonl",
+    ".jsonl.gz",
+    ".jsonl.zst",
+    ".ndjson",
+    ".json.gz",
+    ".json.zst",
+    ".parquet",
+    ".arrow",
+)
 SKIP_REASONS = ("unreadable", "non_utf8", "empty", "bad_json", "missing_key", "not_string")
 
 
@@ -110,8 +120,9 @@ def file_format(path: str) -> str:
     return "text"
 
 
-def expand_inputs(inputs: Sequence[str], extensions: Sequence[str] = TEXT_EXTENSIONS + CORPUS_EXTENSIONS,
-                  exclude: Sequence[str] = ()) -> tuple[list[InputFile], list[dict[str, Any]]]:
+def expand_inputs(
+    inputs: Sequence[str], extensions: Sequence[str] = TEXT_EXTENSIONS + CORPUS_EXTENSIONS, exclude: Sequence[str] = ()
+) -> tuple[list[InputFile], list[dict[str, Any]]]:
     """Files, dirs, globs and '@stdlib' -> (files sorted by path, per-input file counts).
 
     Directories are walked recursively keeping `extensions` (hidden dirs and __pycache__
@@ -124,7 +135,7 @@ def expand_inputs(inputs: Sequence[str], extensions: Sequence[str] = TEXT_EXTENS
     stdlib = sysconfig.get_paths()["stdlib"]
     for k, given in enumerate(inputs):
         # '@stdlib/json/*.py' names paths inside the standard library on any machine.
-        spec = stdlib + given[len(STDLIB):] if given.startswith(STDLIB + "/") else given
+        spec = stdlib + given[len(STDLIB) :] if given.startswith(STDLIB + "/") else given
         if spec == STDLIB:
             pairs = [(p, stdlib) for p in _walk(stdlib, extensions, STDLIB_SKIP_DIRS)]
         elif os.path.isfile(spec):
@@ -178,15 +189,16 @@ def count_records(f: InputFile) -> int:
 
             return pq.ParquetFile(f.path).metadata.num_row_groups
         return sum(b.num_rows for b in _arrow_batches(f.path))
-    except Exception:  # noqa: BLE001 - a broken file is one 'unreadable' skip, read_shard says so
+    except Exception:
         return n
 
 
 TEXT_SHARD_BYTES = 1 << 20
 
 
-def plan_shards(files: Sequence[InputFile], counts: Sequence[int], shard_records: int,
-                text_shard_bytes: int = TEXT_SHARD_BYTES) -> list[Shard]:
+def plan_shards(
+    files: Sequence[InputFile], counts: Sequence[int], shard_records: int, text_shard_bytes: int = TEXT_SHARD_BYTES
+) -> list[Shard]:
     """Shards in input order: one per Parquet row group, `shard_records`-record ranges of
     JSONL lines and Arrow rows, and runs of consecutive text files of one input (up to
     `text_shard_bytes` and `shard_records` files; PERF: one task per small file cost more
@@ -205,8 +217,9 @@ def plan_shards(files: Sequence[InputFile], counts: Sequence[int], shard_records
     for i, (f, n) in enumerate(zip(files, counts)):
         if f.format == "text":
             b = _size(f.path)
-            if group and (files[group[0]].input != f.input or size + b > text_shard_bytes
-                          or len(group) >= shard_records):
+            if group and (
+                files[group[0]].input != f.input or size + b > text_shard_bytes or len(group) >= shard_records
+            ):
                 close()
             group.append(i)
             size += b
@@ -260,7 +273,7 @@ def read_shard(files: Sequence[InputFile], shard: Shard, *, text_key: str) -> It
                 yield from ((None, "missing_key") for _ in range(rows))
         else:
             yield from _arrow_records(f.path, shard.start, shard.stop, text_key)
-    except Exception:  # noqa: BLE001 - OSError, EOFError, zlib/zstd/arrow errors: corrupt input
+    except Exception:
         yield None, "unreadable"
 
 
@@ -278,7 +291,7 @@ def _text_record(f: InputFile) -> Record:
     try:
         with _open(f.path) as fh:
             raw = fh.read()
-    except Exception:  # noqa: BLE001 - OSError, EOFError, zlib / zstd errors: this file only
+    except Exception:
         return None, "unreadable"
     try:
         text = raw.decode("utf-8-sig")

@@ -66,16 +66,21 @@ class Plan:
 
 def expand(c: DataConfig) -> Plan:
     """The files of `data.inputs` or of every `data.sources` entry, in input order."""
-    specs = [(None, c.inputs, c.exclude, None, None)] if not c.sources else \
-        [(s.name, s.inputs, s.exclude, s.weight, s.max_tokens) for s in c.sources]
+    specs = (
+        [(None, c.inputs, c.exclude, None, None)]
+        if not c.sources
+        else [(s.name, s.inputs, s.exclude, s.weight, s.max_tokens) for s in c.sources]
+    )
     files: list[InputFile] = []
     inputs: list[dict[str, Any]] = []
     sources: list[Source] = []
     for name, given, exclude, weight, budget in specs:
         found, meta = expand_inputs(given, c.extensions, exclude)
         if name and not found:
-            raise DataError(f"data.sources[{name}]: inputs {list(given)} give no files (extensions "
-                            f"{list(c.extensions)}, exclude {list(exclude)})")
+            raise DataError(
+                f"data.sources[{name}]: inputs {list(given)} give no files (extensions "
+                f"{list(c.extensions)}, exclude {list(exclude)})"
+            )
         base = len(inputs)
         files += [dataclasses.replace(f, input=base + f.input) for f in found]
         inputs += [dict(m, source=name) if name else m for m in meta]
@@ -89,8 +94,10 @@ def make_shards(plan: Plan, counts: list[int], shard_records: int) -> None:
     for k, s in enumerate(plan.sources):
         n_files = sum(1 for f in plan.files[first_file:] if _source_of(plan, f) == k)
         files = list(range(first_file, first_file + n_files))
-        shards = [dataclasses.replace(sh, file=sh.file + first_file) for sh in
-                  plan_shards([plan.files[i] for i in files], [counts[i] for i in files], shard_records)]
+        shards = [
+            dataclasses.replace(sh, file=sh.file + first_file)
+            for sh in plan_shards([plan.files[i] for i in files], [counts[i] for i in files], shard_records)
+        ]
         plan.sources[k] = dataclasses.replace(s, first=len(plan.shards), count=len(shards))
         plan.shards += shards
         first_file += n_files
@@ -120,20 +127,31 @@ def header_of(c: DataConfig, plan: Plan, tok, add_bos: bool) -> dict[str, Any]:
     if add_bos and tok.bos_id is None:
         raise DataError(f"data.add_bos=true but tokenizer {c.tokenizer!r} has no BOS token")
     return {
-        "kind": KIND, "layout_version": LAYOUT_VERSION, "seq_len": c.seq_len,
-        "tokenizer": {"spec": c.tokenizer, "fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size,
-                      "eos_id": tok.eos_id, "bos_id": tok.bos_id},
-        "eos_id": tok.eos_id, "add_bos": add_bos, "sources": plan.inputs,
+        "kind": KIND,
+        "layout_version": LAYOUT_VERSION,
+        "seq_len": c.seq_len,
+        "tokenizer": {
+            "spec": c.tokenizer,
+            "fingerprint": tok.fingerprint,
+            "vocab_size": tok.vocab_size,
+            "eos_id": tok.eos_id,
+            "bos_id": tok.bos_id,
+        },
+        "eos_id": tok.eos_id,
+        "add_bos": add_bos,
+        "sources": plan.inputs,
         "mixture": [{"name": s.name, "weight": s.weight, "max_tokens": s.max_tokens} for s in plan.sources]
-        if c.sources else None,
-        "text_key": c.text_key, "val_fraction": c.val_fraction, "max_tokens": c.max_tokens,
+        if c.sources
+        else None,
+        "text_key": c.text_key,
+        "val_fraction": c.val_fraction,
+        "max_tokens": c.max_tokens,
         "shard_records": c.shard_records,
-        "input_files": {"count": len(plan.files),
-                        "fingerprint": fingerprint([file_identity(f) for f in plan.files])},
+        "input_files": {"count": len(plan.files), "fingerprint": fingerprint([file_identity(f) for f in plan.files])},
         "split_rule": "sha256(utf-8 text)[:8] little-endian / 2**64 < val_fraction -> val",
         "packing": "documents in input order (paths sorted, records in file order; sources interleaved "
-                   "by weight at document level), each [+ BOS] + EOS, concatenated per split, cut into "
-                   "seq_len rows, final partial row dropped",
+        "by weight at document level), each [+ BOS] + EOS, concatenated per split, cut into "
+        "seq_len rows, final partial row dropped",
     }
 
 
@@ -198,11 +216,17 @@ def run(cfg: DataRun, *, dry_run: bool = False, progress: bool = True) -> dict[s
     start = time.perf_counter()
     plan = expand(c)
     if not plan.files:
-        raise DataError(f"data.inputs {list(c.inputs)} give no files (extensions {list(c.extensions)}, "
-                        f"exclude {list(c.exclude)}); check the paths and data.extensions")
+        raise DataError(
+            f"data.inputs {list(c.inputs)} give no files (extensions {list(c.extensions)}, "
+            f"exclude {list(c.exclude)}); check the paths and data.extensions"
+        )
     if dry_run:
-        return {"output": c.output, "files": len(plan.files), "sources": plan.inputs,
-                "bytes": sum(os.path.getsize(f.path) for f in plan.files)}
+        return {
+            "output": c.output,
+            "files": len(plan.files),
+            "sources": plan.inputs,
+            "bytes": sum(os.path.getsize(f.path) for f in plan.files),
+        }
     procs = _Processes(cfg)
     tok = load_tokenizer(c.tokenizer)
     if tok.eos_id is None:
@@ -212,8 +236,11 @@ def run(cfg: DataRun, *, dry_run: bool = False, progress: bool = True) -> dict[s
     workers = default_workers(plan) if c.workers is None else c.workers
 
     # ---- the store: finished already, interrupted (resume), or new
-    status = begin_token_store(c.output, header, overwrite=c.overwrite, result_keys=RESULT_KEYS) \
-        if procs.index == 0 else None
+    status = (
+        begin_token_store(c.output, header, overwrite=c.overwrite, result_keys=RESULT_KEYS)
+        if procs.index == 0
+        else None
+    )
     procs.barrier("store ready")
     if status is None:
         m = common.read_json(c.output) or {}
@@ -239,10 +266,16 @@ def run(cfg: DataRun, *, dry_run: bool = False, progress: bool = True) -> dict[s
     try:
         if procs.index == 0:
             bar = _progress_bar(progress)
-            tokenized = ingest.pack_all(c.output, pool, mixer, packer, local=local,
-                                        seq=checkpoint[0]["seq"] if checkpoint else 0,
-                                        checkpoint_seconds=c.checkpoint_seconds,
-                                        progress=bar.update if bar is not None else None)
+            tokenized = ingest.pack_all(
+                c.output,
+                pool,
+                mixer,
+                packer,
+                local=local,
+                seq=checkpoint[0]["seq"] if checkpoint else 0,
+                checkpoint_seconds=c.checkpoint_seconds,
+                progress=bar.update if bar is not None else None,
+            )
             if bar is not None:
                 bar.close()
         else:
@@ -258,9 +291,18 @@ def run(cfg: DataRun, *, dry_run: bool = False, progress: bool = True) -> dict[s
         save_config(cfg, c.output)
     else:
         final = common.read_json(c.output)
-    return dict(_summary(final, c.output, start, unchanged=False, tokenized=tokenized,
-                         shards=len(plan.shards), resumed=checkpoint is not None or status == "resume"),
-                workers=workers)
+    return dict(
+        _summary(
+            final,
+            c.output,
+            start,
+            unchanged=False,
+            tokenized=tokenized,
+            shards=len(plan.shards),
+            resumed=checkpoint is not None or status == "resume",
+        ),
+        workers=workers,
+    )
 
 
 def plan_shards_once(c: DataConfig, plan: Plan, procs: _Processes, workers: int) -> None:
@@ -288,16 +330,25 @@ def finish(c: DataConfig, plan: Plan, mixer, packer, writer, header: dict[str, A
     state = mixer.state()
     documents = {k: sum(d[k] for d in state["documents"]) for k in ("train", "val")}
     if not any(documents.values()):
-        raise DataError(f"all {len(plan.files)} input files gave no document ({mixer.skipped}, e.g. "
-                        f"{mixer.examples}); nothing to tokenize")
+        raise DataError(
+            f"all {len(plan.files)} input files gave no document ({mixer.skipped}, e.g. "
+            f"{mixer.examples}); nothing to tokenize"
+        )
     if rows["train"] == 0:
-        raise DataError(f"only {mixer.total} tokens, fewer than one train row of data.seq_len={c.seq_len}; "
-                        "add inputs or lower data.seq_len")
+        raise DataError(
+            f"only {mixer.total} tokens, fewer than one train row of data.seq_len={c.seq_len}; "
+            "add inputs or lower data.seq_len"
+        )
     results = {
-        "documents": documents, "tokens": mixer.total,
+        "documents": documents,
+        "tokens": mixer.total,
         "skipped": dict(ingest.empty_skips(), **mixer.skipped, examples=mixer.examples),
-        "source_stats": {s.name: {"documents": state["documents"][k], "tokens": state["taken"][k]}
-                         for k, s in enumerate(plan.sources) if s.name} or None,
+        "source_stats": {
+            s.name: {"documents": state["documents"][k], "tokens": state["taken"][k]}
+            for k, s in enumerate(plan.sources)
+            if s.name
+        }
+        or None,
     }
     return writer.finish(rows, dict(header, **results))
 
@@ -315,7 +366,7 @@ def _drop_work(url: str) -> None:
     from rskd_jax import ingest
     from rskd_jax.store.common import local_path
 
-    ingest._kv(url).delete_range(ts_range(ingest.WORK)).result()  # pylint: disable=protected-access
+    ingest.kv_of(url).delete_range(ts_range(ingest.WORK)).result()
     root = local_path(url)
     if root is not None:
         shutil.rmtree(os.path.join(root, ingest.WORK), ignore_errors=True)
@@ -329,9 +380,11 @@ def _check_inputs(plan: Plan, mixer: Mixer, c: DataConfig) -> None:
         s = _source_index(plan, meta)
         finished = mixer.shard[s] >= plan.sources[s].count
         if meta["files"] and finished and not mixer.input_documents.get(str(k)):
-            raise DataError(f"data.inputs {meta['input']!r} ({meta['files']} files) gave no document: every "
-                            f"record was skipped (all inputs: {mixer.skipped}, e.g. {mixer.examples}); "
-                            f"check the files, data.text_key={c.text_key!r} and data.extensions")
+            raise DataError(
+                f"data.inputs {meta['input']!r} ({meta['files']} files) gave no document: every "
+                f"record was skipped (all inputs: {mixer.skipped}, e.g. {mixer.examples}); "
+                f"check the files, data.text_key={c.text_key!r} and data.extensions"
+            )
 
 
 def _source_index(plan: Plan, meta: dict[str, Any]) -> int:
@@ -347,19 +400,41 @@ def _progress_bar(enabled: bool):
     return tqdm(unit="tok", unit_scale=True, file=sys.stderr)
 
 
-def _summary(m: dict[str, Any], output: str, start: float, *, unchanged: bool, tokenized: int,
-             shards: int | None = None, resumed: bool = False) -> dict[str, Any]:
+def _summary(
+    m: dict[str, Any],
+    output: str,
+    start: float,
+    *,
+    unchanged: bool,
+    tokenized: int,
+    shards: int | None = None,
+    resumed: bool = False,
+) -> dict[str, Any]:
     import resource
 
     seconds = time.perf_counter() - start
     tokens = int(m.get("tokens", 0))
-    cpu = {k: round(r.ru_utime + r.ru_stime, 2) for k, r in
-           (("main", resource.getrusage(resource.RUSAGE_SELF)), ("workers", resource.getrusage(resource.RUSAGE_CHILDREN)))}
-    out = {"output": output, "rows": {k: v["num_sequences"] for k, v in m["splits"].items()},
-           "tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds),
-           "documents": m["documents"], "skipped": m["skipped"], "content_hash": m["content_hash"],
-           "unchanged": unchanged, "resumed": resumed, "shards_tokenized": tokenized,
-           "cpu_s": cpu}  # this process (packing, writing) and its finished tokenizer workers
+    cpu = {
+        k: round(r.ru_utime + r.ru_stime, 2)
+        for k, r in (
+            ("main", resource.getrusage(resource.RUSAGE_SELF)),
+            ("workers", resource.getrusage(resource.RUSAGE_CHILDREN)),
+        )
+    }
+    out = {
+        "output": output,
+        "rows": {k: v["num_sequences"] for k, v in m["splits"].items()},
+        "tokens": tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens / seconds),
+        "documents": m["documents"],
+        "skipped": m["skipped"],
+        "content_hash": m["content_hash"],
+        "unchanged": unchanged,
+        "resumed": resumed,
+        "shards_tokenized": tokenized,
+        "cpu_s": cpu,
+    }  # this process (packing, writing) and its finished tokenizer workers
     if shards is not None:
         out["shards"] = shards
     if m.get("source_stats"):

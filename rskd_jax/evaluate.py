@@ -19,10 +19,10 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -33,8 +33,7 @@ from rskd_jax.train_step import _fit_vocab, prepare_targets, sum_over_positions
 log = logging.getLogger("rskd_jax.evaluate")
 
 
-def make_eval_fn(graphdef, *, vocab_size: int | None, teacher_graphdef=None,
-                 chunk_size: int = 0) -> Callable:
+def make_eval_fn(graphdef, *, vocab_size: int | None, teacher_graphdef=None, chunk_size: int = 0) -> Callable:
     """`fn(params, teacher_params, batch) -> sums` (metrics.* sums; jit it).
 
     batch: tokens, mask and optionally a teacher's ids/weights/entropy (estimated KL) or
@@ -45,12 +44,10 @@ def make_eval_fn(graphdef, *, vocab_size: int | None, teacher_graphdef=None,
         logits_xV = metrics.mask_vocab(logits_xV, vocab_size)
         out = metrics.lm_sums(logits_xV, t["labels"], t["ce_where"])
         if teacher_logits_xV is not None:
-            teacher_xV = metrics.mask_vocab(_fit_vocab(teacher_logits_xV, logits_xV.shape[-1]),
-                                            vocab_size)
+            teacher_xV = metrics.mask_vocab(_fit_vocab(teacher_logits_xV, logits_xV.shape[-1]), vocab_size)
             out.update(metrics.teacher_sums(logits_xV, teacher_xV, t["kd_where"]))
         elif "entropy" in t and "ids" in t:
-            out.update(metrics.sparse_teacher_sums(logits_xV, t["ids"], t["weights"],
-                                                   t["entropy"], t["kd_where"]))
+            out.update(metrics.sparse_teacher_sums(logits_xV, t["ids"], t["weights"], t["entropy"], t["kd_where"]))
         return out
 
     def fn(params, teacher_params, batch):
@@ -60,27 +57,31 @@ def make_eval_fn(graphdef, *, vocab_size: int | None, teacher_graphdef=None,
             t["teacher_logits"] = batch["logprobs"]
         model = nnx.merge(graphdef, params)
         teacher = None if teacher_graphdef is None else nnx.merge(teacher_graphdef, teacher_params)
-        return sum_over_positions(position_sums, model, teacher, t, chunk_size=chunk_size,
-                                  remat=False)
+        return sum_over_positions(position_sums, model, teacher, t, chunk_size=chunk_size, remat=False)
 
     return fn
 
 
 def jit_eval_fn(fn: Callable, param_shardings, mesh, teacher_shardings=None) -> Callable:
     """jit with the params' shardings; batches arrive split over the batch axes."""
-    return jax.jit(fn, in_shardings=(param_shardings, teacher_shardings, None),
-                   out_shardings=sharding.replicated(mesh))
+    return jax.jit(fn, in_shardings=(param_shardings, teacher_shardings, None), out_shardings=sharding.replicated(mesh))
 
 
-def evaluate_batches(eval_fn: Callable, params, batches: Iterable[dict[str, np.ndarray]], mesh,
-                     *, teacher_params=None, max_batches: int | None = None) -> dict[str, float]:
+def evaluate_batches(
+    eval_fn: Callable,
+    params,
+    batches: Iterable[dict[str, np.ndarray]],
+    mesh,
+    *,
+    teacher_params=None,
+    max_batches: int | None = None,
+) -> dict[str, float]:
     """Accumulates eval_fn's sums over host batches (float64) and finalizes them."""
     total = None
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
-        total = metrics.accumulate(total, eval_fn(params, teacher_params,
-                                                  sharding.global_batch(batch, mesh)))
+        total = metrics.accumulate(total, eval_fn(params, teacher_params, sharding.global_batch(batch, mesh)))
     if total is None:
         raise ValueError("no evaluation batches: the split is empty")
     return metrics.finalize(total)
@@ -94,7 +95,7 @@ def _is_teacher_store(path: str) -> bool:
 
     try:
         return (read_json(path) or {}).get("kind") == "teacher"
-    except Exception:  # noqa: BLE001 - not a store (a model path, 'smollm2', ...)
+    except Exception:
         return False
 
 
@@ -111,8 +112,9 @@ def load_student(path: str, vocab: int, mesh) -> tuple[Any, Any, dict]:
     directory, step = checkpoint.find_checkpoint(path)
     run_cfg = os.path.join(os.path.dirname(directory.rstrip("/")), "config.yaml")
     if not os.path.isfile(run_cfg):
-        raise checkpoint.CheckpointError(f"{run_cfg} not found: the student's architecture comes "
-                                         "from the run's saved config")
+        raise checkpoint.CheckpointError(
+            f"{run_cfg} not found: the student's architecture comes from the run's saved config"
+        )
     student = load_config(TrainRun, run_cfg).student  # the run's own architecture
     ckpt = checkpoint.Checkpointer(directory, read_only=True)
     step = ckpt.latest_step() if step is None else step
@@ -121,8 +123,7 @@ def load_student(path: str, vocab: int, mesh) -> tuple[Any, Any, dict]:
     abstract = jax.eval_shape(lambda: split_model(build_model(student, vocab)))
     graphdef, shapes = abstract
     model_sh = model_shardings(nnx.merge(graphdef, shapes), mesh)
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          shapes, model_sh)
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, model_sh)
     params = ckpt.restore_params(step, target)
     ckpt.close()
     return graphdef, params, {"checkpoint": directory, "step": int(step)}
@@ -133,8 +134,14 @@ def run(cfg: EvaluateRun) -> dict[str, Any]:
     from rskd_jax.model_spec import build_model
     from rskd_jax.store.teacher import open_teacher_store
     from rskd_jax.store.tokens import open_token_store
-    from rskd_jax.train_data import (check_stores, host_batch, make_batch_iterator, split_rows,
-                                     teacher_fields, tokenizer_vocab)
+    from rskd_jax.train_data import (
+        check_stores,
+        host_batch,
+        make_batch_iterator,
+        split_rows,
+        teacher_fields,
+        tokenizer_vocab,
+    )
     from rskd_jax.train_step import model_shardings, split_model
 
     e = cfg.evaluate
@@ -149,29 +156,32 @@ def run(cfg: EvaluateRun) -> dict[str, Any]:
     rows = split_rows(tokens, store, e.split, fields)
     teacher_graphdef = teacher_params = teacher_sh = None
     if e.teacher and store is None:
-        spec = cfg.teacher if e.teacher == "random" else dataclasses.replace(cfg.teacher,
-                                                                             source=e.teacher)
+        spec = cfg.teacher if e.teacher == "random" else dataclasses.replace(cfg.teacher, source=e.teacher)
         teacher = build_model(spec, vocab)
         teacher_graphdef, teacher_params = split_model(teacher)
         teacher_sh = model_shardings(teacher, mesh)
         teacher_params = jax.device_put(teacher_params, teacher_sh)
-    fn = make_eval_fn(graphdef, vocab_size=vocab, teacher_graphdef=teacher_graphdef,
-                      chunk_size=e.chunk_size)
+    fn = make_eval_fn(graphdef, vocab_size=vocab, teacher_graphdef=teacher_graphdef, chunk_size=e.chunk_size)
     param_sh = jax.tree.map(lambda a: a.sharding, params)
     eval_fn = jit_eval_fn(fn, param_sh, mesh, teacher_sh)
-    it = make_batch_iterator(rows, global_batch_size=e.batch_size, seed=0, shuffle=False,
-                             num_epochs=1, drop_remainder=False,
-                             process_index=jax.process_index(), process_count=jax.process_count())
+    it = make_batch_iterator(
+        rows,
+        global_batch_size=e.batch_size,
+        seed=0,
+        shuffle=False,
+        num_epochs=1,
+        drop_remainder=False,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     batches = (host_batch(b, fields) for b in it)
-    out = evaluate_batches(eval_fn, params, batches, mesh, teacher_params=teacher_params,
-                           max_batches=e.max_batches)
+    out = evaluate_batches(eval_fn, params, batches, mesh, teacher_params=teacher_params, max_batches=e.max_batches)
     return {**out, "split": e.split, "teacher": e.teacher, **info}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_cli(EvaluateRun, argv, prog="python -m rskd_jax.evaluate")
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     if cfg.distributed.enabled:
         from rskd_jax.sharding import initialize_distributed
 

@@ -110,15 +110,16 @@ def tokenize_shard(job: TokenizeJob, index: int, files: list[InputFile], shard: 
     pieces, lengths = [], []
     head = [tok.bos_id] if job.add_bos else []
     for lo in range(0, len(texts), job.batch_docs):
-        for ids in tok.encode_batch(texts[lo: lo + job.batch_docs]):
+        for ids in tok.encode_batch(texts[lo : lo + job.batch_docs]):
             doc = np.asarray(head + ids + [tok.eos_id], np.int32)
             pieces.append(doc)
             lengths.append(doc.size)
     val = np.array([split_of(t, job.val_fraction) == "val" for t in texts], bool)
     stats = {"skipped": skipped, "examples": examples, "input": files[0].input}
-    docs = ShardDocs(np.concatenate(pieces) if pieces else np.zeros(0, np.int32),
-                     np.asarray(lengths, np.int64), val, stats)
-    _kv(job.url).write(f"{SPOOL}{index:08d}", encode_docs(docs)).result()
+    docs = ShardDocs(
+        np.concatenate(pieces) if pieces else np.zeros(0, np.int32), np.asarray(lengths, np.int64), val, stats
+    )
+    kv_of(job.url).write(f"{SPOOL}{index:08d}", encode_docs(docs)).result()
     return index
 
 
@@ -126,8 +127,13 @@ def encode_docs(docs: ShardDocs) -> bytes:
     import zstandard
 
     buf = io.BytesIO()
-    np.savez(buf, tokens=docs.tokens, lengths=docs.lengths, val=docs.val,
-             stats=np.frombuffer(json.dumps(docs.stats).encode(), np.uint8))
+    np.savez(
+        buf,
+        tokens=docs.tokens,
+        lengths=docs.lengths,
+        val=docs.val,
+        stats=np.frombuffer(json.dumps(docs.stats).encode(), np.uint8),
+    )
     return zstandard.ZstdCompressor(level=1).compress(buf.getvalue())
 
 
@@ -141,7 +147,7 @@ def decode_docs(blob: bytes) -> ShardDocs:
 _KVSTORES: dict[str, ts.KvStore] = {}
 
 
-def _kv(url: str) -> ts.KvStore:
+def kv_of(url: str) -> ts.KvStore:
     """One KvStore per store per process (a fresh open per shard would build a new context)."""
     url = common.store_url(url)
     if url not in _KVSTORES:
@@ -167,7 +173,7 @@ class ShardPool:
 
     def submit(self, i: int) -> None:
         sh = self.shards[i]
-        args = (self.job, i, self.files[sh.file: sh.file + sh.files], sh)
+        args = (self.job, i, self.files[sh.file : sh.file + sh.files], sh)
         if self._pool is None:
             self.futures[i] = tokenize_shard(*args)
         else:
@@ -185,8 +191,8 @@ class ShardPool:
 
 
 def spooled(url: str) -> set[int]:
-    keys = _kv(url).list(ts.KvStore.KeyRange(SPOOL, SPOOL[:-1] + "0")).result()
-    return {int(k.decode()[len(SPOOL):]) for k in keys}
+    keys = kv_of(url).list(ts.KvStore.KeyRange(SPOOL, SPOOL[:-1] + "0")).result()
+    return {int(k.decode()[len(SPOOL) :]) for k in keys}
 
 
 def remaining(url: str, sources: list, local: Callable[[int], bool]) -> list[int]:
@@ -217,13 +223,13 @@ def load_checkpoint(url: str) -> tuple[dict[str, Any], dict[str, np.ndarray]] | 
     state = common.read_json(url, WORK + "state.json")
     if state is None:
         return None
-    blob = _kv(url).read(WORK + state["arrays"]).result().value
+    blob = kv_of(url).read(WORK + state["arrays"]).result().value
     z = np.load(io.BytesIO(blob))
     return state, {k.replace(":", "/"): z[k] for k in z.files}
 
 
 def save_checkpoint(url: str, seq: int, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-    kv = _kv(url)
+    kv = kv_of(url)
     buf = io.BytesIO()
     np.savez(buf, **{k.replace("/", ":"): v for k, v in arrays.items()})
     name = f"state-{seq:08d}.npz"
@@ -233,13 +239,22 @@ def save_checkpoint(url: str, seq: int, state: dict[str, Any], arrays: dict[str,
         kv.delete_range(ts.KvStore.KeyRange(WORK + "state-", WORK + name)).result()  # older ones
 
 
-def pack_all(url: str, pool: ShardPool, mixer: Mixer, packer: Packer, *, local: Callable[[int], bool],
-             seq: int = 0, checkpoint_seconds: float = 10.0, lookahead: int | None = None,
-             progress: Callable[[int], None] | None = None) -> int:
+def pack_all(
+    url: str,
+    pool: ShardPool,
+    mixer: Mixer,
+    packer: Packer,
+    *,
+    local: Callable[[int], bool],
+    seq: int = 0,
+    checkpoint_seconds: float = 10.0,
+    lookahead: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> int:
     """The packing process: takes documents in the mixer's order, tokenizing local shards
     ahead (a window of 2 x workers, at most `lookahead` shards ahead of each source), waiting
     for other processes' shards in the spool. Returns the number of shards it tokenized."""
-    kv = _kv(url)
+    kv = kv_of(url)
     have = spooled(url)
     lookahead = lookahead or max(4, 4 * pool.workers)
     window = max(1, 2 * pool.workers)
@@ -286,8 +301,10 @@ def pack_all(url: str, pool: ShardPool, mixer: Mixer, packer: Packer, *, local: 
             if progress:
                 progress(int(docs.tokens.size))
         now = time.monotonic()
-        if consumed and (now - last_ckpt > checkpoint_seconds or
-                         (packer.flushed > last_flushed and now - last_ckpt > checkpoint_seconds / 5)):
+        if consumed and (
+            now - last_ckpt > checkpoint_seconds
+            or (packer.flushed > last_flushed and now - last_ckpt > checkpoint_seconds / 5)
+        ):
             seq += 1
             save(url, seq, mixer, packer)
             kv_delete_shards(kv, consumed)

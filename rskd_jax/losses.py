@@ -120,9 +120,7 @@ def full_kd_loss(
 def _drop_ids(x_xV: jax.Array, ids_xK: jax.Array) -> jax.Array:
     """x with x[..., ids] = -inf (the complement of the kept ids)."""
     vocab, k = x_xV.shape[-1], ids_xK.shape[-1]
-    out_PxV = jax.vmap(lambda x_V, i_K: x_V.at[i_K].set(-jnp.inf))(
-        x_xV.reshape(-1, vocab), ids_xK.reshape(-1, k)
-    )
+    out_PxV = jax.vmap(lambda x_V, i_K: x_V.at[i_K].set(-jnp.inf))(x_xV.reshape(-1, vocab), ids_xK.reshape(-1, k))
     return out_PxV.reshape(x_xV.shape)
 
 
@@ -157,9 +155,7 @@ def ghost_kd_loss(
     return _masked(head_x + tail_x, where)
 
 
-def cross_entropy(
-    logits: jax.Array, labels: jax.Array, *, where: jax.Array | None = None
-) -> jax.Array:
+def cross_entropy(logits: jax.Array, labels: jax.Array, *, where: jax.Array | None = None) -> jax.Array:
     """Cross-entropy -log softmax(x)[label]: [..., V], int labels [...] -> [...].
 
     >>> float(cross_entropy(jnp.zeros(4), jnp.array(2)))
@@ -181,9 +177,7 @@ def z_loss(logits: jax.Array, *, where: jax.Array | None = None) -> jax.Array:
     return _masked(jnp.square(jax.nn.logsumexp(_f32(logits), axis=-1)), where)
 
 
-def reduce_sum_count(
-    loss: jax.Array, where: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array]:
+def reduce_sum_count(loss: jax.Array, where: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """(sum of loss over unmasked positions, number of unmasked positions), float32 scalars.
 
     Add (sum, count) pairs across micro-batches or hosts and divide once at the end, so the
@@ -213,9 +207,16 @@ def _pad_positions(x_BxLx: jax.Array, pad: int) -> jax.Array:
     return jnp.pad(x_BxLx, [(0, 0), (0, pad)] + [(0, 0)] * (x_BxLx.ndim - 2)) if pad else x_BxLx
 
 
-def map_logit_chunks(fn: Callable[[jax.Array, Any], Any], h_BxLxD: jax.Array, w_DxV: jax.Array,
-                     xs: Any = None, *, chunk_size: int, remat: bool = True,
-                     softcap: float | None = None) -> Any:
+def map_logit_chunks(
+    fn: Callable[[jax.Array, Any], Any],
+    h_BxLxD: jax.Array,
+    w_DxV: jax.Array,
+    xs: Any = None,
+    *,
+    chunk_size: int,
+    remat: bool = True,
+    softcap: float | None = None,
+) -> Any:
     """fn(logits [B, C, V] float32, xs chunk) over chunks of C positions; outputs stacked [n, ...].
 
     logits = h @ w with float32 accumulation, then softcap * tanh(logits / softcap) if a final
@@ -288,8 +289,7 @@ def sparse_kd_loss_from_hidden(
     def fn(x_BxCxV, t):
         return sparse_kd_loss(x_BxCxV, t[0], t[1])
 
-    out = map_logit_chunks(fn, h_BxLxD, w_DxV, (jnp.asarray(ids), jnp.asarray(weights)),
-                           chunk_size=chunk_size)
+    out = map_logit_chunks(fn, h_BxLxD, w_DxV, (jnp.asarray(ids), jnp.asarray(weights)), chunk_size=chunk_size)
     return _masked(chunks_to_positions(out, h_BxLxD.shape[1]), where)
 
 
@@ -310,9 +310,9 @@ def cross_entropy_from_hidden(
     1.386294...
     """
     labels_BxLx1 = jnp.asarray(labels)[..., None]
-    return sparse_kd_loss_from_hidden(h_BxLxD, w_DxV, labels_BxLx1,
-                                      jnp.ones(labels_BxLx1.shape, jnp.float32),
-                                      chunk_size=chunk_size, where=where)
+    return sparse_kd_loss_from_hidden(
+        h_BxLxD, w_DxV, labels_BxLx1, jnp.ones(labels_BxLx1.shape, jnp.float32), chunk_size=chunk_size, where=where
+    )
 
 
 def sparse_kd_loss_from_hidden_ragged(
@@ -343,14 +343,17 @@ def sparse_kd_loss_from_hidden_ragged(
     ((1, 2), 1.386294...)
     """
     b, l, d = h_BxLxD.shape
-    lse = map_logit_chunks(lambda x_BxCxV, _: jax.nn.logsumexp(x_BxCxV, axis=-1),
-                           h_BxLxD, w_DxV, chunk_size=chunk_size)
+    lse = map_logit_chunks(lambda x_BxCxV, _: jax.nn.logsumexp(x_BxCxV, axis=-1), h_BxLxD, w_DxV, chunk_size=chunk_size)
     lse_P = chunks_to_positions(lse, l).reshape(b * l)
     pos_E = jnp.asarray(position).astype(jnp.int32)
     w_E = _f32(weights)
     h_ExD = jnp.take(h_BxLxD.reshape(b * l, d), pos_E, axis=0)
-    x_E = jnp.einsum("ed,de->e", h_ExD, jnp.take(w_DxV, jnp.asarray(ids).astype(jnp.int32), axis=1),
-                     preferred_element_type=jnp.float32)
+    x_E = jnp.einsum(
+        "ed,de->e",
+        h_ExD,
+        jnp.take(w_DxV, jnp.asarray(ids).astype(jnp.int32), axis=1),
+        preferred_element_type=jnp.float32,
+    )
     nonzero = w_E != 0
     nll_E = jnp.where(nonzero, lse_P[pos_E] - jnp.where(nonzero, x_E, 0.0), 0.0)
     loss_P = jax.ops.segment_sum(w_E * nll_E, pos_E, num_segments=b * l)

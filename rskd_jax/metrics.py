@@ -24,7 +24,7 @@ Figures (over positions selected by `where`):
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -53,8 +53,9 @@ def _where(where: jax.Array | None, shape) -> jax.Array:
     return jnp.ones(shape, bool) if where is None else jnp.broadcast_to(where, shape).astype(bool)
 
 
-def lm_sums(logits_xV: jax.Array, labels_x: jax.Array, where_x: jax.Array | None = None, *,
-            num_bins: int = NUM_BINS) -> dict[str, jax.Array]:
+def lm_sums(
+    logits_xV: jax.Array, labels_x: jax.Array, where_x: jax.Array | None = None, *, num_bins: int = NUM_BINS
+) -> dict[str, jax.Array]:
     """Sums for loss, perplexity, accuracy and ECE over positions with a label.
 
     Returns nll_sum, count, correct_sum (scalars) and bin_count, bin_conf, bin_correct [NB]
@@ -82,8 +83,9 @@ def lm_sums(logits_xV: jax.Array, labels_x: jax.Array, where_x: jax.Array | None
     }
 
 
-def teacher_sums(logits_xV: jax.Array, teacher_logits_xV: jax.Array,
-                 where_x: jax.Array | None = None) -> dict[str, jax.Array]:
+def teacher_sums(
+    logits_xV: jax.Array, teacher_logits_xV: jax.Array, where_x: jax.Array | None = None
+) -> dict[str, jax.Array]:
     """Exact KL(t || p) and top-1 agreement sums given the teacher's logits (same V).
 
     Returns kl_sum, agree_sum and teacher_count.
@@ -101,9 +103,13 @@ def teacher_sums(logits_xV: jax.Array, teacher_logits_xV: jax.Array,
     }
 
 
-def sparse_teacher_sums(logits_xV: jax.Array, ids_xK: jax.Array, weights_xK: jax.Array,
-                        entropy_x: jax.Array, where_x: jax.Array | None = None
-                        ) -> dict[str, jax.Array]:
+def sparse_teacher_sums(
+    logits_xV: jax.Array,
+    ids_xK: jax.Array,
+    weights_xK: jax.Array,
+    entropy_x: jax.Array,
+    where_x: jax.Array | None = None,
+) -> dict[str, jax.Array]:
     """KL(t || p) estimated from stored targets: sum_k w_k (-log p_{id_k}) - H(t), and the
     agreement of argmax p with the stored id of largest weight.
 
@@ -124,8 +130,7 @@ def sparse_teacher_sums(logits_xV: jax.Array, ids_xK: jax.Array, weights_xK: jax
     }
 
 
-def accumulate(total: Mapping[str, np.ndarray] | None, sums: Mapping[str, jax.Array]
-               ) -> dict[str, np.ndarray]:
+def accumulate(total: Mapping[str, np.ndarray] | None, sums: Mapping[str, jax.Array]) -> dict[str, np.ndarray]:
     """total + sums, on the host in float64 (None: start from sums)."""
     sums = {k: np.asarray(jax.device_get(v), np.float64) for k, v in sums.items()}
     if total is None:

@@ -41,8 +41,9 @@ def build_model(spec: ModelSpec, vocab_size: int):
         model = models.init_model(config, spec.seed)
     else:
         path = models.smollm2_path() if spec.source == "smollm2" else spec.source
-        model = models.from_pretrained(path, dtype=spec.dtype, param_dtype=spec.param_dtype,
-                                       remat=spec.remat, attention=spec.attention)
+        model = models.from_pretrained(
+            path, dtype=spec.dtype, param_dtype=spec.param_dtype, remat=spec.remat, attention=spec.attention
+        )
     if model.config.vocab_size < vocab_size:
         raise ConfigError(
             f"model {spec.source!r} has vocab_size {model.config.vocab_size}, smaller than the "

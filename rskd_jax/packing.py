@@ -53,17 +53,25 @@ class Packer:
         n_blocks = tokens.size // block
         for b in range(n_blocks):
             lo = b * block
-            self.write(split, self.rows_written[split], tokens[lo: lo + block].reshape(-1, self.seq_len),
-                       starts[lo: lo + block].reshape(-1, self.seq_len))
+            self.write(
+                split,
+                self.rows_written[split],
+                tokens[lo : lo + block].reshape(-1, self.seq_len),
+                starts[lo : lo + block].reshape(-1, self.seq_len),
+            )
             self.rows_written[split] += self.block_rows
             self.flushed += 1
-        rest, rest_starts = tokens[n_blocks * block:], starts[n_blocks * block:]
+        rest, rest_starts = tokens[n_blocks * block :], starts[n_blocks * block :]
         if final:
             rows = rest.size // self.seq_len  # the final partial row is dropped
             if rows:
                 cut = rows * self.seq_len
-                self.write(split, self.rows_written[split], rest[:cut].reshape(rows, self.seq_len),
-                           rest_starts[:cut].reshape(rows, self.seq_len))
+                self.write(
+                    split,
+                    self.rows_written[split],
+                    rest[:cut].reshape(rows, self.seq_len),
+                    rest_starts[:cut].reshape(rows, self.seq_len),
+                )
                 self.rows_written[split] += rows
             rest, rest_starts = rest[:0], rest_starts[:0]
         self._tokens[split], self._starts[split] = [rest], [rest_starts]
@@ -156,7 +164,7 @@ class Mixer:
             self._count_stats(docs.stats, int(docs.lengths.size))
         lo, n = self.doc[i], docs.lengths.size
         offsets = docs.offsets
-        cum = offsets[lo + 1:] - offsets[lo]  # tokens taken after each further document
+        cum = offsets[lo + 1 :] - offsets[lo]  # tokens taken after each further document
         k = n - lo
         others = [j for j in self.active() if j != i]
         if others and k:
@@ -165,9 +173,15 @@ class Mixer:
             ratio = (self.taken[i] + cum) / s.weight
             still = (ratio < rival) | ((ratio == rival) & (i < j))  # i stays first after the doc
             k = min(k, 1 + int(np.argmin(still)) if not still.all() else k)
-        lengths = docs.lengths[lo: lo + k].copy()
-        budgets = [b for b in (None if s.max_tokens is None else s.max_tokens - self.taken[i],
-                               None if self.max_tokens is None else self.max_tokens - self.total) if b is not None]
+        lengths = docs.lengths[lo : lo + k].copy()
+        budgets = [
+            b
+            for b in (
+                None if s.max_tokens is None else s.max_tokens - self.taken[i],
+                None if self.max_tokens is None else self.max_tokens - self.total,
+            )
+            if b is not None
+        ]
         if budgets:  # cut at the first budget reached, the last document truncated
             cum = np.cumsum(lengths)
             over = np.nonzero(cum >= min(budgets))[0]
@@ -175,9 +189,9 @@ class Mixer:
                 k = int(over[0]) + 1
                 lengths = lengths[:k]
                 lengths[-1] -= int(cum[k - 1] - min(budgets))
-        val = docs.val[lo: lo + k]
+        val = docs.val[lo : lo + k]
         # only the last document can be truncated, so the taken tokens are one prefix
-        tokens = docs.tokens[offsets[lo]: offsets[lo] + int(lengths.sum())]
+        tokens = docs.tokens[offsets[lo] : offsets[lo] + int(lengths.sum())]
         self._pack(i, tokens, lengths, val)
         self.taken[i] += int(lengths.sum())
         self.total += int(lengths.sum())
@@ -216,9 +230,16 @@ class Mixer:
 
     # ---- checkpoint
     def state(self) -> dict[str, Any]:
-        return {"shard": self.shard, "doc": self.doc, "taken": self.taken, "documents": self.documents,
-                "skipped": self.skipped, "examples": self.examples, "input_documents": self.input_documents,
-                "total": self.total}
+        return {
+            "shard": self.shard,
+            "doc": self.doc,
+            "taken": self.taken,
+            "documents": self.documents,
+            "skipped": self.skipped,
+            "examples": self.examples,
+            "input_documents": self.input_documents,
+            "total": self.total,
+        }
 
     def restore(self, state: dict[str, Any]) -> None:
         for k, v in state.items():

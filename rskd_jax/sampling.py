@@ -214,9 +214,7 @@ def _normalized(w_xK: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("num_draws", "temperature"))
-def draw_categorical(
-    key: jax.Array, logits: jax.Array, num_draws: int, *, temperature: float = 1.0
-) -> jax.Array:
+def draw_categorical(key: jax.Array, logits: jax.Array, num_draws: int, *, temperature: float = 1.0) -> jax.Array:
     """N i.i.d. draws from q = softmax(logits / temperature): int32 [..., N].
 
     Exact (up to float32 rounding) but O(V + N R log_R V) per position (R = 16), unlike
@@ -263,9 +261,7 @@ def sample_counts(
     return SampledCounts(uniq_PxN.reshape(shape), counts_PxN.reshape(shape), w_PxN.reshape(shape))
 
 
-@functools.partial(
-    jax.jit, static_argnames=("num_draws", "temperature", "replace", "normalize")
-)
+@functools.partial(jax.jit, static_argnames=("num_draws", "temperature", "replace", "normalize"))
 def sample_tokens(
     key: jax.Array,
     teacher_logits: jax.Array,
@@ -352,8 +348,6 @@ def ghost_targets(teacher_logits: jax.Array, k: int) -> GhostTargets:
     top_xK, ids_xK = _top_k(logits_xV, k)
     log_z_x = jax.nn.logsumexp(logits_xV, axis=-1)
     probs_xK = jnp.exp(top_xK - log_z_x[..., None])
-    rest_PxV = jax.vmap(lambda l_V, i_K: l_V.at[i_K].set(-jnp.inf))(
-        logits_xV.reshape(-1, vocab), ids_xK.reshape(-1, k)
-    )
+    rest_PxV = jax.vmap(lambda l_V, i_K: l_V.at[i_K].set(-jnp.inf))(logits_xV.reshape(-1, vocab), ids_xK.reshape(-1, k))
     log_tail_x = jax.nn.logsumexp(rest_PxV, axis=-1).reshape(log_z_x.shape) - log_z_x
     return GhostTargets(ids_xK.astype(jnp.int32), probs_xK, jnp.exp(log_tail_x))

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -74,8 +75,9 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
     return tuple(sizes)  # type: ignore[return-value]
 
 
-def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ("data", "fsdp", "tensor") mesh over all (global) devices, or the given ones."""
+    cfg = MeshConfig() if cfg is None else cfg
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(cfg, len(devices))
     # Auto axes: GSPMD propagates shardings from the jit's in/out shardings (explicit-axis
@@ -169,9 +171,7 @@ def check_batch(global_batch_size: int, mesh: Mesh, *, key: str = "batch_size") 
             f"or change mesh.data / mesh.fsdp"
         )
     if global_batch_size % jax.process_count():
-        raise ShardingError(
-            f"{key}={global_batch_size} is not divisible by the {jax.process_count()} processes"
-        )
+        raise ShardingError(f"{key}={global_batch_size} is not divisible by the {jax.process_count()} processes")
 
 
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -201,5 +201,6 @@ def initialize_distributed(cfg) -> None:
     # is jax 0.10's default for jax_cpu_collectives_implementation, older ones had none.
     if jax.config.jax_cpu_collectives_implementation is None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=cfg.coordinator_address,
-                               num_processes=cfg.num_processes, process_id=cfg.process_id)
+    jax.distributed.initialize(
+        coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes, process_id=cfg.process_id
+    )

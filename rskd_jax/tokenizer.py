@@ -46,12 +46,14 @@ _PLAIN_GPT2_PRE = {"gpt-2", "gpt2", "default", None}
 # Qwen2/2.5/3 ("qwen2": single digits).
 _SPLIT_PRE = {
     "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
     "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-             r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
 }
-_SPECIAL_NAMES = {"eos": ("<|endoftext|>", "</s>", "<eos>", "<|im_end|>"),
-                  "bos": ("<|begin_of_text|>", "<s>", "<bos>", "<|im_start|>")}
+_SPECIAL_NAMES = {
+    "eos": ("<|endoftext|>", "</s>", "<eos>", "<|im_end|>"),
+    "bos": ("<|begin_of_text|>", "<s>", "<bos>", "<|im_start|>"),
+}
 
 
 class TokenizerError(ValueError):
@@ -84,8 +86,7 @@ class Tokenizer:
     `fingerprint` (16 hex: vocab, merges, normaliser, pre-tokenizer, added tokens), `source`.
     """
 
-    def __init__(self, backend: tokenizers.Tokenizer, *, eos_id: int | None, bos_id: int | None,
-                 source: str):
+    def __init__(self, backend: tokenizers.Tokenizer, *, eos_id: int | None, bos_id: int | None, source: str):
         backend.encode_special_tokens = True  # "<|im_end|>" inside a text is text, not a control id
         self.backend, self.eos_id, self.bos_id, self.source = backend, eos_id, bos_id, source
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
@@ -102,8 +103,10 @@ class Tokenizer:
         return self.backend.decode(list(map(int, ids)), skip_special_tokens=False)
 
     def __repr__(self) -> str:
-        return (f"Tokenizer(source={self.source!r}, vocab_size={self.vocab_size}, "
-                f"eos_id={self.eos_id}, bos_id={self.bos_id}, fingerprint={self.fingerprint!r})")
+        return (
+            f"Tokenizer(source={self.source!r}, vocab_size={self.vocab_size}, "
+            f"eos_id={self.eos_id}, bos_id={self.bos_id}, fingerprint={self.fingerprint!r})"
+        )
 
 
 def tokenizer_fingerprint(backend: tokenizers.Tokenizer) -> str:
@@ -113,9 +116,15 @@ def tokenizer_fingerprint(backend: tokenizers.Tokenizer) -> str:
     # tokenizers serialises merges as "a b" strings or [a, b] pairs depending on its version.
     model["merges"] = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     added = [(t["id"], t["content"], t["special"]) for t in spec.get("added_tokens", [])]
-    return _fingerprint({"model": model, "normalizer": spec.get("normalizer"),
-                         "pre_tokenizer": spec.get("pre_tokenizer"), "added_tokens": added,
-                         "encode_special_tokens": True})
+    return _fingerprint(
+        {
+            "model": model,
+            "normalizer": spec.get("normalizer"),
+            "pre_tokenizer": spec.get("pre_tokenizer"),
+            "added_tokens": added,
+            "encode_special_tokens": True,
+        }
+    )
 
 
 def load_tokenizer(spec: str = "smollm2") -> Tokenizer:
@@ -131,8 +140,9 @@ def load_tokenizer(spec: str = "smollm2") -> Tokenizer:
         return _load_gguf(spec)
     path = os.path.join(spec, "tokenizer.json") if os.path.isdir(spec) else spec
     if not os.path.isfile(path):
-        raise TokenizerError(f"tokenizer {spec!r}: expected 'smollm2', a .gguf file, a tokenizer.json "
-                             "or a directory holding one")
+        raise TokenizerError(
+            f"tokenizer {spec!r}: expected 'smollm2', a .gguf file, a tokenizer.json or a directory holding one"
+        )
     return _load_json(path)
 
 
@@ -154,8 +164,7 @@ def _load_json(path: str) -> Tokenizer:
     return Tokenizer(backend, eos_id=ids["eos"], bos_id=ids["bos"], source=path)
 
 
-def _set_bos_post_processor(backend: tokenizers.Tokenizer, bos_id: int | None, add_bos: bool,
-                            source: str) -> None:
+def _set_bos_post_processor(backend: tokenizers.Tokenizer, bos_id: int | None, add_bos: bool, source: str) -> None:
     """Make `encode(text, add_special_tokens=True)` start with BOS iff add_bos, as transformers
     does for `add_bos_token` (Gemma, Llama 2 configs; GGUF metadata). That is what
     data.add_bos=auto reads; ids without special tokens and the fingerprint do not change."""
@@ -168,7 +177,8 @@ def _set_bos_post_processor(backend: tokenizers.Tokenizer, bos_id: int | None, a
     if add_bos:
         bos = backend.id_to_token(bos_id)
         backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+        )
     else:
         backend.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
 
@@ -206,8 +216,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-                 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
 
 def _gguf_fields(path: str) -> dict[str, Any]:
@@ -220,6 +229,7 @@ def _gguf_fields(path: str) -> dict[str, Any]:
     import struct
 
     with open(path, "rb") as f:
+
         def scalar(kind: int):
             fmt = _GGUF_SCALARS[kind]
             return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
@@ -244,52 +254,76 @@ def _gguf_fields(path: str) -> dict[str, Any]:
         for _ in range(kv_count):
             key, kind = string(), scalar(4)
             fields[key] = value(kind)
-    return {k.removeprefix("tokenizer.ggml."): v for k, v in fields.items()
-            if k.startswith("tokenizer.ggml.")}
+    return {k.removeprefix("tokenizer.ggml."): v for k, v in fields.items() if k.startswith("tokenizer.ggml.")}
 
 
 def build_from_gguf(path: str) -> tuple[tokenizers.Tokenizer, dict[str, Any]]:
     """Builds the byte-level BPE tokenizer a GGUF describes; returns (tokenizer, HF-style config)."""
     meta = _gguf_fields(path)
     if meta.get("model") != "gpt2":
-        raise TokenizerError(f"{path}: tokenizer.ggml.model={meta.get('model')!r}; only byte-level BPE "
-                             "('gpt2') GGUFs are supported. Pass the model's tokenizer.json instead.")
+        raise TokenizerError(
+            f"{path}: tokenizer.ggml.model={meta.get('model')!r}; only byte-level BPE "
+            "('gpt2') GGUFs are supported. Pass the model's tokenizer.json instead."
+        )
     pre = meta.get("pre")
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in _DIGIT_SPLIT_PRE:
         pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"), byte_level])
+            [pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"), byte_level]
+        )
     elif pre in _SPLIT_PRE:
         pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(_SPLIT_PRE[pre]), behavior="isolated"),
-             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+            [
+                pre_tokenizers.Split(Regex(_SPLIT_PRE[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     elif pre in _PLAIN_GPT2_PRE:
         pre_tokenizer = byte_level
     else:
-        raise TokenizerError(f"{path}: pre-tokenizer {pre!r} is not supported (known: "
-                             f"{sorted(_DIGIT_SPLIT_PRE | set(_SPLIT_PRE) | {'gpt2', 'default'})}). "
-                             "Pass the model's tokenizer.json instead.")
+        raise TokenizerError(
+            f"{path}: pre-tokenizer {pre!r} is not supported (known: "
+            f"{sorted(_DIGIT_SPLIT_PRE | set(_SPLIT_PRE) | {'gpt2', 'default'})}). "
+            "Pass the model's tokenizer.json instead."
+        )
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
     tokens = list(meta["tokens"])
     # Tokens are stored in the byte alphabet; any that are not (rare) are respelled from UTF-8.
-    vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i
-             for i, t in enumerate(tokens)}
+    vocab = {
+        (t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i for i, t in enumerate(tokens)
+    }
     merges = [tuple(m.split(" ")) for m in meta["merges"]]
-    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None,
-                                              continuing_subword_prefix="", end_of_word_suffix="",
-                                              fuse_unk=False))
+    backend = tokenizers.Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+        )
+    )
     backend.pre_tokenizer = pre_tokenizer
     backend.decoder = decoders.ByteLevel()
     types = list(meta.get("token_type", []))
-    control = [tokenizers.AddedToken(t, normalized=False, special=True)
-               for t, kind in zip(tokens, types) if kind == 3 and set(t) <= alphabet]  # CONTROL
-    user = [tokenizers.AddedToken(t, normalized=False, special=False)
-            for t, kind in zip(tokens, types) if kind == 4 and t in vocab]  # USER_DEFINED
+    control = [
+        tokenizers.AddedToken(t, normalized=False, special=True)
+        for t, kind in zip(tokens, types)
+        if kind == 3 and set(t) <= alphabet
+    ]  # CONTROL
+    user = [
+        tokenizers.AddedToken(t, normalized=False, special=False)
+        for t, kind in zip(tokens, types)
+        if kind == 4 and t in vocab
+    ]  # USER_DEFINED
     backend.add_special_tokens(control)
     backend.add_tokens(user)
-    config = {f"{k}_token": tokens[int(meta[f"{k}_token_id"])]
-              for k in ("bos", "eos", "unk", "padding") if f"{k}_token_id" in meta}
+    config = {
+        f"{k}_token": tokens[int(meta[f"{k}_token_id"])]
+        for k in ("bos", "eos", "unk", "padding")
+        if f"{k}_token_id" in meta
+    }
     config["pad_token"] = config.pop("padding_token", None)
     config["add_bos_token"] = bool(meta.get("add_bos_token", False))
     config["gguf_pre_tokenizer"] = pre

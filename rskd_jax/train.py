@@ -21,7 +21,8 @@ import os
 import shutil
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,9 +36,19 @@ log = logging.getLogger("rskd_jax.train")
 # the batch, the data order and seeds, the stores, the student) except these, which only change
 # logging, checkpoint cadence, output or placement. mesh/distributed: a resume may reshard the
 # state onto another slice; the losses then agree up to float rounding, not bit for bit.
-SAFE_TO_CHANGE = ("train.output", "train.log_every", "train.eval_every", "train.eval_batches",
-                  "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoints",
-                  "train.export_hf", "train.progress", "mesh", "distributed")
+SAFE_TO_CHANGE = (
+    "train.output",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.async_checkpoints",
+    "train.export_hf",
+    "train.progress",
+    "mesh",
+    "distributed",
+)
 ONLINE_TEACHER = "teacher"  # a resume key only when loss.method is full_online (else unused)
 
 
@@ -55,7 +66,7 @@ class MetricsLog:
         if not enabled:
             return
         truncate_jsonl(self.path, resume_step)
-        self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self.file = open(self.path, "a", encoding="utf-8")
         self.tb = _summary_writer(os.path.join(output, "tb"), purge_step=resume_step + 1)
 
     def write(self, record: dict[str, Any]) -> None:
@@ -125,8 +136,11 @@ def resume_diff(old: TrainRun, new: TrainRun) -> dict[str, tuple[Any, Any]]:
     """{dotted key: (old, new)} for every resume key on which two run configs differ."""
     a, b = _flatten(config_to_dict(old)), _flatten(config_to_dict(new))
     safe = SAFE_TO_CHANGE + (() if new.loss.method == "full_online" else (ONLINE_TEACHER,))
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and not any(k == s or k.startswith(s + ".") for s in safe)}
+    return {
+        k: (a.get(k), b.get(k))
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k) and not any(k == s or k.startswith(s + ".") for s in safe)
+    }
 
 
 def check_resume_config(cfg: TrainRun, output: str) -> None:
@@ -142,7 +156,8 @@ def check_resume_config(cfg: TrainRun, output: str) -> None:
             f"{output} holds a run this config would change: {lines}. These settings shape the "
             "trajectory (e.g. train.steps sets the cosine schedule), so resuming would not be the run "
             "that was started. Restore the original values, or use another train.output to start a "
-            f"new run. Safe to change on resume: {', '.join(SAFE_TO_CHANGE)}.")
+            f"new run. Safe to change on resume: {', '.join(SAFE_TO_CHANGE)}."
+        )
 
 
 def _to_float(metrics_: dict) -> dict[str, float]:
@@ -177,8 +192,9 @@ def run(cfg: TrainRun) -> dict[str, Any]:
     # ---- model, optimizer, sharded state
     graphdef, params = ts.split_model(student)
     schedule = optim.lr_schedule(oc.learning_rate, oc.warmup_steps, t.steps, oc.end_lr_ratio)
-    tx = optim.make_optimizer(schedule, b1=oc.b1, b2=oc.b2, eps=oc.eps,
-                              weight_decay=oc.weight_decay, clip_norm=oc.clip_norm)
+    tx = optim.make_optimizer(
+        schedule, b1=oc.b1, b2=oc.b2, eps=oc.eps, weight_decay=oc.weight_decay, clip_norm=oc.clip_norm
+    )
     param_sh = ts.model_shardings(student, mesh)
     state_sh = optim.state_shardings(params, param_sh, tx, mesh)
     teacher_graphdef = teacher_params = teacher_sh = None
@@ -188,20 +204,31 @@ def run(cfg: TrainRun) -> dict[str, Any]:
         teacher_sh = ts.model_shardings(teacher, mesh)
         teacher_params = jax.device_put(teacher_params, teacher_sh)
     spec = ts.LossSpec(lc.method, lc.alpha, lc.kd_temperature, lc.z_loss, vocab, lc.chunk_size)
-    step_fn = ts.make_train_step(graphdef, tx, schedule, spec, micro_batches=t.grad_accum,
-                                 teacher_graphdef=teacher_graphdef, mesh=mesh)
+    step_fn = ts.make_train_step(
+        graphdef, tx, schedule, spec, micro_batches=t.grad_accum, teacher_graphdef=teacher_graphdef, mesh=mesh
+    )
     eval_fn = evaluate.jit_eval_fn(
-        evaluate.make_eval_fn(graphdef, vocab_size=vocab, teacher_graphdef=teacher_graphdef,
-                              chunk_size=lc.chunk_size), param_sh, mesh, teacher_sh)
+        evaluate.make_eval_fn(graphdef, vocab_size=vocab, teacher_graphdef=teacher_graphdef, chunk_size=lc.chunk_size),
+        param_sh,
+        mesh,
+        teacher_sh,
+    )
 
     # ---- run directory: config, checkpoints, iterator, metrics (resumed if present)
     os.makedirs(t.output, exist_ok=True)
     check_resume_config(cfg, t.output)
-    ckpt = Checkpointer(os.path.join(os.path.abspath(t.output), "checkpoints"),
-                        keep=t.keep_checkpoints, async_save=t.async_checkpoints)
-    it = make_batch_iterator(rows.train, global_batch_size=t.batch_size, seed=t.seed, shuffle=True,
-                             num_epochs=None, process_index=jax.process_index(),
-                             process_count=jax.process_count())
+    ckpt = Checkpointer(
+        os.path.join(os.path.abspath(t.output), "checkpoints"), keep=t.keep_checkpoints, async_save=t.async_checkpoints
+    )
+    it = make_batch_iterator(
+        rows.train,
+        global_batch_size=t.batch_size,
+        seed=t.seed,
+        shuffle=True,
+        num_epochs=None,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     start = ckpt.latest_step() or 0
     if start:
         state, data_state = ckpt.restore(start, optim.abstract_state(params, tx, state_sh))
@@ -213,18 +240,40 @@ def run(cfg: TrainRun) -> dict[str, Any]:
         save_config(cfg, t.output)
     logs = MetricsLog(t.output, start, enabled=main)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    log.info("%s: %s steps %d -> %d, %.2fM params, loss %s, mesh %s, batch %d x %d tokens",
-             t.output, "resuming" if start else "training", start, t.steps, n_params / 1e6,
-             lc.method, dict(mesh.shape), t.batch_size, tokens.seq_len)
+    log.info(
+        "%s: %s steps %d -> %d, %.2fM params, loss %s, mesh %s, batch %d x %d tokens",
+        t.output,
+        "resuming" if start else "training",
+        start,
+        t.steps,
+        n_params / 1e6,
+        lc.method,
+        dict(mesh.shape),
+        t.batch_size,
+        tokens.seq_len,
+    )
 
     def run_eval(step: int) -> dict[str, float]:
         if rows.val is None:
             return {}
-        val = make_batch_iterator(rows.val, global_batch_size=t.batch_size, seed=0, shuffle=False,
-                                  num_epochs=1, drop_remainder=False,
-                                  process_index=jax.process_index(), process_count=jax.process_count())
-        out = evaluate.evaluate_batches(eval_fn, state.params, (host_batch(b, rows.eval_fields) for b in val),
-                                        mesh, teacher_params=teacher_params, max_batches=t.eval_batches)
+        val = make_batch_iterator(
+            rows.val,
+            global_batch_size=t.batch_size,
+            seed=0,
+            shuffle=False,
+            num_epochs=1,
+            drop_remainder=False,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        out = evaluate.evaluate_batches(
+            eval_fn,
+            state.params,
+            (host_batch(b, rows.eval_fields) for b in val),
+            mesh,
+            teacher_params=teacher_params,
+            max_batches=t.eval_batches,
+        )
         logs.write({"step": step, "eval": True, **out})
         return out
 
@@ -244,8 +293,7 @@ def run(cfg: TrainRun) -> dict[str, Any]:
             last.update(rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
 
-    bar = tqdm(total=t.steps, initial=start, disable=not (t.progress and main), unit="step",
-               dynamic_ncols=True)
+    bar = tqdm(total=t.steps, initial=start, disable=not (t.progress and main), unit="step", dynamic_ncols=True)
     jitted = None
     step, evaluation = start, {}
     try:
@@ -283,10 +331,18 @@ def run(cfg: TrainRun) -> dict[str, Any]:
     best, latest = ckpt.best_step(), ckpt.latest_step()
     ckpt.close()
     logs.close()
-    return {"output": t.output, "steps": t.steps, "start_step": start, "end_step": int(step),
-            "loss": last.get("loss"), "eval": evaluation,
-            "checkpoint_step": latest, "best_step": best, "hf": hf_dir,
-            "seconds": round(time.perf_counter() - started, 3)}
+    return {
+        "output": t.output,
+        "steps": t.steps,
+        "start_step": start,
+        "end_step": int(step),
+        "loss": last.get("loss"),
+        "eval": evaluation,
+        "checkpoint_step": latest,
+        "best_step": best,
+        "hf": hf_dir,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
 
 
 def export_hf(graphdef, params, out_dir: str, main: bool) -> str:
@@ -317,8 +373,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from rskd_jax.store.common import StoreError
 
     cfg = parse_cli(TrainRun, argv, prog="python -m rskd_jax.train")
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax: "no metrics" per plain save
     if cfg.distributed.enabled:
         from rskd_jax.sharding import initialize_distributed

@@ -30,12 +30,20 @@ log = logging.getLogger("rskd_jax.train")
 
 # teacher-store method -> loss methods that can train from it
 STORE_LOSSES = {
-    "sample": ("sparse",), "sample_wor": ("sparse",), "top_k": ("sparse",),
-    "ghost": ("ghost", "sparse"), "full": ("full_cached",),
+    "sample": ("sparse",),
+    "sample_wor": ("sparse",),
+    "top_k": ("sparse",),
+    "ghost": ("ghost", "sparse"),
+    "full": ("full_cached",),
 }
 # batch fields each loss method reads from the teacher store
-LOSS_FIELDS = {"ce": (), "full_online": (), "sparse": ("ids", "weights"),
-               "ghost": ("ids", "weights", "tail_mass"), "full_cached": ("logprobs",)}
+LOSS_FIELDS = {
+    "ce": (),
+    "full_online": (),
+    "sparse": ("ids", "weights"),
+    "ghost": ("ids", "weights", "tail_mass"),
+    "full_cached": ("logprobs",),
+}
 
 
 class DataMismatch(StoreError):
@@ -59,15 +67,20 @@ def check_stores(tokens, teacher, *, student_vocab: int, method: str | None) -> 
     """Refuses a token store / teacher store / student / loss combination that cannot work."""
     vocab = tokenizer_vocab(tokens)
     if student_vocab < vocab:
-        raise DataMismatch(f"student vocab_size {student_vocab} is smaller than the tokenizer's "
-                           f"{vocab} (token store {tokens.url}); set student.vocab_size >= {vocab}")
+        raise DataMismatch(
+            f"student vocab_size {student_vocab} is smaller than the tokenizer's "
+            f"{vocab} (token store {tokens.url}); set student.vocab_size >= {vocab}"
+        )
     if teacher is None:
         return
     pairs = [
         ("token-store fingerprint", _get(teacher.manifest, "tokens", "fingerprint"), tokens.fingerprint),
         ("seq_len", teacher.seq_len, tokens.seq_len),
-        ("tokenizer fingerprint", _get(teacher.manifest, "tokenizer", "fingerprint"),
-         _get(tokens.manifest, "tokenizer", "fingerprint")),
+        (
+            "tokenizer fingerprint",
+            _get(teacher.manifest, "tokenizer", "fingerprint"),
+            _get(tokens.manifest, "tokenizer", "fingerprint"),
+        ),
         ("tokenizer vocab_size", teacher.vocab_size, vocab),
     ]
     for what, theirs, ours in pairs:
@@ -76,12 +89,15 @@ def check_stores(tokens, teacher, *, student_vocab: int, method: str | None) -> 
                 f"teacher store {teacher.url} was computed for {what} {theirs!r}, but the token "
                 f"store {tokens.url} has {ours!r}: the targets would not belong to these "
                 "sequences. Re-run `python -m rskd_jax.cache` on this token store, or point "
-                "train.tokens at the store the cache was made from.")
+                "train.tokens at the store the cache was made from."
+            )
     if method is not None and method not in ("ce", "full_online"):
         allowed = STORE_LOSSES.get(teacher.method, ())
         if method not in allowed:
-            raise DataMismatch(f"loss.method={method!r} cannot train from a {teacher.method!r} "
-                               f"teacher store ({teacher.url}); it supports {list(allowed)}")
+            raise DataMismatch(
+                f"loss.method={method!r} cannot train from a {teacher.method!r} "
+                f"teacher store ({teacher.url}); it supports {list(allowed)}"
+            )
 
 
 class Rows:
@@ -91,8 +107,7 @@ class Rows:
     `read(indices)` -> {"tokens": int32 [b, L], "index": int64 [b], *fields}.
     """
 
-    def __init__(self, tokens, split: str, teacher=None, fields: Sequence[str] = (),
-                 num_rows: int | None = None):
+    def __init__(self, tokens, split: str, teacher=None, fields: Sequence[str] = (), num_rows: int | None = None):
         self.tokens, self.teacher, self.split, self.fields = tokens, teacher, split, tuple(fields)
         self.num_rows = tokens.num_rows(split) if num_rows is None else num_rows
 
@@ -107,8 +122,7 @@ class Rows:
         return out
 
 
-def check_token_hash(tokens_BxL: np.ndarray, hash_B: np.ndarray, rows_B: np.ndarray, split: str,
-                     where: str) -> None:
+def check_token_hash(tokens_BxL: np.ndarray, hash_B: np.ndarray, rows_B: np.ndarray, split: str, where: str) -> None:
     """Refuses a batch whose tokens are not the ones the teacher's targets were computed on."""
     from rskd_jax.store.teacher import token_hash
 
@@ -117,7 +131,8 @@ def check_token_hash(tokens_BxL: np.ndarray, hash_B: np.ndarray, rows_B: np.ndar
         raise DataMismatch(
             f"{split} row {int(rows_B[bad[0]])}: its tokens differ from the ones the teacher store "
             f"{where} was computed on ({bad.size} of {len(rows_B)} rows in this batch); the token "
-            "store was changed after caching. Re-run the data and cache programs")
+            "store was changed after caching. Re-run the data and cache programs"
+        )
 
 
 def split_rows(tokens, teacher, split: str, fields: Sequence[str]) -> Rows:
@@ -126,19 +141,26 @@ def split_rows(tokens, teacher, split: str, fields: Sequence[str]) -> Rows:
     if teacher is None or not fields:
         return Rows(tokens, split, None, (), n)
     if split not in teacher.splits:
-        raise DataMismatch(f"teacher store {teacher.url} has no {split!r} split "
-                           f"(it has {list(teacher.splits)}); cache that split first")
+        raise DataMismatch(
+            f"teacher store {teacher.url} has no {split!r} split "
+            f"(it has {list(teacher.splits)}); cache that split first"
+        )
     nt = teacher.num_rows(split)
     done = teacher.done_mask(split)
     if not done.all():
-        raise DataMismatch(f"teacher store {teacher.url}: only {int(done.sum())} of {nt} {split} "
-                           "rows are done; finish `python -m rskd_jax.cache` (it resumes) first")
+        raise DataMismatch(
+            f"teacher store {teacher.url}: only {int(done.sum())} of {nt} {split} "
+            "rows are done; finish `python -m rskd_jax.cache` (it resumes) first"
+        )
     if nt > n:
-        raise DataMismatch(f"teacher store {teacher.url} has {nt} {split} rows, the token store "
-                           f"{tokens.url} only {n}: they do not belong together")
+        raise DataMismatch(
+            f"teacher store {teacher.url} has {nt} {split} rows, the token store "
+            f"{tokens.url} only {n}: they do not belong together"
+        )
     if nt < n:
-        log.warning("teacher store %s covers %d of the %d %s rows (cache.max_rows); using those",
-                    teacher.url, nt, n, split)
+        log.warning(
+            "teacher store %s covers %d of the %d %s rows (cache.max_rows); using those", teacher.url, nt, n, split
+        )
     return Rows(tokens, split, teacher, fields, nt)
 
 
@@ -198,8 +220,10 @@ def host_batch(batch: dict[str, np.ndarray], fields: Sequence[str]) -> dict[str,
 def local_batch_size(global_batch_size: int, process_count: int) -> int:
     """Rows per process; a fix-it error when the global batch does not split evenly."""
     if global_batch_size < 1 or global_batch_size % process_count:
-        raise DataError(f"global_batch_size {global_batch_size} is not a positive multiple of the "
-                        f"process count ({process_count}); set batch_size to a multiple of {process_count}")
+        raise DataError(
+            f"global_batch_size {global_batch_size} is not a positive multiple of the "
+            f"process count ({process_count}); set batch_size to a multiple of {process_count}"
+        )
     return global_batch_size // process_count
 
 
@@ -220,9 +244,19 @@ def _read_local(idx_B: np.ndarray, *, source: Rows, global_batch_size: int, lo: 
     return batch
 
 
-def make_batch_iterator(source: Rows, *, global_batch_size: int, seed: int, shuffle: bool = True,
-                        num_epochs: int | None = None, process_index: int = 0, process_count: int = 1,
-                        drop_remainder: bool = True, num_threads: int = 2, prefetch: int = 2):
+def make_batch_iterator(
+    source: Rows,
+    *,
+    global_batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    drop_remainder: bool = True,
+    num_threads: int = 2,
+    prefetch: int = 2,
+):
     """Batches of rows for this process, as a checkpointable `grain.DatasetIterator`.
 
     Each epoch is a fresh permutation of row indices (seeded by `seed` and the epoch);
@@ -240,8 +274,10 @@ def make_batch_iterator(source: Rows, *, global_batch_size: int, seed: int, shuf
         raise DataError(f"process_index {process_index} is outside [0, {process_count})")
     n = source.num_rows
     if n == 0 or (drop_remainder and n < global_batch_size):
-        raise DataError(f"the source has {n} rows, fewer than one global batch of {global_batch_size}; "
-                        "lower the batch size or add data")
+        raise DataError(
+            f"the source has {n} rows, fewer than one global batch of {global_batch_size}; "
+            "lower the batch size or add data"
+        )
     ds = grain.MapDataset.range(n)
     if shuffle:
         if not 0 <= seed < 2**32:
@@ -250,8 +286,11 @@ def make_batch_iterator(source: Rows, *, global_batch_size: int, seed: int, shuf
     ds = ds.batch(global_batch_size, drop_remainder=drop_remainder)  # within each epoch
     ds = ds.repeat(num_epochs)
     lo = process_index * b
-    ds = ds.map(lambda idx: _read_local(np.asarray(idx, np.int64), source=source,
-                                        global_batch_size=global_batch_size, lo=lo, hi=lo + b))
+    ds = ds.map(
+        lambda idx: _read_local(
+            np.asarray(idx, np.int64), source=source, global_batch_size=global_batch_size, lo=lo, hi=lo + b
+        )
+    )
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
     return iter(ds.to_iter_dataset(options))
 

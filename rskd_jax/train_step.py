@@ -24,7 +24,8 @@ any micro-batching gives the same loss and gradient (up to float reassociation).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,8 +65,8 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict]:
     """(graphdef, float32 master params as a plain nested dict)."""
     graphdef, state = nnx.split(model, nnx.Param)
     params = jax.tree.map(
-        lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-        nnx.to_pure_dict(state))
+        lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, nnx.to_pure_dict(state)
+    )
     return graphdef, params
 
 
@@ -85,8 +86,7 @@ def prepare_targets(batch: dict[str, jax.Array], method: str) -> dict[str, jax.A
     # label of position j is token j + 1; the last position has none.
     labels_BxL = jnp.concatenate([tokens_BxL[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
     has_next_BxL = jnp.concatenate([mask_BxL[:, 1:], jnp.zeros((b, 1), bool)], axis=1)
-    t = {"tokens": tokens_BxL, "labels": labels_BxL,
-         "ce_where": mask_BxL & has_next_BxL, "kd_where": mask_BxL}
+    t = {"tokens": tokens_BxL, "labels": labels_BxL, "ce_where": mask_BxL & has_next_BxL, "kd_where": mask_BxL}
     missing = [k for k in BATCH_KEYS[method] if k not in batch]
     if missing:
         raise KeyError(f"loss.method={method!r} needs batch keys {missing}; got {sorted(batch)}")
@@ -123,8 +123,7 @@ def chunk_sums(logits_xV, t, teacher_logits_xV, spec: LossSpec) -> dict[str, tup
     if sparse:
         slots_xK = jnp.concatenate([slots_xK, t["ids"].astype(jnp.int32)], axis=-1)
     x_xK = jnp.take_along_axis(logits_xV, slots_xK, axis=-1)
-    ce_x = losses.sparse_kd_from_target_logits(lse_x, x_xK[..., :1], jnp.ones_like(x_xK[..., :1]),
-                                               where=t["ce_where"])
+    ce_x = losses.sparse_kd_from_target_logits(lse_x, x_xK[..., :1], jnp.ones_like(x_xK[..., :1]), where=t["ce_where"])
     if not ce_in_loss:  # only reported: no backward through it
         ce_x = jax.lax.stop_gradient(ce_x)
     if sparse:
@@ -132,25 +131,24 @@ def chunk_sums(logits_xV, t, teacher_logits_xV, spec: LossSpec) -> dict[str, tup
     elif spec.method == "ghost":
         kd_x = losses.ghost_kd_loss(logits_xV, t["ids"], t["weights"], t["tail_mass"], where=kdw)
     elif spec.method in ("full_online", "full_cached"):
-        teacher_xV = metrics.mask_vocab(_fit_vocab(teacher_logits_xV, logits_xV.shape[-1]),
-                                        spec.vocab_size)
-        kd_x = losses.full_kd_loss(logits_xV, teacher_xV, temperature=spec.kd_temperature,
-                                   where=kdw)
+        teacher_xV = metrics.mask_vocab(_fit_vocab(teacher_logits_xV, logits_xV.shape[-1]), spec.vocab_size)
+        kd_x = losses.full_kd_loss(logits_xV, teacher_xV, temperature=spec.kd_temperature, where=kdw)
     else:
         kd_x = jnp.zeros_like(ce_x)
     # z-loss (log Z)^2 from the shared logsumexp (= losses.z_loss)
     z_x = jnp.square(lse_x) if spec.z_loss else jnp.zeros_like(ce_x)
-    return {"ce": losses.reduce_sum_count(ce_x, t["ce_where"]),
-            "kd": losses.reduce_sum_count(kd_x, kdw),
-            "z": losses.reduce_sum_count(z_x, t["ce_where"])}
+    return {
+        "ce": losses.reduce_sum_count(ce_x, t["ce_where"]),
+        "kd": losses.reduce_sum_count(kd_x, kdw),
+        "z": losses.reduce_sum_count(z_x, t["ce_where"]),
+    }
 
 
 def _tree_add(a, b):
     return jax.tree.map(jnp.add, a, b)
 
 
-def sum_over_positions(fn: Callable, model, teacher, t: dict, *, chunk_size: int = 0,
-                       remat: bool = True) -> Any:
+def sum_over_positions(fn: Callable, model, teacher, t: dict, *, chunk_size: int = 0, remat: bool = True) -> Any:
     """sum over position chunks of fn(logits [B, C, V] f32, t chunk, teacher logits or None).
 
     `fn` returns a pytree of additive sums over the positions its masks (t["ce_where"],
@@ -175,9 +173,15 @@ def sum_over_positions(fn: Callable, model, teacher, t: dict, *, chunk_size: int
             teacher_logits = teacher.logits_from_hidden(x["th"], tw_DxV)
         return fn(logits_BxCxV, x["t"], teacher_logits)
 
-    sums_n = losses.map_logit_chunks(chunk_fn, model.hidden_states(tokens_BxL),
-                                     model.lm_head_weight(), xs, chunk_size=chunk_size, remat=remat,
-                                     softcap=model.config.final_softcap)
+    sums_n = losses.map_logit_chunks(
+        chunk_fn,
+        model.hidden_states(tokens_BxL),
+        model.lm_head_weight(),
+        xs,
+        chunk_size=chunk_size,
+        remat=remat,
+        softcap=model.config.final_softcap,
+    )
     return jax.tree.map(lambda y: jnp.sum(y, axis=0), sums_n)
 
 
@@ -187,8 +191,9 @@ def loss_sums(params, teacher_params, t, *, graphdef, teacher_graphdef, spec: Lo
     teacher = None
     if spec.method == "full_online":  # frozen: no gradient flows into the teacher
         teacher = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
-    return sum_over_positions(functools.partial(chunk_sums, spec=spec), model, teacher, t,
-                              chunk_size=spec.chunk_size, remat=True)
+    return sum_over_positions(
+        functools.partial(chunk_sums, spec=spec), model, teacher, t, chunk_size=spec.chunk_size, remat=True
+    )
 
 
 # ------------------------------------------------------------------------------ the step
@@ -200,8 +205,16 @@ def _to_micro(x_Bx: jax.Array, m: int) -> jax.Array:
     return jnp.moveaxis(x_Bx.reshape(x_Bx.shape[0] // m, m, *x_Bx.shape[1:]), 1, 0)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callable, spec: LossSpec,
-                    *, micro_batches: int = 1, teacher_graphdef=None, mesh=None) -> Callable:
+def make_train_step(
+    graphdef,
+    tx: optax.GradientTransformation,
+    schedule: Callable,
+    spec: LossSpec,
+    *,
+    micro_batches: int = 1,
+    teacher_graphdef=None,
+    mesh=None,
+) -> Callable:
     """`step(state, batch, teacher_params=None) -> (state, metrics)`, un-jitted (see jit_step).
 
     metrics: loss, ce, kd, z_loss (means over the global batch), grad_norm (before clipping),
@@ -212,8 +225,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
     if spec.method == "full_online" and teacher_graphdef is None:
         raise ValueError("loss.method='full_online' needs a teacher model")
     ce_w, kd_w = (1.0, 0.0) if spec.method == "ce" else (spec.alpha, 1.0 - spec.alpha)
-    sums_fn = functools.partial(loss_sums, graphdef=graphdef, teacher_graphdef=teacher_graphdef,
-                                spec=spec)
+    sums_fn = functools.partial(loss_sums, graphdef=graphdef, teacher_graphdef=teacher_graphdef, spec=spec)
 
     def step(state: TrainState, batch: dict, teacher_params=None):
         t = prepare_targets(batch, spec.method)
@@ -235,8 +247,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
                 spread = NamedSharding(mesh, PartitionSpec(None, sharding.BATCH_AXES))
                 t_micro = jax.lax.with_sharding_constraint(t_micro, jax.tree.map(lambda _: spread, t_micro))
             first = jax.tree.map(lambda x: x[0], t_micro)
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                 jax.eval_shape(grad_fn, state.params, first))
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_fn, state.params, first))
 
             def accumulate(acc, tm):
                 return _tree_add(acc, grad_fn(state.params, tm)), None
@@ -245,9 +256,16 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        out = {"loss": loss, "ce": sums["ce"][0] / ce_n, "kd": sums["kd"][0] / kd_n,
-               "z_loss": sums["z"][0] / ce_n, "grad_norm": optax.tree.norm(grads),
-               "lr": schedule(state.step), "ce_tokens": ce_n, "kd_tokens": kd_n}
+        out = {
+            "loss": loss,
+            "ce": sums["ce"][0] / ce_n,
+            "kd": sums["kd"][0] / kd_n,
+            "z_loss": sums["z"][0] / ce_n,
+            "grad_norm": optax.tree.norm(grads),
+            "lr": schedule(state.step),
+            "ce_tokens": ce_n,
+            "kd_tokens": kd_n,
+        }
         return TrainState(params, opt_state, state.step + 1, state.rng), out
 
     return step
@@ -264,17 +282,21 @@ def check_step_batch(global_batch_size: int, micro_batches: int, mesh) -> None:
     if micro_batches < 1 or global_batch_size % micro_batches:
         raise sharding.ShardingError(
             f"train.batch_size={global_batch_size} is not divisible by "
-            f"train.grad_accum={micro_batches}; choose a divisor")
-    sharding.check_batch(global_batch_size // micro_batches, mesh,
-                         key="train.batch_size / train.grad_accum")
+            f"train.grad_accum={micro_batches}; choose a divisor"
+        )
+    sharding.check_batch(global_batch_size // micro_batches, mesh, key="train.batch_size / train.grad_accum")
 
 
-def jit_step(step: Callable, state_shardings: TrainState, batch_shardings_: dict, mesh,
-             teacher_shardings=None) -> Callable:
+def jit_step(
+    step: Callable, state_shardings: TrainState, batch_shardings_: dict, mesh, teacher_shardings=None
+) -> Callable:
     """jax.jit with the state's, the batch's and the teacher's shardings; the state is donated."""
-    jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings_, teacher_shardings),
-                     out_shardings=(state_shardings, sharding.replicated(mesh)),
-                     donate_argnames=("state",))
+    jitted = jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_shardings_, teacher_shardings),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnames=("state",),
+    )
 
     def call(state, batch, teacher_params=None):
         return jitted(state, batch, teacher_params)

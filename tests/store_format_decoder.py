@@ -95,7 +95,7 @@ def read_array(path: str, have: list | None = None) -> np.ndarray:
         per_shard = [c // i for c, i in zip(chunk, inner)]
         n = math.prod(per_shard)
         crc = any(c["name"] == "crc32c" for c in cfg["index_codecs"])
-        index = data[len(data) - 16 * n - 4 * crc:]
+        index = data[len(data) - 16 * n - 4 * crc :]
         if crc:
             index = strip_crc(index, key + " (shard index)")
         pairs = np.frombuffer(index, "<u8").reshape(n, 2)  # (offset, nbytes), inner chunks in C order
@@ -104,7 +104,7 @@ def read_array(path: str, have: list | None = None) -> np.ndarray:
                 continue
             sub = np.unravel_index(j, per_shard)
             where = tuple(slice(a.start + s * i, a.start + (s + 1) * i) for a, s, i in zip(at, sub, inner))
-            out[where] = decode_chunk(data[offset:offset + nbytes], cfg["codecs"], meta, inner, f"{key}[{j}]")
+            out[where] = decode_chunk(data[offset : offset + nbytes], cfg["codecs"], meta, inner, f"{key}[{j}]")
             stored[where] = True
     crop = tuple(slice(0, s) for s in shape)
     if have is not None:

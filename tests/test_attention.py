@@ -17,9 +17,11 @@ forward = nnx.jit(lambda model, tokens: model(tokens))
 
 def _qkv(b=2, kh=2, l=45, g=3, e=8, seed=0):
     rng = np.random.default_rng(seed)
-    return (jnp.asarray(rng.standard_normal((b, kh, l, g, e)), jnp.float32),
-            jnp.asarray(rng.standard_normal((b, kh, l, e)), jnp.float32),
-            jnp.asarray(rng.standard_normal((b, kh, l, e)), jnp.float32))
+    return (
+        jnp.asarray(rng.standard_normal((b, kh, l, g, e)), jnp.float32),
+        jnp.asarray(rng.standard_normal((b, kh, l, e)), jnp.float32),
+        jnp.asarray(rng.standard_normal((b, kh, l, e)), jnp.float32),
+    )
 
 
 @pytest.mark.parametrize("window", [None, 1, 7, 100])
@@ -43,26 +45,46 @@ def test_resolve_attention(caplog):
     with pytest.raises(ValueError, match="splash"):
         resolve_attention("splash")
     with pytest.raises(ValueError, match="attention"):
-        LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
-                    num_heads=2, num_kv_heads=1, attention="flash")
+        LlamaConfig(
+            vocab_size=8,
+            hidden_size=8,
+            intermediate_size=8,
+            num_layers=1,
+            num_heads=2,
+            num_kv_heads=1,
+            attention="flash",
+        )
 
 
-MIXED = LlamaConfig(vocab_size=61, hidden_size=64, intermediate_size=96, num_layers=3,
-                    num_heads=4, num_kv_heads=2, head_dim=16, sliding_window=12,
-                    layer_types=("sliding_attention", "full_attention", "sliding_attention"),
-                    rope_local_theta=1e4, rope_theta=1e6, qk_norm=True)
+MIXED = LlamaConfig(
+    vocab_size=61,
+    hidden_size=64,
+    intermediate_size=96,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    sliding_window=12,
+    layer_types=("sliding_attention", "full_attention", "sliding_attention"),
+    rope_local_theta=1e4,
+    rope_theta=1e6,
+    qk_norm=True,
+)
 
 
-@pytest.mark.parametrize("config", [
-    MIXED,                                               # Gemma 3-like: traced window per layer
-    MIXED.replace(layer_types=None, rope_local_theta=None, qk_norm=False),  # Mistral-like
-    MIXED.replace(sliding_window=None, layer_types=None, rope_local_theta=None),  # plain
-], ids=["mixed", "all_sliding", "full"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        MIXED,  # Gemma 3-like: traced window per layer
+        MIXED.replace(layer_types=None, rope_local_theta=None, qk_norm=False),  # Mistral-like
+        MIXED.replace(sliding_window=None, layer_types=None, rope_local_theta=None),  # plain
+    ],
+    ids=["mixed", "all_sliding", "full"],
+)
 def test_model_attention_paths_agree(config):
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 61, (2, 40)), jnp.int32)
     chunked = init_model(config.replace(attention="chunked"), seed=0)
-    xla = nnx.merge(nnx.graphdef(init_model(config.replace(attention="xla"), 0)),
-                    nnx.state(chunked))
+    xla = nnx.merge(nnx.graphdef(init_model(config.replace(attention="xla"), 0)), nnx.state(chunked))
     want = np.asarray(forward(chunked, tokens))
     np.testing.assert_allclose(forward(xla, tokens), want, rtol=0, atol=1e-5 * np.abs(want).max())
     assert config.replace(attention="xla").to_dict()["attention"] == "xla"

@@ -57,8 +57,11 @@ def compile_cache(work):
     recompiling. Restored afterwards, so other test modules are unaffected."""
     from jax.experimental.compilation_cache import compilation_cache
 
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
     saved = {n: getattr(jax.config, n) for n in names}
     for n, v in zip(names, (str(work / "jax_cache"), 0, 0)):
         jax.config.update(n, v)
@@ -75,8 +78,9 @@ def tokens(work):
     from rskd_jax import data
 
     out = str(work / "tokens")
-    cfg = load_config(DataRun, None, [f"data.inputs={INPUTS}", f"data.seq_len={L}", f"data.output={out}",
-                                      "data.val_fraction=0.2"])
+    cfg = load_config(
+        DataRun, None, [f"data.inputs={INPUTS}", f"data.seq_len={L}", f"data.output={out}", "data.val_fraction=0.2"]
+    )
     rows = data.run(cfg, progress=False)["rows"]
     assert rows["train"] >= 64 and rows["val"] >= ROWS, rows
     return out
@@ -96,8 +100,14 @@ def teacher(work, tokens):
 
 def overrides(tokens: str, output: str, *extra: str, teacher: str | None = None) -> list[str]:
     """Every run here computes on micro-batches of 2 rows per device (cache.device_batch=2)."""
-    return [f"cache.tokens={tokens}", f"cache.output={output}", f"cache.max_rows={ROWS}",
-            "cache.device_batch=2", *([f"teacher.source={teacher}"] if teacher else []), *extra]
+    return [
+        f"cache.tokens={tokens}",
+        f"cache.output={output}",
+        f"cache.max_rows={ROWS}",
+        "cache.device_batch=2",
+        *([f"teacher.source={teacher}"] if teacher else []),
+        *extra,
+    ]
 
 
 def cfg_for(tokens: str, output, *extra: str, teacher: str | None = None) -> CacheRun:
@@ -130,8 +140,12 @@ def assert_same_files(a: dict[str, bytes], b: dict[str, bytes]) -> None:
 def subprocess_env(work) -> dict[str, str]:
     """One CPU device per process (no fake-device flag), a shared persistent compile cache."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(work / "jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env.update(
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(work / "jax_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
     return env
 
 
@@ -156,8 +170,9 @@ def free_port() -> int:
 def ref(work, tokens, teacher):
     """The reference store: one device, batch 8, both splits."""
     out = work / "ref"
-    summary = cache.run(cfg_for(tokens, out, "cache.batch_size=8", "mesh.data=1", teacher=teacher),
-                        progress=False, devices=one_device())
+    summary = cache.run(
+        cfg_for(tokens, out, "cache.batch_size=8", "mesh.data=1", teacher=teacher), progress=False, devices=one_device()
+    )
     assert summary["rows_written"] == {"train": ROWS, "val": ROWS}
     return out
 
@@ -191,11 +206,19 @@ def test_store_keeps_token_hash_per_row(tmp_path):
     tokens_BxL = rng.integers(0, vocab, (b, 8))
     ids = np.stack([rng.permutation(vocab)[:k] for _ in range(b * 8)]).reshape(b, 8, k)
     rows = {"ids": ids, "counts": np.full((b, 8, k), 1), "tokens": tokens_BxL}
-    kw = dict(manifest={"m": 1}, num_rows={"train": b}, seq_len=8, method="sample", k=k, vocab_size=vocab,
-              chunk_rows=2, diagnostics=False)
+    kw = dict(
+        manifest={"m": 1},
+        num_rows={"train": b},
+        seq_len=8,
+        method="sample",
+        k=k,
+        vocab_size=vocab,
+        chunk_rows=2,
+        diagnostics=False,
+    )
     st = create_teacher_store(str(tmp_path / "h"), token_hash=True, **kw)
     for start in (0, 2):
-        st.write_rows("train", start, {n: x[start:start + 2] for n, x in rows.items()}).result()
+        st.write_rows("train", start, {n: x[start : start + 2] for n, x in rows.items()}).result()
     got = open_teacher_store(str(tmp_path / "h")).read_rows("train", np.array([3, 0]))
     np.testing.assert_array_equal(got["token_hash"], token_hash(tokens_BxL[[3, 0]]))
     with pytest.raises(StoreError, match=r"takes keys \['counts', 'ids', 'tokens'\]"):
@@ -239,14 +262,30 @@ def test_store_identical_for_batch_2_8_16_and_1_or_8_devices(work, teacher):
     from rskd_jax import data
 
     toks = str(work / "tokens128")
-    data.run(load_config(DataRun, None, [f"data.inputs={INPUTS}", "data.seq_len=128", f"data.output={toks}",
-                                         "data.val_fraction=0.2"]), progress=False)
+    data.run(
+        load_config(
+            DataRun, None, [f"data.inputs={INPUTS}", "data.seq_len=128", f"data.output={toks}", "data.val_fraction=0.2"]
+        ),
+        progress=False,
+    )
     runs = {}
     for batch, dev, db in ((2, 1, 2), (8, 1, 2), (16, 1, 2), (16, 8, 2), (8, 1, 8)):
         out = work / f"inv_b{batch}_d{dev}_db{db}"
-        cache.run(cfg_for(toks, out, f"cache.batch_size={batch}", "cache.chunk_rows=2", "cache.max_rows=16",
-                          "cache.splits=[train]", f"mesh.data={dev}", f"cache.device_batch={db}", teacher=teacher),
-                  progress=False, devices=None if dev > 1 else one_device())
+        cache.run(
+            cfg_for(
+                toks,
+                out,
+                f"cache.batch_size={batch}",
+                "cache.chunk_rows=2",
+                "cache.max_rows=16",
+                "cache.splits=[train]",
+                f"mesh.data={dev}",
+                f"cache.device_batch={db}",
+                teacher=teacher,
+            ),
+            progress=False,
+            devices=None if dev > 1 else one_device(),
+        )
         runs[(batch, dev, db)] = out
     first = store_files(runs[(2, 1, 2)])
     for key in ((8, 1, 2), (16, 1, 2), (16, 8, 2)):
@@ -259,10 +298,16 @@ def test_store_identical_for_batch_2_8_16_and_1_or_8_devices(work, teacher):
 def test_resume_refuses_another_device_batch_and_takes_the_stores_by_default(ref, tokens, teacher):
     before = store_files(ref)
     with pytest.raises(CacheError, match=r"written with cache.device_batch=2, this run has 4.*cache.device_batch=2"):
-        cache.run(cfg_for(tokens, ref, "cache.device_batch=4", "mesh.data=1", teacher=teacher), progress=False,
-                  devices=one_device())
-    summary = cache.run(cfg_for(tokens, ref, "cache.device_batch=0", "mesh.data=1", teacher=teacher),
-                        progress=False, devices=one_device())
+        cache.run(
+            cfg_for(tokens, ref, "cache.device_batch=4", "mesh.data=1", teacher=teacher),
+            progress=False,
+            devices=one_device(),
+        )
+    summary = cache.run(
+        cfg_for(tokens, ref, "cache.device_batch=0", "mesh.data=1", teacher=teacher),
+        progress=False,
+        devices=one_device(),
+    )
     assert summary["rows_written"] == {"train": 0, "val": 0}
     assert store_files(ref) == before
 
@@ -289,8 +334,20 @@ def test_fsdp_tensor_mesh_same_up_to_float_rounding(ref, work, tokens, teacher):
     """data=2, fsdp=2, tensor=2 reduces in another order: floats agree to rounding, and the
     draws of a few near-tie positions may move to the neighbouring id (see cache's doc)."""
     out = work / "mesh222"
-    cache.run(cfg_for(tokens, out, "cache.batch_size=8", "cache.max_rows=8", "cache.splits=[train]",
-                      "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", teacher=teacher), progress=False)
+    cache.run(
+        cfg_for(
+            tokens,
+            out,
+            "cache.batch_size=8",
+            "cache.max_rows=8",
+            "cache.splits=[train]",
+            "mesh.data=2",
+            "mesh.fsdp=2",
+            "mesh.tensor=2",
+            teacher=teacher,
+        ),
+        progress=False,
+    )
     rows = np.arange(8)
     for name in STORES:
         a = open_teacher_store(str(ref / name)).read_rows("train", rows)
@@ -313,11 +370,14 @@ def test_kill_and_resume_is_byte_identical(ref, work, tokens, teacher):
     out = work / "killed"
     env = subprocess_env(work)
     cmd = cache_cmd(*overrides(tokens, str(out), "cache.batch_size=8", teacher=teacher))
-    done_files = [out / name / split / "done" / "c" / str(b) for name in STORES for split in ("train", "val")
-                  for b in (0, 1)]
+    done_files = [
+        out / name / split / "done" / "c" / str(b) for name in STORES for split in ("train", "val") for b in (0, 1)
+    ]
     first_block = [out / name / "train" / "done" / "c" / "0" for name in STORES]
-    kill_points = {"creating the stores": lambda: (out / STORES[0] / "manifest.json").exists(),
-                   "after the first block": lambda: all(f.exists() for f in first_block)}
+    kill_points = {
+        "creating the stores": lambda: (out / STORES[0] / "manifest.json").exists(),
+        "after the first block": lambda: all(f.exists() for f in first_block),
+    }
     for point, reached in kill_points.items():
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
@@ -344,8 +404,9 @@ def test_an_interrupted_create_is_made_again(tmp_path):
     refuse it with a clear message, and the same create re-makes it."""
     from rskd_jax.store import teacher as teacher_store
 
-    args = dict(manifest={"seed": 0}, num_rows={"train": 8}, seq_len=4, method="top_k", k=2, vocab_size=10,
-                chunk_rows=8)
+    args = dict(
+        manifest={"seed": 0}, num_rows={"train": 8}, seq_len=4, method="top_k", k=2, vocab_size=10, chunk_rows=8
+    )
     url = str(tmp_path / "s")
     teacher_store.create_teacher_store(url, **args).close()
     manifest = read_json(url)
@@ -354,9 +415,16 @@ def test_an_interrupted_create_is_made_again(tmp_path):
     with pytest.raises(StoreError, match="creation was interrupted"):
         open_teacher_store(url)
     store = teacher_store.create_teacher_store(url, **args)
-    store.write_rows("train", 0, {"ids": np.ones((8, 4, 2), np.int32) * [1, 2],
-                                  "weights": np.full((8, 4, 2), 0.5, np.float32),
-                                  "gold_logprob": np.zeros((8, 4)), "entropy": np.zeros((8, 4))}).result()
+    store.write_rows(
+        "train",
+        0,
+        {
+            "ids": np.ones((8, 4, 2), np.int32) * [1, 2],
+            "weights": np.full((8, 4, 2), 0.5, np.float32),
+            "gold_logprob": np.zeros((8, 4)),
+            "entropy": np.zeros((8, 4)),
+        },
+    ).result()
     assert read_json(url) == manifest and open_teacher_store(url).done_mask("train").all()
 
 
@@ -368,10 +436,25 @@ def test_two_processes_write_the_same_store(ref, work, tokens, teacher):
     procs = []
     try:
         for i in range(2):
-            procs.append(subprocess.Popen(cache_cmd(*overrides(
-                tokens, str(out), "cache.batch_size=16", "distributed.enabled=true",
-                f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
-                f"distributed.process_id={i}", teacher=teacher)), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+            procs.append(
+                subprocess.Popen(
+                    cache_cmd(
+                        *overrides(
+                            tokens,
+                            str(out),
+                            "cache.batch_size=16",
+                            "distributed.enabled=true",
+                            f"distributed.coordinator_address=127.0.0.1:{port}",
+                            "distributed.num_processes=2",
+                            f"distributed.process_id={i}",
+                            teacher=teacher,
+                        )
+                    ),
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                )
+            )
         results = [p.communicate(timeout=SUBPROCESS_TIMEOUT) for p in procs]
     finally:
         kill(procs)
@@ -406,7 +489,7 @@ def canon(ids, w):
     """Entries of each position sorted by id, empty slots (w == 0) last with id 0 and w 0."""
     present = w > 0
     order = np.argsort(np.where(present, ids.astype(np.int64), np.int64(1) << 40), axis=-1, kind="stable")
-    take = lambda x: np.take_along_axis(np.asarray(x), order, -1)  # noqa: E731
+    take = lambda x: np.take_along_axis(np.asarray(x), order, -1)
     return np.where(take(present), take(ids), 0), np.where(take(present), take(w), 0)
 
 
@@ -414,8 +497,11 @@ def test_every_method_in_one_pass_matches_direct_sampling(work, tokens, teacher)
     path = work / "methods.yaml"
     path.write_text(METHODS_YAML)
     out = work / "methods"
-    cfg = load_config(CacheRun, str(path), [f"cache.tokens={tokens}", f"cache.output={out}", "cache.max_rows=8",
-                                            f"teacher.source={teacher}"])
+    cfg = load_config(
+        CacheRun,
+        str(path),
+        [f"cache.tokens={tokens}", f"cache.output={out}", "cache.max_rows=8", f"teacher.source={teacher}"],
+    )
     cache.run(cfg, progress=False, devices=one_device())
 
     tok = open_token_store(tokens)
@@ -426,17 +512,22 @@ def test_every_method_in_one_pass_matches_direct_sampling(work, tokens, teacher)
     vocab = int(tok.manifest["tokenizer"]["vocab_size"])
     model = build_model(cfg.teacher, vocab)
     logits_BxLxV = jax.jit(model.__call__)(jnp.asarray(tokens_BxL))
-    keys_BxL = cache_step.position_keys(cache_step.row_keys(cfg.cache.seed, cache_step.split_code("train"),
-                                                            jnp.asarray(rows)), L)
+    keys_BxL = cache_step.position_keys(
+        cache_step.row_keys(cfg.cache.seed, cache_step.split_code("train"), jnp.asarray(rows)), L
+    )
 
     @jax.jit
     def direct(keys_BxL, logits_BxLxV):  # the samplers called on their own, one key per position
-        per_pos = lambda fn: jax.vmap(jax.vmap(fn))(keys_BxL, logits_BxLxV)  # noqa: E731
-        wor = lambda **kw: per_pos(lambda k, lg: sampling.sample_tokens(k, lg, 16, replace=False, **kw))  # noqa: E731
-        return {"s50": per_pos(lambda k, lg: sampling.sample_counts(k, lg, 50)),
-                "s50_t08": per_pos(lambda k, lg: sampling.sample_counts(k, lg, 50, temperature=0.8)),
-                "wor16": wor(), "wor16_norm": wor(normalize=True, temperature=1.25),
-                "top12": sampling.top_k_targets(logits_BxLxV, 12), "ghost12": sampling.ghost_targets(logits_BxLxV, 12)}
+        per_pos = lambda fn: jax.vmap(jax.vmap(fn))(keys_BxL, logits_BxLxV)
+        wor = lambda **kw: per_pos(lambda k, lg: sampling.sample_tokens(k, lg, 16, replace=False, **kw))
+        return {
+            "s50": per_pos(lambda k, lg: sampling.sample_counts(k, lg, 50)),
+            "s50_t08": per_pos(lambda k, lg: sampling.sample_counts(k, lg, 50, temperature=0.8)),
+            "wor16": wor(),
+            "wor16_norm": wor(normalize=True, temperature=1.25),
+            "top12": sampling.top_k_targets(logits_BxLxV, 12),
+            "ghost12": sampling.ghost_targets(logits_BxLxV, 12),
+        }
 
     ref = jax.tree.map(np.asarray, direct(keys_BxL, logits_BxLxV))
     got = {o.name: open_teacher_store(str(out / o.name)).read_rows("train", rows) for o in cfg.cache.outputs}
@@ -485,9 +576,12 @@ def test_every_method_in_one_pass_matches_direct_sampling(work, tokens, teacher)
 
 def test_dry_run_projects_and_writes_nothing(work, tokens, teacher):
     out = work / "dry"
-    res = subprocess.run(cache_cmd(*overrides(tokens, str(out), "cache.max_rows=null", teacher=teacher),
-                                   "--dry-run"),
-                         env=subprocess_env(work), capture_output=True, timeout=SUBPROCESS_TIMEOUT)
+    res = subprocess.run(
+        cache_cmd(*overrides(tokens, str(out), "cache.max_rows=null", teacher=teacher), "--dry-run"),
+        env=subprocess_env(work),
+        capture_output=True,
+        timeout=SUBPROCESS_TIMEOUT,
+    )
     assert res.returncode == 0, res.stderr.decode()[-3000:]
     summary = json.loads(res.stdout.decode().strip().splitlines()[-1])
     tok = open_token_store(tokens)
@@ -505,8 +599,9 @@ def test_dry_run_projects_and_writes_nothing(work, tokens, teacher):
 def test_refuses_another_manifest_and_leaves_the_store_alone(ref, tokens, teacher):
     before = {**store_files(ref), "config.yaml": (ref / "config.yaml").read_bytes()}
     with pytest.raises(StoreError, match=r"differs in: seed.*overwrite=true"):
-        cache.run(cfg_for(tokens, ref, "cache.seed=1", "mesh.data=1", teacher=teacher), progress=False,
-                  devices=one_device())
+        cache.run(
+            cfg_for(tokens, ref, "cache.seed=1", "mesh.data=1", teacher=teacher), progress=False, devices=one_device()
+        )
     assert {**store_files(ref), "config.yaml": (ref / "config.yaml").read_bytes()} == before
 
 
@@ -516,8 +611,11 @@ def test_resumes_inputs_reached_by_another_path(ref, work, tokens, teacher):
     before = store_files(ref)
     os.symlink(tokens, work / "tokens_link")
     other_teacher = os.path.join(teacher, "..", os.path.basename(teacher))
-    summary = cache.run(cfg_for(str(work / "tokens_link"), ref, "cache.batch_size=8", "mesh.data=1",
-                                teacher=other_teacher), progress=False, devices=one_device())
+    summary = cache.run(
+        cfg_for(str(work / "tokens_link"), ref, "cache.batch_size=8", "mesh.data=1", teacher=other_teacher),
+        progress=False,
+        devices=one_device(),
+    )
     assert summary["rows_written"] == {"train": 0, "val": 0}
     assert store_files(ref) == before
     prov = open_teacher_store(str(ref / "rskd_n50")).manifest["provenance"]
@@ -550,8 +648,11 @@ def test_refuses_missing_and_incomplete_token_stores(work, tokens):
 def test_refuses_token_ids_outside_the_vocabulary(work, tokens):
     tok = open_token_store(tokens)
     foreign = str(work / "foreign_tokens")
-    write_token_store(foreign, {"train": tok.read("train", np.arange(16)), "val": tok.read("val", np.arange(8))},
-                      {"tokenizer": {"spec": "small", "fingerprint": "small", "vocab_size": 1000, "eos_id": 0}})
+    write_token_store(
+        foreign,
+        {"train": tok.read("train", np.arange(16)), "val": tok.read("val", np.arange(8))},
+        {"tokenizer": {"spec": "small", "fingerprint": "small", "vocab_size": 1000, "eos_id": 0}},
+    )
     with pytest.raises(CacheError, match=r"train row \d+ .* holds token id \d+, outside .*\[0, 1000\)"):
         cache.run(cfg_for(foreign, work / "x3", "mesh.data=1"), progress=False, devices=one_device())
     assert not (work / "x3").exists()
@@ -567,23 +668,37 @@ def test_refuses_nan_teacher_naming_the_row(work, tokens):
     later = set(np.unique(train[8:]).tolist()) - set(np.unique(train[:8]).tolist())
     bad = min(later)
     first_row = int(np.nonzero((train == bad).any(1))[0][0])
-    model = init_model(LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=192, num_layers=2,
-                                   num_heads=4, num_kv_heads=2, tie_embeddings=False), seed=0)
+    model = init_model(
+        LlamaConfig(
+            vocab_size=49152,
+            hidden_size=64,
+            intermediate_size=192,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            tie_embeddings=False,
+        ),
+        seed=0,
+    )
     model.embed[...] = model.embed[...].at[bad].set(jnp.nan)
     hf = work / "nan_teacher"
     save_pretrained(model, hf)
     out = work / "x4"
     with pytest.raises(CacheError, match=rf"NaN/inf on train row {first_row};.*teacher.dtype=float32"):
-        cache.run(cfg_for(tokens, out, f"teacher.source={hf}", "cache.splits=[train]", "mesh.data=1"),
-                  progress=False, devices=one_device())
+        cache.run(
+            cfg_for(tokens, out, f"teacher.source={hf}", "cache.splits=[train]", "mesh.data=1"),
+            progress=False,
+            devices=one_device(),
+        )
     for name in STORES:
         assert open_teacher_store(str(out / name)).done_mask("train").tolist() == [True] * 8 + [False] * 5
 
 
 def test_write_error_surfaces(work, tokens, teacher):
     out = work / "x5"
-    cacher = cache.Cacher(cfg_for(tokens, out, "cache.splits=[train]", "mesh.data=1", teacher=teacher),
-                          devices=one_device())
+    cacher = cache.Cacher(
+        cfg_for(tokens, out, "cache.splits=[train]", "mesh.data=1", teacher=teacher), devices=one_device()
+    )
     (out / "rskd_n50" / "train" / "ids" / "c").write_text("a file where the chunk directory goes")
     with pytest.raises(StoreError, match=r"writing rows \[0, 8\) of 'train' .* failed"):
         cacher.cache_split("train", progress=False)
@@ -592,8 +707,9 @@ def test_write_error_surfaces(work, tokens, teacher):
 
 def test_refuses_batches_that_do_not_split(work, tokens):
     with pytest.raises(CacheError, match="not a multiple of cache.chunk_rows=8.*multiple of 8"):
-        cache.run(cfg_for(tokens, work / "x6", "cache.batch_size=12", "mesh.data=1"), progress=False,
-                  devices=one_device())
+        cache.run(
+            cfg_for(tokens, work / "x6", "cache.batch_size=12", "mesh.data=1"), progress=False, devices=one_device()
+        )
     with pytest.raises(ShardingError, match="cache.batch_size=4 is not divisible by the batch axes"):
         cache.run(cfg_for(tokens, work / "x7", "cache.batch_size=4", "mesh.data=8"), progress=False)
 

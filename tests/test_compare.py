@@ -12,8 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from rskd_jax.compare import CompareError, CompareRun, Comparison, loss_and_grad
-from rskd_jax.compare import report, sources
+from rskd_jax.compare import CompareError, CompareRun, Comparison, loss_and_grad, report, sources
 from rskd_jax.compare.plots import PLOTS
 from rskd_jax.compare.state import StageLog, fingerprint
 from rskd_jax.config import ConfigError, load_config
@@ -32,9 +31,17 @@ def _env():
 
 
 def _compare(root, *extra):
-    cmd = [sys.executable, "-m", "rskd_jax.compare", "--config", TINY,
-           f"reproduce.output={root}/run", f"reproduce.results_dir={root}/results",
-           f"reproduce.readme={root}/README.md", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rskd_jax.compare",
+        "--config",
+        TINY,
+        f"reproduce.output={root}/run",
+        f"reproduce.results_dir={root}/results",
+        f"reproduce.readme={root}/README.md",
+        *extra,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -71,8 +78,11 @@ def test_stage_log_skips_resumes_and_redoes(tmp_path):
 
 
 def test_stage_configs_are_wired_under_the_output(tmp_path):
-    cfg = load_config(CompareRun, TINY, [f"reproduce.output={tmp_path}/run/", "reproduce.epochs=null",
-                                         "train.steps=7", "loss.alpha=0.25"])
+    cfg = load_config(
+        CompareRun,
+        TINY,
+        [f"reproduce.output={tmp_path}/run/", "reproduce.epochs=null", "train.steps=7", "loss.alpha=0.25"],
+    )
     cmp = Comparison(cfg, ["--config", "x.yaml"])
     assert list(cmp.data_runs()) == ["mime", "json"]
     assert cmp.data_runs()["json"].data.output == f"{tmp_path}/run/tokens/json"
@@ -91,15 +101,30 @@ def test_stage_configs_are_wired_under_the_output(tmp_path):
 def test_configs():
     real = load_config(CompareRun, os.path.join(ROOT, "configs/reproduce.yaml"))
     names = [m.name for m in real.reproduce.methods]
-    assert sorted(names) == sorted(["ce", "full_kd", "top_k_12", "top_k_50", "ghost_12", "rskd_n50", "rskd_n13",
-                                    "wor_k12", "wor_k12_norm", "rskd_n50_t0.8", "rskd_n50_t1.2"])
+    assert sorted(names) == sorted(
+        [
+            "ce",
+            "full_kd",
+            "top_k_12",
+            "top_k_50",
+            "ghost_12",
+            "rskd_n50",
+            "rskd_n13",
+            "wor_k12",
+            "wor_k12_norm",
+            "rskd_n50_t0.8",
+            "rskd_n50_t1.2",
+        ]
+    )
     assert names[:2] == ["ce", "full_kd"]  # the gap's two ends train first
     assert {m.store for m in real.reproduce.methods if m.store} <= {o.name for o in real.cache.outputs}
     assert real.data.seq_len in (256, 512) and real.teacher.source == "smollm2"
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(CompareRun, TINY, ["reproduce.methodz=[]"])
     with pytest.raises(ConfigError, match="not in cache.outputs"):
-        load_config(CompareRun, TINY, ["reproduce.methods=[{name: ce, loss: ce}, {name: x, loss: sparse, store: nope}]"])
+        load_config(
+            CompareRun, TINY, ["reproduce.methods=[{name: ce, loss: ce}, {name: x, loss: sparse, store: nope}]"]
+        )
     with pytest.raises(ConfigError, match="named 'ce'"):
         load_config(CompareRun, TINY, ["reproduce.methods=[{name: a, loss: ce}]"])
     stdlib_only = load_config(CompareRun, os.path.join(ROOT, "configs/reproduce.yaml"), ["reproduce.docs=false"])
@@ -130,15 +155,20 @@ def _tiny_model_and_batch():
     from rskd_jax import train_step as ts
     from rskd_jax.models import LlamaConfig, init_model
 
-    model = init_model(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1,
-                                   num_heads=2, num_kv_heads=1), seed=0)
+    model = init_model(
+        LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1),
+        seed=0,
+    )
     graphdef, params = ts.split_model(model)
     rng = np.random.default_rng(0)
     mask = np.ones((2, 8), np.int32)
     mask[1, 5:] = 0
-    batch = {"tokens": rng.integers(0, 64, (2, 8)).astype(np.int32), "mask": mask,
-             "ids": rng.integers(0, 64, (2, 8, 4)).astype(np.int32),
-             "weights": rng.dirichlet(np.ones(4), (2, 8)).astype(np.float32)}
+    batch = {
+        "tokens": rng.integers(0, 64, (2, 8)).astype(np.int32),
+        "mask": mask,
+        "ids": rng.integers(0, 64, (2, 8, 4)).astype(np.int32),
+        "weights": rng.dirichlet(np.ones(4), (2, 8)).astype(np.float32),
+    }
     return graphdef, params, batch
 
 
@@ -157,7 +187,8 @@ def test_loss_and_grad_is_the_train_steps_gradient(method, alpha, z, chunk):
     spec = ts.LossSpec(method, alpha=alpha, z_loss=z, vocab_size=60, chunk_size=chunk)
     capture = optax.GradientTransformation(
         init=lambda p: jax.tree.map(jnp.zeros_like, p),
-        update=lambda g, state, p=None: (jax.tree.map(jnp.zeros_like, g), g))
+        update=lambda g, state, p=None: (jax.tree.map(jnp.zeros_like, g), g),
+    )
     state = optim.TrainState(params, capture.init(params), jnp.zeros((), jnp.int32), jax.random.PRNGKey(0))
     new_state, m = jax.jit(ts.make_train_step(graphdef, capture, lambda s: 0.0, spec))(state, batch)
     loss, grads = jax.jit(lambda p, b: loss_and_grad(p, b, graphdef=graphdef, spec=spec))(params, batch)
@@ -205,8 +236,14 @@ def tiny(tmp_path_factory):
     snap["README.md"] = _read(root / "README.md", "rb")
     snap["state.json"] = _read(root / "run" / "state.json", "rb")
     second = _compare(root)
-    return {"root": root, "readme_before": readme, "first": first, "second": second, "snap": snap,
-            "results": json.loads(snap["results.json"])}
+    return {
+        "root": root,
+        "readme_before": readme,
+        "first": first,
+        "second": second,
+        "snap": snap,
+        "results": json.loads(snap["results.json"]),
+    }
 
 
 @pytest.mark.slow
@@ -224,8 +261,19 @@ def test_every_stage_runs_then_nothing_on_resume(tiny):
 def test_results_fields(tiny):
     r = tiny["results"]
     assert [m["method"] for m in r["methods"]] == METHODS
-    need = ("method", "val_loss", "ece", "val_loss_by_source", "gap_closed_pct", "kl_to_teacher",
-            "top1_agreement", "bytes_per_token", "step_time_rel_ce", "grad_angle_deg", "grad_norm_ratio")
+    need = (
+        "method",
+        "val_loss",
+        "ece",
+        "val_loss_by_source",
+        "gap_closed_pct",
+        "kl_to_teacher",
+        "top1_agreement",
+        "bytes_per_token",
+        "step_time_rel_ce",
+        "grad_angle_deg",
+        "grad_norm_ratio",
+    )
     for m in r["methods"]:
         assert all(k in m for k in need), m["method"]
         assert set(m["val_loss_by_source"]) == {"mime", "json"}
@@ -257,8 +305,10 @@ def test_per_source_val_splits(tiny):
         val_rows += n
         assert np.array_equal(mix.read(f"val_{name}", np.arange(n)), src.read("val", np.arange(n)))
     assert mix.num_rows("val") == val_rows
-    assert tiny["results"]["setup"]["val_rows_evaluated"] == {"val_mime": mix.num_rows("val_mime"),
-                                                               "val_json": mix.num_rows("val_json")}
+    assert tiny["results"]["setup"]["val_rows_evaluated"] == {
+        "val_mime": mix.num_rows("val_mime"),
+        "val_json": mix.num_rows("val_json"),
+    }
 
 
 @pytest.mark.slow
@@ -270,8 +320,8 @@ def test_plots_and_readme(tiny):
     before = tiny["readme_before"]
     i, j = text.index(report.START), text.index(report.END)
     # only the text between the markers changed
-    assert text[:i] == before[:before.index(report.START)]
-    assert text[j:] == before[before.index(report.END):]
+    assert text[:i] == before[: before.index(report.START)]
+    assert text[j:] == before[before.index(report.END) :]
     section = text[i:j]
     assert "| method |" in section and all(f"`{m}`" in section for m in METHODS)
     assert "results/val_loss.png" in section and "python -m rskd_jax.compare --config" in section

@@ -8,8 +8,7 @@ from typing import Literal
 import pytest
 import yaml
 
-from rskd_jax.config import (ConfigError, DataRun, config_to_dict, load_config, opt, parse_cli,
-                             save_config)
+from rskd_jax.config import ConfigError, DataRun, config_to_dict, load_config, opt, parse_cli, save_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,10 +37,14 @@ def write(tmp_path, text: str) -> str:
 def test_defaults_file_and_overrides_in_order(tmp_path):
     assert load_config(Outer) == Outer()
     path = write(tmp_path, "name: a\nsampling:\n  num_draws: 12\n  mode: gumbel\ntags: [p, q]\n")
-    cfg = load_config(Outer, path, ["sampling.num_draws=50", "sampling.temperature=0.5",
-                                    "tags=[a, b, c]", "steps=7", "sampling.num_draws=13"])
-    assert cfg == Outer(name="a", steps=7, tags=("a", "b", "c"),
-                        sampling=Inner(num_draws=13, temperature=0.5, mode="gumbel"))
+    cfg = load_config(
+        Outer,
+        path,
+        ["sampling.num_draws=50", "sampling.temperature=0.5", "tags=[a, b, c]", "steps=7", "sampling.num_draws=13"],
+    )
+    assert cfg == Outer(
+        name="a", steps=7, tags=("a", "b", "c"), sampling=Inner(num_draws=13, temperature=0.5, mode="gumbel")
+    )
     assert load_config(Outer, None, ["tags=one"]).tags == ("one",)  # scalar -> 1-element list
     assert load_config(Outer, None, ["shape=[4, 5]"]).shape == (4, 5)
     assert load_config(Outer, None, ["steps=null"]).steps is None
@@ -56,8 +59,11 @@ def test_unknown_keys_are_errors_naming_them(tmp_path):
     msg = str(err.value)
     assert "'sampling.num_draw'" in msg and "did you mean 'sampling.num_draws'" in msg
     assert "num_draws, temperature, mode" in msg and path in msg
-    with pytest.raises(ConfigError, match=r"unknown key 'sampling.tempreature' in override.*"
-                                          r"did you mean 'sampling.temperature'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown key 'sampling.tempreature' in override.*"
+        r"did you mean 'sampling.temperature'",
+    ):
         load_config(Outer, None, ["sampling.tempreature=2"])
     with pytest.raises(ConfigError, match="unknown key 'nme'.*did you mean 'name'"):
         load_config(Outer, None, ["nme=a"])
@@ -67,16 +73,19 @@ def test_unknown_keys_are_errors_naming_them(tmp_path):
         load_config(Outer, None, ["=3"])
 
 
-@pytest.mark.parametrize("override, message", [
-    ("steps=abc", "steps: expected int | null, got 'abc'"),
-    ("sampling.num_draws=1.5", "sampling.num_draws: expected an integer, got 1.5"),
-    ("flag=1", "flag: expected true or false"),
-    ("name=12", "name: expected a string, got 12 \\(quote it"),
-    ("sampling.mode=topk", "sampling.mode: expected one of 'replace', 'gumbel'"),
-    ("shape=[1, 2, 3]", "shape: expected 2 values"),
-    ("tags=[a, 3]", r"tags\[1\]: expected a string"),
-    ("sampling=5", "sampling: expected a mapping"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("steps=abc", "steps: expected int | null, got 'abc'"),
+        ("sampling.num_draws=1.5", "sampling.num_draws: expected an integer, got 1.5"),
+        ("flag=1", "flag: expected true or false"),
+        ("name=12", "name: expected a string, got 12 \\(quote it"),
+        ("sampling.mode=topk", "sampling.mode: expected one of 'replace', 'gumbel'"),
+        ("shape=[1, 2, 3]", "shape: expected 2 values"),
+        ("tags=[a, 3]", r"tags\[1\]: expected a string"),
+        ("sampling=5", "sampling: expected a mapping"),
+    ],
+)
 def test_type_errors_are_clear(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(Outer, None, [override])
@@ -106,19 +115,26 @@ def test_save_config_round_trips(tmp_path):
 
 def test_parse_cli(tmp_path, capsys):
     path = write(tmp_path, "data:\n  seq_len: 64\n")
-    cfg, flags = parse_cli(DataRun, ["--config", path, "data.output=o", "--dry-run"], prog="p",
-                           flags=("dry-run",))
+    cfg, flags = parse_cli(DataRun, ["--config", path, "data.output=o", "--dry-run"], prog="p", flags=("dry-run",))
     assert (cfg.data.seq_len, cfg.data.output, flags) == (64, "o", {"dry_run": True})
     assert parse_cli(DataRun, [f"--config={path}"]).data.seq_len == 64  # no flags: config alone
     with pytest.raises(SystemExit) as exit_:
         parse_cli(DataRun, ["--help"], prog="python -m rskd_jax.data")
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for line in ("data.seq_len=512  (int)", "data.inputs=['@stdlib']  (list[str])",
-                 "data.max_tokens=null  (int | null)", "data.overwrite=false  (bool)"):
+    for line in (
+        "data.seq_len=512  (int)",
+        "data.inputs=['@stdlib']  (list[str])",
+        "data.max_tokens=null  (int | null)",
+        "data.overwrite=false  (bool)",
+    ):
         assert line in out
-    for argv, message in ((["--bogus"], "unknown option '--bogus'"), (["data.seq_lne=3"], "did you mean"),
-                          (["seq_len"], "give overrides as key=value"), (["--config"], "needs a file")):
+    for argv, message in (
+        (["--bogus"], "unknown option '--bogus'"),
+        (["data.seq_lne=3"], "did you mean"),
+        (["seq_len"], "give overrides as key=value"),
+        (["--config"], "needs a file"),
+    ):
         with pytest.raises(SystemExit) as exit_:
             parse_cli(DataRun, argv, prog="p")
         assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -22,9 +22,23 @@ from rskd_jax.tokenizer import load_tokenizer
 
 L = 32
 STDLIB = sysconfig.get_paths()["stdlib"]
-FILES = ["bisect.py", "colorsys.py", "keyword.py", "json/__init__.py", "json/scanner.py", "json/tool.py",
-         "email/mime/text.py", "email/mime/base.py", "email/mime/image.py", "email/mime/audio.py",
-         "fnmatch.py", "shlex.py", "copy.py", "abc.py", "numbers.py"]
+FILES = [
+    "bisect.py",
+    "colorsys.py",
+    "keyword.py",
+    "json/__init__.py",
+    "json/scanner.py",
+    "json/tool.py",
+    "email/mime/text.py",
+    "email/mime/base.py",
+    "email/mime/image.py",
+    "email/mime/audio.py",
+    "fnmatch.py",
+    "shlex.py",
+    "copy.py",
+    "abc.py",
+    "numbers.py",
+]
 
 
 def read_text(path) -> str:
@@ -50,8 +64,14 @@ def arrays(url) -> dict[str, bytes]:
 
 
 def data_run(inputs, out, *extra, **kw):
-    over = [f"data.inputs={json.dumps(inputs)}" if isinstance(inputs, list) else f"data.inputs={inputs}",
-            f"data.output={out}", f"data.seq_len={L}", "data.val_fraction=0.3", "data.workers=0", *extra]
+    over = [
+        f"data.inputs={json.dumps(inputs)}" if isinstance(inputs, list) else f"data.inputs={inputs}",
+        f"data.output={out}",
+        f"data.seq_len={L}",
+        "data.val_fraction=0.3",
+        "data.workers=0",
+        *extra,
+    ]
     return run(load_config(DataRun, None, over), progress=False, **kw)
 
 
@@ -87,8 +107,9 @@ def write_formats(root, texts) -> dict[str, str]:
             for batch in part.to_batches(max_chunksize=5):
                 w.write_batch(batch)
     (ds / "dataset_info.json").write_text(json.dumps({"features": {"text": {"dtype": "string", "_type": "Value"}}}))
-    (ds / "state.json").write_text(json.dumps({"_data_files": [{"filename": f"data-{k:05d}-of-00002.arrow"}
-                                                               for k in range(2)], "_split": None}))
+    (ds / "state.json").write_text(
+        json.dumps({"_data_files": [{"filename": f"data-{k:05d}-of-00002.arrow"} for k in range(2)], "_split": None})
+    )
     paths["arrow"] = str(ds)
     return paths
 
@@ -105,8 +126,10 @@ def test_every_format_gives_the_same_store(tmp_path):
         assert got["content_hash"] == ref["content_hash"] and got["documents"] == ref["documents"], kind
         assert arrays(tmp_path / f"s_{kind}") == want, kind
     m = open_token_store(str(tmp_path / "s_parquet")).manifest
-    assert m["input_files"]["count"] == 1 and m["doc_starts_hash"] == open_token_store(
-        str(tmp_path / "s_text")).manifest["doc_starts_hash"]
+    assert (
+        m["input_files"]["count"] == 1
+        and m["doc_starts_hash"] == open_token_store(str(tmp_path / "s_text")).manifest["doc_starts_hash"]
+    )
 
     # The rows are the documents in order, each + EOS, and doc_starts marks each start.
     store = open_token_store(str(tmp_path / "s_arrow"))
@@ -128,10 +151,19 @@ def test_bad_records_are_counted_not_fatal(tmp_path):
     import pyarrow.parquet as pq
 
     good = stdlib_texts()[:3]
-    lines = [json.dumps({"text": good[0]}).encode(), b'{"text": 12}', b'{"body": "no text key"}', b'not json',
-             b'["a list"]', json.dumps({"text": "caf\xe9"}).encode("utf-8").replace(b"\\u00e9", b"\xe9\xff"),
-             b'{"text": "\\ud800 lone surrogate"}', b'{"text": "   "}', b'{"text": null}', b'',
-             json.dumps({"text": good[1]}).encode()]
+    lines = [
+        json.dumps({"text": good[0]}).encode(),
+        b'{"text": 12}',
+        b'{"body": "no text key"}',
+        b"not json",
+        b'["a list"]',
+        json.dumps({"text": "caf\xe9"}).encode("utf-8").replace(b"\\u00e9", b"\xe9\xff"),
+        b'{"text": "\\ud800 lone surrogate"}',
+        b'{"text": "   "}',
+        b'{"text": null}',
+        b"",
+        json.dumps({"text": good[1]}).encode(),
+    ]
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     pq.write_table(pa.table({"text": [good[2], None, "", 7 and "x" * 0]}), tmp_path / "in" / "b.parquet")
@@ -145,11 +177,21 @@ def test_bad_records_are_counted_not_fatal(tmp_path):
     s = data_run(str(tmp_path / "in"), tmp_path / "out", "data.shard_records=4")
     assert readable > 20 and sum(s["documents"].values()) == 3 + readable + 1  # a truncated gzip: its first lines
     skipped = {k: v for k, v in s["skipped"].items() if k != "examples"}
-    assert skipped == {"not_string": 1, "missing_key": 1 + 1 + 1 + 1, "bad_json": 2, "non_utf8": 2,
-                       "empty": 2 + 2, "unreadable": 1 + 1}, skipped
-    assert s["skipped"]["examples"] == ["a.jsonl:line 2 (not_string)", "a.jsonl:line 3 (missing_key)",
-                                        "a.jsonl:line 4 (bad_json)", "a.jsonl:line 5 (bad_json)",
-                                        "a.jsonl:line 6 (non_utf8)"]
+    assert skipped == {
+        "not_string": 1,
+        "missing_key": 1 + 1 + 1 + 1,
+        "bad_json": 2,
+        "non_utf8": 2,
+        "empty": 2 + 2,
+        "unreadable": 1 + 1,
+    }, skipped
+    assert s["skipped"]["examples"] == [
+        "a.jsonl:line 2 (not_string)",
+        "a.jsonl:line 3 (missing_key)",
+        "a.jsonl:line 4 (bad_json)",
+        "a.jsonl:line 5 (bad_json)",
+        "a.jsonl:line 6 (non_utf8)",
+    ]
     assert open_token_store(str(tmp_path / "out")).manifest["skipped"] == s["skipped"]
     # an input that is read to its end and gives no document is an error naming it
     with pytest.raises(DataError, match=r"data.inputs '.*c.parquet' \(1 files\) gave no document.*missing_key"):
@@ -198,10 +240,18 @@ def test_add_bos(tmp_path):
 def test_mixture_of_sources(tmp_path):
     texts = stdlib_texts()
     paths = write_formats(tmp_path, texts)
-    sources = [{"name": "code", "inputs": [paths["text"]], "weight": 3},
-               {"name": "json", "inputs": [paths["jsonl_gz"]], "max_tokens": 6000}]
-    over = [f"data.sources={json.dumps(sources)}", f"data.output={tmp_path / 'mix'}", f"data.seq_len={L}",
-            "data.val_fraction=0.3", "data.workers=0", "data.shard_records=5"]
+    sources = [
+        {"name": "code", "inputs": [paths["text"]], "weight": 3},
+        {"name": "json", "inputs": [paths["jsonl_gz"]], "max_tokens": 6000},
+    ]
+    over = [
+        f"data.sources={json.dumps(sources)}",
+        f"data.output={tmp_path / 'mix'}",
+        f"data.seq_len={L}",
+        "data.val_fraction=0.3",
+        "data.workers=0",
+        "data.shard_records=5",
+    ]
     s = run(load_config(DataRun, None, over), progress=False)
     store = open_token_store(str(tmp_path / "mix"))
     assert set(store.splits) == {"train", "val", "val_code", "val_json"}
@@ -220,7 +270,7 @@ def test_mixture_of_sources(tmp_path):
     tok = load_tokenizer()
     first_json = tok.encode(next(t for t in texts if split_of(t, 0.3) == "train"))[:8]
     first_rows = store.read("train", np.arange(min(60, store.num_rows("train")))).reshape(-1)
-    hits = [i for i in range(first_rows.size - 8) if first_rows[i: i + 8].tolist() == first_json]
+    hits = [i for i in range(first_rows.size - 8) if first_rows[i : i + 8].tolist() == first_json]
     assert len(hits) == 2  # the same first document, once from each source, both early
 
 
@@ -258,13 +308,22 @@ def test_sigkill_then_resume_redoes_only_unfinished_shards(tmp_path):
     import time
 
     big_jsonl(tmp_path / "c.jsonl.zst", 200)
-    common = [f"data.inputs={tmp_path / 'c.jsonl.zst'}", "data.seq_len=128", "data.shard_records=5",
-              "data.checkpoint_seconds=0.2"]
-    ref = run(load_config(DataRun, None, common + [f"data.output={tmp_path / 'ref'}", "data.workers=0"]),
-              progress=False)
+    common = [
+        f"data.inputs={tmp_path / 'c.jsonl.zst'}",
+        "data.seq_len=128",
+        "data.shard_records=5",
+        "data.checkpoint_seconds=0.2",
+    ]
+    ref = run(
+        load_config(DataRun, None, common + [f"data.output={tmp_path / 'ref'}", "data.workers=0"]), progress=False
+    )
     out = tmp_path / "killed"
-    proc = subprocess.Popen(data_cmd(*common, f"data.output={out}", "data.workers=2"), env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        data_cmd(*common, f"data.output={out}", "data.workers=2"),
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:  # kill once a checkpoint exists
@@ -293,15 +352,29 @@ def test_two_processes_write_the_same_store(tmp_path):
 
     big_jsonl(tmp_path / "c.jsonl.zst", 60)
     common = [f"data.inputs={tmp_path / 'c.jsonl.zst'}", "data.seq_len=64", "data.shard_records=4"]
-    ref = run(load_config(DataRun, None, common + [f"data.output={tmp_path / 'ref'}", "data.workers=0"]),
-              progress=False)
+    ref = run(
+        load_config(DataRun, None, common + [f"data.output={tmp_path / 'ref'}", "data.workers=0"]), progress=False
+    )
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    procs = [subprocess.Popen(data_cmd(*common, f"data.output={tmp_path / 'two'}", "data.workers=1",
-                                       "distributed.enabled=true", f"distributed.coordinator_address=127.0.0.1:{port}",
-                                       "distributed.num_processes=2", f"distributed.process_id={i}"),
-                              env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            data_cmd(
+                *common,
+                f"data.output={tmp_path / 'two'}",
+                "data.workers=1",
+                "distributed.enabled=true",
+                f"distributed.coordinator_address=127.0.0.1:{port}",
+                "distributed.num_processes=2",
+                f"distributed.process_id={i}",
+            ),
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(2)
+    ]
     try:
         results = [p.communicate(timeout=300) for p in procs]
     finally:
@@ -330,8 +403,14 @@ def synthetic_shards(seed, n_shards, docs_per_shard, source_tag):
         lengths = rng.integers(1, 60, docs_per_shard)
         tokens = np.concatenate([np.full(n, source_tag * 10**6 + d + k, np.int32) for k, n in enumerate(lengths)])
         d += docs_per_shard
-        out.append(ShardDocs(tokens, lengths.astype(np.int64), rng.random(docs_per_shard) < 0.2,
-                             {"skipped": {}, "examples": [], "input": source_tag}))
+        out.append(
+            ShardDocs(
+                tokens,
+                lengths.astype(np.int64),
+                rng.random(docs_per_shard) < 0.2,
+                {"skipped": {}, "examples": [], "input": source_tag},
+            )
+        )
     return out
 
 

@@ -19,15 +19,20 @@ L = 16
 
 
 def files_under(root) -> dict[str, bytes]:
-    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
-            for d, _, fs in os.walk(root) for f in fs}
+    return {
+        os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+        for d, _, fs in os.walk(root)
+        for f in fs
+    }
 
 
 @pytest.fixture
 def store(tmp_path):
     rng = np.random.default_rng(0)
-    splits = {"train": rng.integers(0, 1000, (300, L), dtype=np.int32),
-              "val": rng.integers(0, 1000, (7, L), dtype=np.int32)}
+    splits = {
+        "train": rng.integers(0, 1000, (300, L), dtype=np.int32),
+        "val": rng.integers(0, 1000, (7, L), dtype=np.int32),
+    }
     write_token_store(str(tmp_path / "s"), splits, {"tokenizer": {"fingerprint": "t"}})
     return str(tmp_path / "s"), splits
 
@@ -42,8 +47,12 @@ def test_store_round_trip(store):
     assert s.fingerprint == content_hash(splits) == s.manifest["content_hash"]
     m = s.manifest
     assert (m["kind"], m["complete"], m["tokenizer"]) == ("tokens", True, {"fingerprint": "t"})
-    assert m["splits"]["train"] == {"num_sequences": 300, "num_tokens": 300 * L, "array": "train/tokens",
-                                    "doc_starts": "train/doc_starts"}
+    assert m["splits"]["train"] == {
+        "num_sequences": 300,
+        "num_tokens": 300 * L,
+        "array": "train/tokens",
+        "doc_starts": "train/doc_starts",
+    }
     # no eos_id in this manifest: each split is one document
     assert np.array_equal(s.segment_ids("train", np.array([0, 5])), np.zeros((2, L), np.int32))
     assert s.read_doc_starts("train", np.array([0, 5]))[:, 0].tolist() == [True, False]
@@ -111,9 +120,14 @@ def corpus(tmp_path):
     import inspect
     import textwrap
 
-    sources = {"a.py": inspect.getsource(textwrap), "pkg/b.py": inspect.getsource(json.decoder),
-               "pkg/sub/c.md": "# Title\n\nSome *markdown* text, numbers 1 2 3.\n" * 20,
-               "notes.txt": "plain text\n" * 50, ".git/config": "[core]\n", "skip.bin": "binary"}
+    sources = {
+        "a.py": inspect.getsource(textwrap),
+        "pkg/b.py": inspect.getsource(json.decoder),
+        "pkg/sub/c.md": "# Title\n\nSome *markdown* text, numbers 1 2 3.\n" * 20,
+        "notes.txt": "plain text\n" * 50,
+        ".git/config": "[core]\n",
+        "skip.bin": "binary",
+    }
     for name, text in sources.items():
         (root / name).write_text(text, encoding="utf-8")
     (root / "latin1.py").write_bytes("caf\xe9 = 1\n".encode("latin-1"))  # not UTF-8
@@ -124,8 +138,9 @@ def corpus(tmp_path):
 def test_expand_inputs(corpus):
     docs, sources = expand_inputs([str(corpus)], (".py", ".md", ".txt"))
     assert [d.rel for d in docs] == ["a.py", "empty.py", "latin1.py", "notes.txt", "pkg/b.py", "pkg/sub/c.md"]
-    docs, sources = expand_inputs([f"{corpus}/**/*.py", str(corpus / "notes.txt"), f"{corpus}/a.py"],
-                                  exclude=["*/latin1.py"])
+    docs, sources = expand_inputs(
+        [f"{corpus}/**/*.py", str(corpus / "notes.txt"), f"{corpus}/a.py"], exclude=["*/latin1.py"]
+    )
     assert [d.rel for d in docs] == ["a.py", "empty.py", "notes.txt", "pkg/b.py"]
     assert [s["files"] for s in sources] == [3, 1, 0]  # a.py only counted once
     docs, _ = expand_inputs(["@stdlib"])
@@ -153,11 +168,25 @@ def test_split_by_content_hash_is_stable():
 
 def test_data_program_end_to_end(corpus, tmp_path, capsys):
     out = tmp_path / "tokens"
-    main(["data.inputs=" + str(corpus), f"data.output={out}", f"data.seq_len={L}", "data.val_fraction=0.3",
-          "data.workers=0"])
+    main(
+        [
+            "data.inputs=" + str(corpus),
+            f"data.output={out}",
+            f"data.seq_len={L}",
+            "data.val_fraction=0.3",
+            "data.workers=0",
+        ]
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["skipped"] == {"non_utf8": 1, "unreadable": 0, "empty": 1, "bad_json": 0, "missing_key": 0,
-                                  "not_string": 0, "examples": ["empty.py (empty)", "latin1.py (non_utf8)"]}
+    assert summary["skipped"] == {
+        "non_utf8": 1,
+        "unreadable": 0,
+        "empty": 1,
+        "bad_json": 0,
+        "missing_key": 0,
+        "not_string": 0,
+        "examples": ["empty.py (empty)", "latin1.py (non_utf8)"],
+    }
     assert sum(summary["documents"].values()) == 4 and summary["unchanged"] is False
     s = open_token_store(str(out))
     assert {k: s.num_rows(k) for k in s.splits} == summary["rows"] and summary["rows"]["train"] > 0
@@ -169,16 +198,28 @@ def test_data_program_end_to_end(corpus, tmp_path, capsys):
     # Rows are the documents (sorted, each + EOS) concatenated: row 0 starts the first train doc.
     from rskd_jax.tokenizer import load_tokenizer
 
-    first = next(p for p in ("a.py", "notes.txt", "pkg/b.py", "pkg/sub/c.md")
-                 if split_of((corpus / p).read_text(), 0.3) == "train")
+    first = next(
+        p
+        for p in ("a.py", "notes.txt", "pkg/b.py", "pkg/sub/c.md")
+        if split_of((corpus / p).read_text(), 0.3) == "train"
+    )
     row0 = load_tokenizer().decode(s.read("train", np.array([0]))[0])
     assert len(row0) > 10 and (corpus / first).read_text().startswith(row0)
     eos_count = sum(int((s.read(k, np.arange(s.num_rows(k))) == 2).sum()) for k in s.splits)
     assert eos_count <= 4
 
     # Deterministic: a second run elsewhere writes byte-identical arrays and manifest.
-    cfg2 = load_config(DataRun, None, ["data.inputs=" + str(corpus), f"data.output={tmp_path / 'again'}",
-                                       f"data.seq_len={L}", "data.val_fraction=0.3", "data.workers=0"])
+    cfg2 = load_config(
+        DataRun,
+        None,
+        [
+            "data.inputs=" + str(corpus),
+            f"data.output={tmp_path / 'again'}",
+            f"data.seq_len={L}",
+            "data.val_fraction=0.3",
+            "data.workers=0",
+        ],
+    )
     summary2 = run(cfg2, progress=False)
     a, b = files_under(out), files_under(tmp_path / "again")
     a.pop("config.yaml"), b.pop("config.yaml")
@@ -186,11 +227,25 @@ def test_data_program_end_to_end(corpus, tmp_path, capsys):
     assert run(cfg2, progress=False)["unchanged"] is True
     # A different config at the same output is refused until overwrite=true.
     with pytest.raises(StoreError, match="left untouched"):
-        run(load_config(DataRun, None, [f"data.inputs={corpus}/a.py", f"data.output={out}", "data.workers=0"]),
-            progress=False)
-    capped = run(load_config(DataRun, None, [f"data.inputs={corpus}", f"data.output={out}", "data.seq_len=16",
-                                             "data.max_tokens=100", "data.overwrite=true", "data.workers=0"]),
-                 progress=False)
+        run(
+            load_config(DataRun, None, [f"data.inputs={corpus}/a.py", f"data.output={out}", "data.workers=0"]),
+            progress=False,
+        )
+    capped = run(
+        load_config(
+            DataRun,
+            None,
+            [
+                f"data.inputs={corpus}",
+                f"data.output={out}",
+                "data.seq_len=16",
+                "data.max_tokens=100",
+                "data.overwrite=true",
+                "data.workers=0",
+            ],
+        ),
+        progress=False,
+    )
     assert capped["tokens"] == 100 and sum(capped["rows"].values()) <= 100 // 16
 
 
@@ -199,10 +254,15 @@ def test_data_program_empty_inputs(tmp_path):
     (tmp_path / "empty.py").write_bytes(b"")
     with pytest.raises(DataError, match="give no files"):
         run(load_config(DataRun, None, [f"data.inputs={tmp_path}", "data.extensions=.rst"]), progress=False)
-    with pytest.raises(DataError, match=r"data.inputs '.*' \(1 files\) gave no document: every record was "
-                                        r"skipped \(all inputs: \{'empty': 1\}, e.g. \['empty.py \(empty\)'\]\)"):
-        run(load_config(DataRun, None, [f"data.inputs={tmp_path}", f"data.output={tmp_path}/o", "data.workers=0"]),
-            progress=False)
+    with pytest.raises(
+        DataError,
+        match=r"data.inputs '.*' \(1 files\) gave no document: every record was "
+        r"skipped \(all inputs: \{'empty': 1\}, e.g. \['empty.py \(empty\)'\]\)",
+    ):
+        run(
+            load_config(DataRun, None, [f"data.inputs={tmp_path}", f"data.output={tmp_path}/o", "data.workers=0"]),
+            progress=False,
+        )
 
 
 # ----------------------------------------------------------------------------- batches
@@ -237,12 +297,17 @@ def test_batches_per_process_slices_partition_global_batch(store):
     src = Rows(open_token_store(store[0]), "train")
     glob = indices(make_batch_iterator(src, global_batch_size=24, seed=3), 15)
     for count in (2, 4):
-        parts = [indices(make_batch_iterator(src, global_batch_size=24, seed=3, process_index=p,
-                                             process_count=count), 15) for p in range(count)]
+        parts = [
+            indices(make_batch_iterator(src, global_batch_size=24, seed=3, process_index=p, process_count=count), 15)
+            for p in range(count)
+        ]
         for step in range(15):
             assert np.array_equal(np.concatenate([parts[p][step] for p in range(count)]), glob[step])
-    with pytest.raises(DataError, match="global_batch_size 10 is not a positive multiple of the process count "
-                                        r"\(4\); set batch_size to a multiple of 4"):
+    with pytest.raises(
+        DataError,
+        match="global_batch_size 10 is not a positive multiple of the process count "
+        r"\(4\); set batch_size to a multiple of 4",
+    ):
         make_batch_iterator(src, global_batch_size=10, seed=0, process_count=4)
     with pytest.raises(DataError, match="fewer than one global batch"):
         make_batch_iterator(src, global_batch_size=512, seed=0)
@@ -264,8 +329,21 @@ def test_batches_state_restore_is_exact(store):
 def test_last_partial_batch_is_padded(store):
     url, splits = store
     src = Rows(open_token_store(url), "val")  # 7 rows
-    parts = [list(make_batch_iterator(src, global_batch_size=4, seed=0, shuffle=False, num_epochs=1,
-                                      drop_remainder=False, process_index=p, process_count=2)) for p in range(2)]
+    parts = [
+        list(
+            make_batch_iterator(
+                src,
+                global_batch_size=4,
+                seed=0,
+                shuffle=False,
+                num_epochs=1,
+                drop_remainder=False,
+                process_index=p,
+                process_count=2,
+            )
+        )
+        for p in range(2)
+    ]
     assert [[b["index"].tolist() for b in part] for part in parts] == [[[0, 1], [4, 5]], [[2, 3], [6, -1]]]
     last = parts[1][1]
     assert np.array_equal(last["tokens"][0], splits["val"][6]) and not last["tokens"][1].any()
@@ -278,8 +356,14 @@ def test_layout_1_stores_open_without_doc_starts(store, tmp_path):
     shutil.copytree(url, tmp_path / "old")
     old = str(tmp_path / "old")
     m = read_json(old)
-    write_json(old, dict(m, layout_version=1, splits={k: {kk: vv for kk, vv in v.items() if kk != "doc_starts"}
-                                                      for k, v in m["splits"].items()}))
+    write_json(
+        old,
+        dict(
+            m,
+            layout_version=1,
+            splits={k: {kk: vv for kk, vv in v.items() if kk != "doc_starts"} for k, v in m["splits"].items()},
+        ),
+    )
     for name in ("train", "val"):
         shutil.rmtree(os.path.join(old, name, "doc_starts"))
     s = open_token_store(old)

@@ -24,9 +24,31 @@ def test_optax_loop_trains_from_the_store(stores):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
     proc = subprocess.run(
-        [sys.executable, "examples/optax_loop.py", "--tokens", stores[0], "--teacher", stores[1],
-         "--steps", str(steps), "--batch", "4", "--chunk-size", "5", "--alpha", "0.1", "--lr", "1e-2"],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300, check=False)
+        [
+            sys.executable,
+            "examples/optax_loop.py",
+            "--tokens",
+            stores[0],
+            "--teacher",
+            stores[1],
+            "--steps",
+            str(steps),
+            "--batch",
+            "4",
+            "--chunk-size",
+            "5",
+            "--alpha",
+            "0.1",
+            "--lr",
+            "1e-2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = [ln.split() for ln in proc.stdout.splitlines() if ln.startswith("step ")]
     assert [int(ln[1]) for ln in lines] == list(range(1, steps + 1))

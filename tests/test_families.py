@@ -16,30 +16,54 @@ from flax import nnx  # noqa: E402
 from rskd_jax.models import LlamaConfig, from_pretrained, save_pretrained  # noqa: E402
 
 forward = nnx.jit(lambda model, tokens: model(tokens))
-SHAPE = dict(vocab_size=131, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2)
+SHAPE = dict(
+    vocab_size=131,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 WINDOW, LENGTH = 24, 80  # every window is shorter than the sequence
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
 # name: (HF config class, fields beyond SHAPE, a change of our config (same parameters) that
 # must matter, or None)
 FAMILIES = {
     "qwen3": (transformers.Qwen3Config, dict(head_dim=24, tie_word_embeddings=True), None),
-    "qwen3_sliding": (transformers.Qwen3Config,
-                      dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
-                      dict(sliding_window=None, layer_types=None)),
-    "mistral": (transformers.MistralConfig, dict(sliding_window=WINDOW),
-                dict(sliding_window=None, layer_types=None)),
-    "qwen2_yarn": (transformers.Qwen2Config, dict(rope_scaling=YARN, max_position_embeddings=128),
-                   dict(rope_scaling=None)),
-    "gemma2": (transformers.Gemma2Config,
-               dict(head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=24,
-                    attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
-               dict(attn_softcap=None)),
-    "gemma3": (transformers.Gemma3TextConfig,
-               dict(head_dim=16, num_hidden_layers=3, sliding_window=WINDOW,
-                    sliding_window_pattern=2, query_pre_attn_scalar=24,
-                    rope_scaling={"rope_type": "linear", "factor": 4.0}),
-               dict(rope_local_theta=None)),
+    "qwen3_sliding": (
+        transformers.Qwen3Config,
+        dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+        dict(sliding_window=None, layer_types=None),
+    ),
+    "mistral": (transformers.MistralConfig, dict(sliding_window=WINDOW), dict(sliding_window=None, layer_types=None)),
+    "qwen2_yarn": (
+        transformers.Qwen2Config,
+        dict(rope_scaling=YARN, max_position_embeddings=128),
+        dict(rope_scaling=None),
+    ),
+    "gemma2": (
+        transformers.Gemma2Config,
+        dict(
+            head_dim=16,
+            sliding_window=WINDOW,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=3.0,
+        ),
+        dict(attn_softcap=None),
+    ),
+    "gemma3": (
+        transformers.Gemma3TextConfig,
+        dict(
+            head_dim=16,
+            num_hidden_layers=3,
+            sliding_window=WINDOW,
+            sliding_window_pattern=2,
+            query_pre_attn_scalar=24,
+            rope_scaling={"rope_type": "linear", "factor": 4.0},
+        ),
+        dict(rope_local_theta=None),
+    ),
 }
 
 
@@ -62,7 +86,8 @@ def make_checkpoint(name, path):
     torch.manual_seed(0)
     config = cls(**{**SHAPE, **fields})
     model = transformers.AutoModelForCausalLM.from_config(
-        config, dtype=torch.float32, attn_implementation="eager").eval()
+        config, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     gemma = name.startswith("gemma")  # Gemma norms scale by (1 + w): centre them on 0
     with torch.no_grad():
         for pname, p in model.named_parameters():
@@ -92,8 +117,7 @@ def test_logits_match_transformers(family):
     # The family's variation matters at this size: without it the logits are far off.
     if FAMILIES[name][2] is None:
         return
-    changed = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: _like(ours, FAMILIES[name][2]))),
-                        nnx.state(ours))
+    changed = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: _like(ours, FAMILIES[name][2]))), nnx.state(ours))
     assert parity(ref, changed, tokens)[0] > 100 * max(diff, 1e-6), name
 
 
@@ -111,8 +135,9 @@ def test_export_round_trip(family, tmp_path):
     save_pretrained(ours, tmp_path)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert type(back).__name__ == ours.config.to_hf()["architectures"][0]
-    assert type(back).__name__ == FAMILIES[name][0].__name__.replace("TextConfig", "ForCausalLM"
-                                                                      ).replace("Config", "ForCausalLM")
+    assert type(back).__name__ == FAMILIES[name][0].__name__.replace("TextConfig", "ForCausalLM").replace(
+        "Config", "ForCausalLM"
+    )
     np.testing.assert_allclose(_hf_logits(back, tokens), logits, rtol=0, atol=1e-4)
     reloaded = from_pretrained(tmp_path)
     assert reloaded.config == ours.config
@@ -136,39 +161,56 @@ def test_chunked_head_keeps_the_final_softcap(family):
     _, _, path = family
     ours = from_pretrained(path)
     tokens = jnp.asarray(_tokens(seed=2), jnp.int32)
-    via_parts = nnx.jit(lambda m, t: m.logits_from_hidden(m.hidden_states(t)[:, :8],
-                                                          m.lm_head_weight()[:, :50]))
-    np.testing.assert_allclose(via_parts(ours, tokens), _ours(ours, tokens)[:, :8, :50],
-                               rtol=1e-6, atol=1e-6)
+    via_parts = nnx.jit(lambda m, t: m.logits_from_hidden(m.hidden_states(t)[:, :8], m.lm_head_weight()[:, :50]))
+    np.testing.assert_allclose(via_parts(ours, tokens), _ours(ours, tokens)[:, :8, :50], rtol=1e-6, atol=1e-6)
 
 
-BASE = {"vocab_size": 97, "hidden_size": 48, "intermediate_size": 80, "num_hidden_layers": 3,
-        "num_attention_heads": 6, "num_key_value_heads": 2, "rms_norm_eps": 1e-5}
+BASE = {
+    "vocab_size": 97,
+    "hidden_size": 48,
+    "intermediate_size": 80,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 6,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-5,
+}
 QWEN3 = {**BASE, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}
-GEMMA2 = {**BASE, "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2",
-          "head_dim": 8, "sliding_window": 16, "hidden_activation": "gelu_pytorch_tanh"}
+GEMMA2 = {
+    **BASE,
+    "architectures": ["Gemma2ForCausalLM"],
+    "model_type": "gemma2",
+    "head_dim": 8,
+    "sliding_window": 16,
+    "hidden_activation": "gelu_pytorch_tanh",
+}
 GEMMA3 = {**GEMMA2, "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"}
-MISTRAL = {**BASE, "architectures": ["MistralForCausalLM"], "model_type": "mistral",
-           "sliding_window": 16}
+MISTRAL = {**BASE, "architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 16}
 
 
-@pytest.mark.parametrize("hf, match", [
-    ({**QWEN3, "attention_bias": True}, "attention_bias"),
-    ({**QWEN3, "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "longrope"),
-    ({**GEMMA2, "use_bidirectional_attention": True}, "use_bidirectional_attention"),
-    ({**GEMMA2, "hidden_activation": "gelu"}, "hidden_act"),
-    ({**GEMMA2, "layer_types": ["chunked_attention"] * 3}, "chunked_attention"),
-    ({**GEMMA3, "attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
-    ({**GEMMA3, "rope_parameters": {
-        "full_attention": {"rope_type": "default", "rope_theta": 1e6},
-        "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}},
-     "sliding_attention"),
-    ({**MISTRAL, "layer_types": ["full_attention", "sliding_attention", "full_attention"]},
-     "layer_types"),
-    ({**BASE, "architectures": ["Gemma3ForConditionalGeneration"]}, "Gemma3ForConditionalGeneration"),
-    ({**BASE, "architectures": ["LlamaForCausalLM"], "final_logit_softcapping": 30.0},
-     "final_logit_softcapping"),
-])
+@pytest.mark.parametrize(
+    "hf, match",
+    [
+        ({**QWEN3, "attention_bias": True}, "attention_bias"),
+        ({**QWEN3, "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "longrope"),
+        ({**GEMMA2, "use_bidirectional_attention": True}, "use_bidirectional_attention"),
+        ({**GEMMA2, "hidden_activation": "gelu"}, "hidden_act"),
+        ({**GEMMA2, "layer_types": ["chunked_attention"] * 3}, "chunked_attention"),
+        ({**GEMMA3, "attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+        (
+            {
+                **GEMMA3,
+                "rope_parameters": {
+                    "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                    "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+                },
+            },
+            "sliding_attention",
+        ),
+        ({**MISTRAL, "layer_types": ["full_attention", "sliding_attention", "full_attention"]}, "layer_types"),
+        ({**BASE, "architectures": ["Gemma3ForConditionalGeneration"]}, "Gemma3ForConditionalGeneration"),
+        ({**BASE, "architectures": ["LlamaForCausalLM"], "final_logit_softcapping": 30.0}, "final_logit_softcapping"),
+    ],
+)
 def test_unimplemented_fields_are_refused_by_name(hf, match):
     with pytest.raises(ValueError, match=match):
         LlamaConfig.from_hf(hf)
@@ -179,24 +221,43 @@ def test_legacy_config_fields():
     g2 = LlamaConfig.from_hf(GEMMA2)
     assert g2.layer_types == ("sliding_attention", "full_attention", "sliding_attention")
     assert (g2.query_pre_attn_scalar, g2.tie_embeddings, g2.hidden_act) == (256, True, "gelu_tanh")
-    g3 = LlamaConfig.from_hf({**GEMMA3, "num_hidden_layers": 6, "rope_theta": 1e6,
-                              "rope_local_base_freq": 1e4, "sliding_window_pattern": 3,
-                              "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
+    g3 = LlamaConfig.from_hf(
+        {
+            **GEMMA3,
+            "num_hidden_layers": 6,
+            "rope_theta": 1e6,
+            "rope_local_base_freq": 1e4,
+            "sliding_window_pattern": 3,
+            "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+        }
+    )
     assert g3.sliding_layers == (True, True, False) * 2
     assert (g3.rope_theta, g3.rope_local_theta) == (1e6, 1e4)
     assert g3.rope_scaling == {"rope_type": "linear", "factor": 8.0}
-    q2 = LlamaConfig.from_hf({**BASE, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
-                              "use_sliding_window": True, "sliding_window": 16,
-                              "max_window_layers": 2})
+    q2 = LlamaConfig.from_hf(
+        {
+            **BASE,
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "use_sliding_window": True,
+            "sliding_window": 16,
+            "max_window_layers": 2,
+        }
+    )
     assert q2.sliding_layers == (False, False, True) and q2.qkv_bias
-    off = LlamaConfig.from_hf({**BASE, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 16,
-                               "use_sliding_window": False})
+    off = LlamaConfig.from_hf(
+        {**BASE, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 16, "use_sliding_window": False}
+    )
     assert off.layer_types is None and off.sliding_window is None
-    yarn = LlamaConfig.from_hf({**BASE, "architectures": ["Qwen2ForCausalLM"],
-                                "max_position_embeddings": 128,
-                                "rope_scaling": {"type": "yarn", "factor": 4.0}})
-    assert yarn.rope_scaling == {"rope_type": "yarn", "factor": 4.0,
-                                 "original_max_position_embeddings": 128}
+    yarn = LlamaConfig.from_hf(
+        {
+            **BASE,
+            "architectures": ["Qwen2ForCausalLM"],
+            "max_position_embeddings": 128,
+            "rope_scaling": {"type": "yarn", "factor": 4.0},
+        }
+    )
+    assert yarn.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
 
 
 if __name__ == "__main__":  # the parity table of the report
@@ -215,5 +276,7 @@ if __name__ == "__main__":  # the parity table of the report
             trip = np.abs(_hf_logits(back.eval(), tokens) - _ours(ours, tokens)).max()
             same = np.array_equal(_ours(from_pretrained(out), tokens), _ours(ours, tokens))
             ok = "yes" if trip <= 1e-4 * scale and same else "NO"
-            print(f"| {name} | {type(ref).__name__} | {diff:.2e} | {scale:.2f} | {diff / scale:.1e} "
-                  f"| {ok} (HF reload diff {trip:.1e}) |")
+            print(
+                f"| {name} | {type(ref).__name__} | {diff:.2e} | {scale:.2f} | {diff / scale:.1e} "
+                f"| {ok} (HF reload diff {trip:.1e}) |"
+            )

@@ -17,33 +17,53 @@ from flax import nnx  # noqa: E402
 from rskd_jax.models import from_pretrained  # noqa: E402
 
 forward = nnx.jit(lambda model, tokens: model(tokens))
-SHAPE = dict(vocab_size=131, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5)
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 32}
+SHAPE = dict(
+    vocab_size=131,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-5,
+)
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
 CASES = {  # name: (GGUF arch, HF config class, fields)
     "llama31": ("llama", transformers.LlamaConfig, dict(rope_theta=5e5, rope_scaling=LLAMA3)),
     "qwen2": ("qwen2", transformers.Qwen2Config, dict(rope_theta=1e6)),
     "qwen3": ("qwen3", transformers.Qwen3Config, dict(rope_theta=1e6, head_dim=24)),
 }
-NAMES = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
-         "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
-         "ffn_down.weight": "mlp.down_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
-         **{f"attn_{x}.{kind}": f"self_attn.{x}_proj.{kind}" for x in "qkv" for kind in ("weight", "bias")},
-         "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight"}
+NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    **{f"attn_{x}.{kind}": f"self_attn.{x}_proj.{kind}" for x in "qkv" for kind in ("weight", "bias")},
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+}
 
 
 def _llama_cpp_permute(w, n_head):
     """convert_hf_to_gguf.py's LlamaModel.permute (the layout llama.cpp stores q/k in)."""
-    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _rope_factors(scaling, theta, dim):
     """convert_hf_to_gguf.py's LlamaModel rope_freqs: the llama3 divisor per frequency."""
     freqs = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
-    old, low, high = (scaling["original_max_position_embeddings"], scaling["low_freq_factor"],
-                      scaling["high_freq_factor"])
+    old, low, high = (
+        scaling["original_max_position_embeddings"],
+        scaling["low_freq_factor"],
+        scaling["high_freq_factor"],
+    )
     out = []
     for f in freqs:
         wavelen = 2 * math.pi / f
@@ -85,16 +105,16 @@ def write_gguf(name, path):
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
     w.add_tensor("output.weight", sd["lm_head.weight"])
     if fields.get("rope_scaling"):
-        w.add_tensor("rope_freqs.weight", _rope_factors(fields["rope_scaling"], fields["rope_theta"],
-                                                        head_dim))
+        w.add_tensor("rope_freqs.weight", _rope_factors(fields["rope_scaling"], fields["rope_theta"], head_dim))
     for i in range(SHAPE["num_hidden_layers"]):
         for ours, theirs in NAMES.items():
             t = sd.get(f"model.layers.{i}.{theirs}")
             if t is None:
                 continue
             if arch == "llama" and ours in ("attn_q.weight", "attn_k.weight"):
-                t = _llama_cpp_permute(t, SHAPE["num_attention_heads"] if ours == "attn_q.weight"
-                                       else SHAPE["num_key_value_heads"])
+                t = _llama_cpp_permute(
+                    t, SHAPE["num_attention_heads"] if ours == "attn_q.weight" else SHAPE["num_key_value_heads"]
+                )
             w.add_tensor(f"blk.{i}.{ours}", np.ascontiguousarray(t))
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -23,8 +23,14 @@ def _gpu_bench():
 def test_gpu_bench_smoke(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", PYTHON=sys.executable, OUT=str(tmp_path))
-    proc = subprocess.run(["bash", os.path.join(ROOT, "tools/gpu_bench.sh"), "--smoke"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        ["bash", os.path.join(ROOT, "tools/gpu_bench.sh"), "--smoke"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out == json.loads((tmp_path / "gpu_bench.json").read_text())
@@ -38,7 +44,14 @@ def test_flops_formula():
     from rskd_jax.models import LlamaConfig
 
     gpu_bench = _gpu_bench()
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
-                      num_heads=9, num_kv_heads=3, tie_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        tie_embeddings=True,
+    )
     assert gpu_bench.matmul_params(cfg) == 30 * (576 * 64 * 24 + 3 * 576 * 1536) + 576 * 49152  # 134.5M
     assert gpu_bench.flops_per_token(cfg, 1024, train=False) == 2 * gpu_bench.matmul_params(cfg) + 4 * 30 * 576 * 1024

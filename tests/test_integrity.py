@@ -27,9 +27,18 @@ def stores(tmp_path_factory):
     rng = np.random.default_rng(0)
     splits = {"train": rng.integers(0, V, (24, L)).astype(np.int32), "val": rng.integers(0, V, (8, L)).astype(np.int32)}
     write_token_store(str(root / "tokens"), splits, {"tokenizer": {"fingerprint": "t", "vocab_size": V}})
-    store = create_teacher_store(str(root / "teacher"), manifest={}, num_rows={"train": 24, "val": 8}, seq_len=L,
-                                 method="sample", k=K, vocab_size=V, chunk_rows=8, token_hash=True,
-                                 id_frequencies=np.bincount(splits["train"].ravel(), minlength=V))
+    store = create_teacher_store(
+        str(root / "teacher"),
+        manifest={},
+        num_rows={"train": 24, "val": 8},
+        seq_len=L,
+        method="sample",
+        k=K,
+        vocab_size=V,
+        chunk_rows=8,
+        token_hash=True,
+        id_frequencies=np.bincount(splits["train"].ravel(), minlength=V),
+    )
     for split, toks in splits.items():
         n = len(toks)
         draws = np.sort(rng.integers(0, V, (n, L, K)), axis=-1)
@@ -37,9 +46,18 @@ def stores(tmp_path_factory):
         for i in range(n):
             for j in range(L):
                 u, c = np.unique(draws[i, j], return_counts=True)
-                ids[i, j, :len(u)], counts[i, j, :len(u)] = u, c
-        store.write_rows(split, 0, {"ids": ids, "counts": counts, "tokens": toks,
-                                    "gold_logprob": -rng.random((n, L)), "entropy": rng.random((n, L))}).result()
+                ids[i, j, : len(u)], counts[i, j, : len(u)] = u, c
+        store.write_rows(
+            split,
+            0,
+            {
+                "ids": ids,
+                "counts": counts,
+                "tokens": toks,
+                "gold_logprob": -rng.random((n, L)),
+                "entropy": rng.random((n, L)),
+            },
+        ).result()
     store.close()
     return root
 
@@ -49,8 +67,9 @@ def _tool(*args):
 
 
 def test_no_single_bit_flip_reads_back_silently(stores):
-    res = _tool("tools/flip_bits.py", str(stores / "tokens"), str(stores / "teacher"), "--flips", "20",
-                "--seed", "3", "--json")
+    res = _tool(
+        "tools/flip_bits.py", str(stores / "tokens"), str(stores / "teacher"), "--flips", "20", "--seed", "3", "--json"
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout)
     assert out["silent"] == 0
@@ -70,13 +89,25 @@ def test_without_checksums_flips_do_read_back_silently(stores, tmp_path):
     meta = json.loads(meta_path.read_text())
     inner = meta["codecs"][0]["configuration"]
     inner["codecs"] = [c for c in inner["codecs"] if c["name"] != "crc32c"]
-    common.create_array(str(plain), "train/tokens", shape=values.shape, dtype="int32",
-                        chunk_shape=tuple(meta["chunk_grid"]["configuration"]["chunk_shape"]),
-                        codecs=meta["codecs"], fill_value=-1).write(values).result()
+    common.create_array(
+        str(plain),
+        "train/tokens",
+        shape=values.shape,
+        dtype="int32",
+        chunk_shape=tuple(meta["chunk_grid"]["configuration"]["chunk_shape"]),
+        codecs=meta["codecs"],
+        fill_value=-1,
+    ).write(values).result()
     manifest = common.read_json(str(plain))
     manifest.pop("splits")["val"]
-    common.write_json(str(plain), dict(manifest, layout_version=1, splits={"train": {
-        "num_sequences": 24, "num_tokens": 24 * L, "array": "train/tokens"}}))
+    common.write_json(
+        str(plain),
+        dict(
+            manifest,
+            layout_version=1,
+            splits={"train": {"num_sequences": 24, "num_tokens": 24 * L, "array": "train/tokens"}},
+        ),
+    )
     res = _tool("tools/flip_bits.py", str(plain), "--flips", "20", "--seed", "3", "--json")
     assert json.loads(res.stdout)["silent"] > 0
 

@@ -11,10 +11,13 @@ import pytest
 from rskd_jax import losses
 from rskd_jax.losses import (
     cross_entropy,
+    cross_entropy_from_hidden,
     full_kd_loss,
     ghost_kd_loss,
     reduce_sum_count,
     sparse_kd_loss,
+    sparse_kd_loss_from_hidden,
+    sparse_kd_loss_from_hidden_ragged,
     z_loss,
 )
 
@@ -85,12 +88,12 @@ def test_numpy_references():
     x, l, ids, w = _inputs()
     np.testing.assert_allclose(sparse_kd_loss(x, ids, w), np_sparse_kd(x, ids, w), rtol=1e-5)
     for temp in (0.5, 1.0, 2.0):
-        np.testing.assert_allclose(
-            full_kd_loss(x, l, temperature=temp), np_full_kd(x, l, temp), rtol=1e-5, atol=1e-6
-        )
+        np.testing.assert_allclose(full_kd_loss(x, l, temperature=temp), np_full_kd(x, l, temp), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(
             full_kd_loss(x, l, temperature=temp, scale_by_temperature_squared=True),
-            temp**2 * np_full_kd(x, l, temp), rtol=1e-5, atol=1e-6,
+            temp**2 * np_full_kd(x, l, temp),
+            rtol=1e-5,
+            atol=1e-6,
         )
     t = np.exp(np_log_softmax(l))
     probs = np.take_along_axis(t, ids, -1)
@@ -145,9 +148,7 @@ def test_padded_student_vocabulary():
     np.testing.assert_allclose(sparse_kd_loss(x_pad, ids, w), sparse_kd_loss(x, ids, w), rtol=1e-6)
     np.testing.assert_allclose(full_kd_loss(x_pad, l), full_kd_loss(x, l), rtol=1e-6)
     probs, tail = _ghost_inputs(l, ids)
-    np.testing.assert_allclose(
-        ghost_kd_loss(x_pad, ids, probs, tail), ghost_kd_loss(x, ids, probs, tail), rtol=1e-5
-    )
+    np.testing.assert_allclose(ghost_kd_loss(x_pad, ids, probs, tail), ghost_kd_loss(x, ids, probs, tail), rtol=1e-5)
     # padded rows with finite student logits count in the student's normaliser
     x_open = np.concatenate([x, np.zeros_like(pad)], -1)
     l_pad = np.concatenate([l, pad], -1)
@@ -241,12 +242,10 @@ def test_full_kd_gradient_is_p_minus_t():
     x, l, _, _ = _inputs()
     for temp in (1.0, 0.5, 2.0):
         p, t = np.exp(np_log_softmax(x / temp)), np.exp(np_log_softmax(l / temp))
-        g = jax.grad(lambda x_: full_kd_loss(x_, l, temperature=temp).sum())(x)
+        g = jax.grad(lambda x_, temp=temp: full_kd_loss(x_, l, temperature=temp).sum())(x)
         np.testing.assert_allclose(g, (p - t) / temp, atol=1e-6)
-        scaled = functools.partial(
-            full_kd_loss, temperature=temp, scale_by_temperature_squared=True
-        )
-        g2 = jax.grad(lambda x_: scaled(x_, l).sum())(x)
+        scaled = functools.partial(full_kd_loss, temperature=temp, scale_by_temperature_squared=True)
+        g2 = jax.grad(lambda x_, scaled=scaled: scaled(x_, l).sum())(x)
         np.testing.assert_allclose(g2, temp * (p - t), atol=1e-6)
 
 
@@ -272,7 +271,7 @@ def test_ghost_kd_gradient():
     p = np.exp(np_log_softmax(x))
     kept = np.zeros(p.shape, bool)
     np.put_along_axis(kept, ids, True, -1)
-    rest = (1 - np.where(kept, p, 0).sum(-1, keepdims=True))
+    rest = 1 - np.where(kept, p, 0).sum(-1, keepdims=True)
     target = np.where(kept, t, tail[..., None] * p / rest)
     np.testing.assert_allclose(g, p - target, atol=1e-6)
 
@@ -294,12 +293,6 @@ def test_docstring_examples():
 
 
 # ------------------------------------------------------------------ losses from hidden states
-
-from rskd_jax.losses import (
-    cross_entropy_from_hidden,
-    sparse_kd_loss_from_hidden,
-    sparse_kd_loss_from_hidden_ragged,
-)
 
 
 def _hidden_inputs(b=2, l=7, d=5, v=13, k=4, dtype=jnp.float32, seed=1):
@@ -338,8 +331,7 @@ def _value_and_grads(fn, h, w):
 def test_sparse_kd_from_hidden_equals_logits_loss(chunk, dtype):
     h, w, ids, wt, where = _hidden_inputs(dtype=dtype)
     ref = lambda h_, w_: sparse_kd_loss(_ref_logits(h_, w_), ids, wt, where=where)
-    got = lambda h_, w_: sparse_kd_loss_from_hidden(h_, w_, ids, wt, chunk_size=chunk,
-                                                    where=where)
+    got = lambda h_, w_: sparse_kd_loss_from_hidden(h_, w_, ids, wt, chunk_size=chunk, where=where)
     (l0, g0), (l1, g1) = _value_and_grads(ref, h, w), _value_and_grads(got, h, w)
     assert l1.shape == h.shape[:2] and l1.dtype == jnp.float32
     assert float(jnp.abs(l1 * ~where).max()) == 0.0  # masked positions give exactly 0
@@ -359,8 +351,7 @@ def test_cross_entropy_from_hidden_equals_logits_loss(chunk):
     h, w, _, _, where = _hidden_inputs()
     labels = jnp.asarray(np.random.default_rng(3).integers(0, w.shape[1], h.shape[:2]))
     ref = lambda h_, w_: cross_entropy(_ref_logits(h_, w_), labels, where=where)
-    got = lambda h_, w_: cross_entropy_from_hidden(h_, w_, labels, chunk_size=chunk,
-                                                   where=where)
+    got = lambda h_, w_: cross_entropy_from_hidden(h_, w_, labels, chunk_size=chunk, where=where)
     (l0, g0), (l1, g1) = _value_and_grads(ref, h, w), _value_and_grads(got, h, w)
     np.testing.assert_allclose(l1, l0, rtol=1e-6, atol=1e-6)
     for a, b in zip(g1, g0):
@@ -378,8 +369,7 @@ def test_ragged_entries_equal_dense_slots(chunk):
     perm = np.random.default_rng(5).permutation(pos.shape[0])  # any entry order
     pos, ids_e, wt_e = pos[perm], ids_e[perm], wt_e[perm]
     ref = lambda h_, w_: sparse_kd_loss(_ref_logits(h_, w_), ids, wt, where=where)
-    got = lambda h_, w_: sparse_kd_loss_from_hidden_ragged(
-        h_, w_, pos, ids_e, wt_e, chunk_size=chunk, where=where)
+    got = lambda h_, w_: sparse_kd_loss_from_hidden_ragged(h_, w_, pos, ids_e, wt_e, chunk_size=chunk, where=where)
     (l0, g0), (l1, g1) = _value_and_grads(ref, h, w), _value_and_grads(got, h, w)
     np.testing.assert_allclose(l1, l0, rtol=1e-5, atol=1e-6)
     for a, b in zip(g1, g0):
@@ -405,8 +395,9 @@ def test_chunked_loss_never_holds_full_logits():
     wt = jax.ShapeDtypeStruct((b, l, 4), jnp.float32)
 
     def temp_bytes(chunk):
-        f = jax.grad(lambda h_, w_, i, t: sparse_kd_loss_from_hidden(h_, w_, i, t, chunk_size=chunk).sum(),
-                     argnums=(0, 1))
+        f = jax.grad(
+            lambda h_, w_, i, t: sparse_kd_loss_from_hidden(h_, w_, i, t, chunk_size=chunk).sum(), argnums=(0, 1)
+        )
         return jax.jit(f).lower(h, w, ids, wt).compile().memory_analysis().temp_size_in_bytes
 
     full = b * l * v * 4

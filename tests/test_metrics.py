@@ -65,13 +65,18 @@ def test_lm_sums_match_numpy():
 
 def test_sums_add_over_chunks_and_batches():
     logits, teacher, labels, where = _random_case(1)
-    whole = metrics.accumulate(None, {**metrics.lm_sums(logits, labels, where),
-                                      **metrics.teacher_sums(logits, teacher, where)})
+    whole = metrics.accumulate(
+        None, {**metrics.lm_sums(logits, labels, where), **metrics.teacher_sums(logits, teacher, where)}
+    )
     parts = None
     for sl in (np.s_[:1, :3], np.s_[:1, 3:], np.s_[1:, :]):
-        parts = metrics.accumulate(parts, {
-            **metrics.lm_sums(logits[sl], labels[sl], where[sl]),
-            **metrics.teacher_sums(logits[sl], teacher[sl], where[sl])})
+        parts = metrics.accumulate(
+            parts,
+            {
+                **metrics.lm_sums(logits[sl], labels[sl], where[sl]),
+                **metrics.teacher_sums(logits[sl], teacher[sl], where[sl]),
+            },
+        )
     a, b = metrics.finalize(whole), metrics.finalize(parts)
     for k in a:
         assert a[k] == pytest.approx(b[k], rel=1e-6), k

@@ -9,8 +9,16 @@ from flax import nnx
 from rskd_jax.models import Llama, LlamaConfig, init_model, model_fingerprint
 from rskd_jax.models.llama import causal_attention
 
-TINY = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_layers=3,
-                   num_heads=6, num_kv_heads=2, rope_theta=10000.0, rms_norm_eps=1e-5)
+TINY = LlamaConfig(
+    vocab_size=97,
+    hidden_size=48,
+    intermediate_size=80,
+    num_layers=3,
+    num_heads=6,
+    num_kv_heads=2,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+)
 # One jitted forward for all tests: eager mode would compile every primitive separately.
 forward = nnx.jit(lambda model, tokens: model(tokens))
 hidden_states = nnx.jit(lambda model, tokens: model.hidden_states(tokens))
@@ -52,7 +60,7 @@ def _numpy_reference(model: Llama, tokens: np.ndarray) -> np.ndarray:
         ang = np.arange(l)[:, None] * inv[None]
         cos = np.concatenate([np.cos(ang)] * 2, -1)[None, :, None]
         sin = np.concatenate([np.sin(ang)] * 2, -1)[None, :, None]
-        rot = np.concatenate([-x[..., e // 2:], x[..., : e // 2]], -1)
+        rot = np.concatenate([-x[..., e // 2 :], x[..., : e // 2]], -1)
         return x * cos + rot * sin
 
     x = np.asarray(model.embed[...], np.float64)[tokens]
@@ -106,8 +114,10 @@ def _dense_attention(q, k, v, window=None, softcap=None):
     return np.einsum("bkglm,bkme->bklge", a / a.sum(-1, keepdims=True), v)
 
 
-@pytest.mark.parametrize("chunk, window, softcap", [
-    (3, None, None), (16, None, None), (64, None, None), (3, 5, None), (16, 16, 2.0), (64, 40, None)])
+@pytest.mark.parametrize(
+    "chunk, window, softcap",
+    [(3, None, None), (16, None, None), (64, None, None), (3, 5, None), (16, 16, 2.0), (64, 40, None)],
+)
 def test_causal_attention_chunks_match_dense(chunk, window, softcap):
     b, kh, l, g, e = 2, 2, 37, 3, 8
     rng = np.random.default_rng(0)
@@ -116,12 +126,10 @@ def test_causal_attention_chunks_match_dense(chunk, window, softcap):
     v = rng.standard_normal((b, kh, l, e)).astype(np.float32)
     want = _dense_attention(q, k, v, window, softcap)
     attend = jax.jit(causal_attention, static_argnames=("chunk", "window", "softcap"))
-    got = attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), chunk=chunk, window=window,
-                 softcap=softcap)
+    got = attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), chunk=chunk, window=window, softcap=softcap)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     if window is not None:  # a traced window (mixed layer kinds in one scan) masks the same
-        traced = jax.jit(lambda q, k, v, w: causal_attention(q, k, v, chunk, window=w,
-                                                             softcap=softcap))
+        traced = jax.jit(lambda q, k, v, w: causal_attention(q, k, v, chunk, window=w, softcap=softcap))
         got = traced(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.int32(window))
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -147,8 +155,7 @@ def test_remat_same_logits_and_grads():
     np.testing.assert_allclose(forward(plain, tokens), forward(remat, tokens), rtol=1e-6, atol=1e-6)
     grad = nnx.jit(nnx.grad(_loss))
     g_plain, g_remat = nnx.state(grad(plain, tokens)), nnx.state(grad(remat, tokens))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                 g_plain, g_remat)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g_plain, g_remat)
     assert float(jnp.abs(g_plain["layers"]["q_proj"][...]).max()) > 0
 
 
@@ -171,15 +178,19 @@ def test_tied_and_untied():
     assert not hasattr(tied, "lm_head") and hasattr(untied, "lm_head")
     np.testing.assert_array_equal(tied.lm_head_weight(), tied.embed[...].T)
     np.testing.assert_array_equal(untied.lm_head_weight(), untied.lm_head[...].T)
-    n = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))  # noqa: E731
+    n = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
     assert n(untied) - n(tied) == TINY.vocab_size * TINY.hidden_size
     assert forward(tied, _tokens(1, 4)).shape == (1, 4, TINY.vocab_size)
 
 
-@pytest.mark.parametrize("changes, extra", [
-    ({}, 0), ({"qkv_bias": True}, 3),
-    ({"qk_norm": True, "sandwich_norms": True, "norm_plus_one": True}, 4),  # Gemma 3's params
-])
+@pytest.mark.parametrize(
+    "changes, extra",
+    [
+        ({}, 0),
+        ({"qkv_bias": True}, 3),
+        ({"qk_norm": True, "sandwich_norms": True, "norm_plus_one": True}, 4),  # Gemma 3's params
+    ],
+)
 def test_every_param_has_logical_axis_names(changes, extra):
     model = init_model(TINY.replace(**changes), 0)
     params = list(nnx.iter_graph(model))
@@ -216,51 +227,81 @@ def test_config_validation():
     full = TINY.replace(sliding_window=8, layer_types=("full_attention",) * 3)
     assert full == TINY and full.to_dict() == TINY.to_dict()  # no sliding layer: plain causal
     with pytest.raises(ValueError, match="original_max_position_embeddings"):
-        TINY.replace(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                   "high_freq_factor": 4.0})
+        TINY.replace(
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+        )
     with pytest.raises(ValueError, match="num_kv_heads"):
         TINY.replace(num_kv_heads=4)
     with pytest.raises(ValueError, match="dtype"):
         TINY.replace(dtype="float64")
     assert TINY.replace(rope_scaling={"rope_type": "default"}).rope_scaling is None
-    assert hash(TINY.replace(rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                           "high_freq_factor": 4.0,
-                                           "original_max_position_embeddings": 64}))
+    assert hash(
+        TINY.replace(
+            rope_scaling={
+                "type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            }
+        )
+    )
 
 
-HF_BASE = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 97,
-           "hidden_size": 48, "intermediate_size": 80, "num_hidden_layers": 3,
-           "num_attention_heads": 6, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
-           "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": False}
+HF_BASE = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 97,
+    "hidden_size": 48,
+    "intermediate_size": 80,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 6,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+}
 
 
-@pytest.mark.parametrize("change, match", [
-    ({"architectures": ["Gemma3ForConditionalGeneration"]}, "Gemma3ForConditionalGeneration"),
-    ({"architectures": None, "model_type": "gemma"}, "gemma"),
-    ({"attention_bias": True}, "attention_bias"),
-    ({"mlp_bias": True}, "mlp_bias"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"use_sliding_window": True}, "use_sliding_window"),
-    ({"layer_types": ["full_attention", "sliding_attention", "full_attention"]}, "layer_types"),
-    ({"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}, "longrope"),
-    ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4}}, "dynamic"),
-    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
-                          "partial_rotary_factor": 0.5}}, "partial_rotary_factor"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"architectures": ["Gemma3ForConditionalGeneration"]}, "Gemma3ForConditionalGeneration"),
+        ({"architectures": None, "model_type": "gemma"}, "gemma"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"use_sliding_window": True}, "use_sliding_window"),
+        ({"layer_types": ["full_attention", "sliding_attention", "full_attention"]}, "layer_types"),
+        ({"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}, "longrope"),
+        ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4}}, "dynamic"),
+        (
+            {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+            "partial_rotary_factor",
+        ),
+    ],
+)
 def test_unsupported_hf_configs_are_named(change, match):
     with pytest.raises(ValueError, match=match):
         LlamaConfig.from_hf({**HF_BASE, **change})
 
 
 def test_hf_config_round_trip():
-    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    llama3 = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     v4 = LlamaConfig.from_hf({**HF_BASE, "rope_theta": 5e5, "rope_scaling": llama3})
     v5 = LlamaConfig.from_hf({**HF_BASE, "rope_parameters": {**llama3, "rope_theta": 5e5}})
     assert v4 == v5 and v4.rope_scaling == llama3 and v4.rope_theta == 5e5
     assert LlamaConfig.from_hf(v4.to_hf()) == v4
-    qwen = LlamaConfig.from_hf({**HF_BASE, "architectures": ["Qwen2ForCausalLM"],
-                                "model_type": "qwen2", "use_sliding_window": False})
+    qwen = LlamaConfig.from_hf(
+        {**HF_BASE, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False}
+    )
     assert qwen.qkv_bias and qwen.to_hf()["architectures"] == ["Qwen2ForCausalLM"]
     with pytest.raises(ValueError, match="Qwen2ForCausalLM"):
         qwen.to_hf("LlamaForCausalLM")

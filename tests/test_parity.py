@@ -17,15 +17,24 @@ from rskd_jax.models import from_pretrained, model_fingerprint, save_pretrained 
 from rskd_jax.models.gguf import unpermute_qk  # noqa: E402
 
 forward = nnx.jit(lambda model, tokens: model(tokens))
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 16}
-SHAPE = dict(vocab_size=131, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-             num_attention_heads=4, num_key_value_heads=2)
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+SHAPE = dict(
+    vocab_size=131,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 CASES = {
-    "llama_tied_gqa_llama3": (transformers.LlamaConfig,
-                              dict(tie_word_embeddings=True, rope_scaling=LLAMA3)),
-    "llama_untied_head_dim": (transformers.LlamaConfig,
-                              dict(tie_word_embeddings=False, head_dim=24, rope_theta=5e4)),
+    "llama_tied_gqa_llama3": (transformers.LlamaConfig, dict(tie_word_embeddings=True, rope_scaling=LLAMA3)),
+    "llama_untied_head_dim": (transformers.LlamaConfig, dict(tie_word_embeddings=False, head_dim=24, rope_theta=5e4)),
     "qwen2_bias": (transformers.Qwen2Config, dict(tie_word_embeddings=False)),
 }
 
@@ -50,7 +59,8 @@ def hf_model(request, tmp_path_factory):
     torch.manual_seed(0)
     config = cls(**SHAPE, **kw)
     model = transformers.AutoModelForCausalLM.from_config(
-        config, dtype=torch.float32, attn_implementation="eager").eval()
+        config, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     with torch.no_grad():  # HF init is N(0, 0.02) with unit norms, zero biases: too tame
         for name, p in model.named_parameters():
             p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
@@ -98,8 +108,7 @@ def test_dtype_overrides(hf_model):
 
 def _llama_cpp_permute(w, n_head):
     """convert_hf_to_gguf.py's LlamaModel.permute (the layout llama.cpp stores q/k in)."""
-    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def test_unpermute_qk_inverts_llama_cpp():
@@ -113,8 +122,7 @@ def test_tiny_gguf_parity(tmp_path):
     import gguf
 
     torch.manual_seed(1)
-    config = transformers.LlamaConfig(**SHAPE, tie_word_embeddings=False, rope_theta=1e4,
-                                      rms_norm_eps=1e-5)
+    config = transformers.LlamaConfig(**SHAPE, tie_word_embeddings=False, rope_theta=1e4, rms_norm_eps=1e-5)
     ref = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
         for name, p in ref.named_parameters():
@@ -135,10 +143,17 @@ def test_tiny_gguf_parity(tmp_path):
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
     w.add_tensor("output.weight", sd["lm_head.weight"])
-    names = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj",
-             "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-             "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
-             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    names = {
+        "attn_norm": "input_layernorm",
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_norm": "post_attention_layernorm",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    }
     for i in range(3):
         for ours, theirs in names.items():
             t = sd[f"model.layers.{i}.{theirs}.weight"]
@@ -162,8 +177,9 @@ def test_missing_and_unexpected_tensors(hf_model, tmp_path):
     _, plain, _ = hf_model
     tensors = load_file(plain / "model.safetensors")
     (tmp_path / "config.json").write_text((plain / "config.json").read_text())
-    save_file({**tensors, "model.layers.0.mlp.gate_proj.bias": np.zeros(96, np.float32)},
-              tmp_path / "model.safetensors")
+    save_file(
+        {**tensors, "model.layers.0.mlp.gate_proj.bias": np.zeros(96, np.float32)}, tmp_path / "model.safetensors"
+    )
     with pytest.raises(ValueError, match="gate_proj.bias"):
         from_pretrained(tmp_path)
     tensors.pop("model.norm.weight")
@@ -188,8 +204,7 @@ def smollm2():
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     text = open(os.path.join(sysconfig.get_paths()["stdlib"], "textwrap.py")).read()[:4000]
     ids = np.asarray([tokenizer(text)["input_ids"][:160]])
-    ref = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32).eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     return from_pretrained(path), ref, ids
 
 
@@ -197,8 +212,7 @@ def smollm2():
 def test_smollm2_gguf_matches_transformers(smollm2):
     ours, ref, ids = smollm2
     c = ours.config
-    assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.vocab_size) == (
-        30, 576, 9, 3, 49152)
+    assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.vocab_size) == (30, 576, 9, 3, 49152)
     assert c.tie_embeddings and c.rope_theta == 1e5
     assert ids.shape[1] >= 64
     want = _hf_logits(ref, ids)

@@ -54,8 +54,9 @@ def test_sampling_and_losses_import_without_heavy_dependencies():
     env.pop("XLA_FLAGS", None)  # one device is enough; keeps start-up short
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
-                          env=env, cwd=root, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, cwd=root, timeout=120
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip().endswith("ok")
 
@@ -111,12 +112,21 @@ def test_store_reader_needs_only_numpy_and_tensorstore(tmp_path):
 
     rng = np.random.default_rng(0)
     toks = rng.integers(0, 50, (8, 16)).astype(np.int32)
-    manifest = write_token_store(str(tmp_path / "tokens"), {"train": toks},
-                                 {"tokenizer": {"fingerprint": "t", "vocab_size": 50}})
-    store = create_teacher_store(str(tmp_path / "teacher"),
-                                 manifest={"tokens": {"fingerprint": manifest["content_hash"]}},
-                                 num_rows={"train": 8}, seq_len=16, method="sample", k=4,
-                                 vocab_size=50, chunk_rows=8, diagnostics=False, token_hash=True)
+    manifest = write_token_store(
+        str(tmp_path / "tokens"), {"train": toks}, {"tokenizer": {"fingerprint": "t", "vocab_size": 50}}
+    )
+    store = create_teacher_store(
+        str(tmp_path / "teacher"),
+        manifest={"tokens": {"fingerprint": manifest["content_hash"]}},
+        num_rows={"train": 8},
+        seq_len=16,
+        method="sample",
+        k=4,
+        vocab_size=50,
+        chunk_rows=8,
+        diagnostics=False,
+        token_hash=True,
+    )
     ids = np.tile(np.arange(4), (8, 16, 1))
     counts = np.zeros((8, 16, 4), np.int64)
     counts[..., 0] = 1
@@ -127,8 +137,13 @@ def test_store_reader_needs_only_numpy_and_tensorstore(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", READER_SCRIPT, str(tmp_path / "tokens"),
-                           str(tmp_path / "teacher")], capture_output=True, text=True, env=env,
-                          cwd=root, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", READER_SCRIPT, str(tmp_path / "tokens"), str(tmp_path / "teacher")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip().endswith("ok")

@@ -128,15 +128,12 @@ def _assert_mean_within_se(samples_MxV, expected_V, what):
     tol = bonferroni_z(expected_V.size) * se + FLOAT_ATOL
     worst = np.argmax(np.abs(mean - expected_V) / tol)
     assert (np.abs(mean - expected_V) <= tol).all(), (
-        f"{what}: id {worst} mean {mean[worst]:.6f} vs {expected_V[worst]:.6f}, "
-        f"tol {tol[worst]:.2e}"
+        f"{what}: id {worst} mean {mean[worst]:.6f} vs {expected_V[worst]:.6f}, tol {tol[worst]:.2e}"
     )
     return se
 
 
-@pytest.mark.parametrize(
-    "replace, temperature", [(True, 0.7), (True, 1.0), (True, 1.5), (False, 1.0), (False, 1.5)]
-)
+@pytest.mark.parametrize("replace, temperature", [(True, 0.7), (True, 1.0), (True, 1.5), (False, 1.0), (False, 1.5)])
 def test_targets_and_gradient_are_unbiased(replace, temperature):
     logits, student, t = _unbiasedness_setup()
     logits_MxV = np.broadcast_to(logits, (UNB_M, UNB_V))
@@ -164,8 +161,9 @@ def test_top_k_is_biased():
     logits, student, t = _unbiasedness_setup()
     g_full = np.asarray(jax.grad(full_kd_loss)(student, logits), np.float64)
     # SE of the RS-KD mean gradient with the same storage (K = N = 8) and M samples.
-    st = _tokens(jax.random.key(8), np.broadcast_to(logits, (UNB_M, UNB_V)), UNB_N,
-                 temperature=1.0, replace=True)  # the same static arguments: no recompile
+    st = _tokens(
+        jax.random.key(8), np.broadcast_to(logits, (UNB_M, UNB_V)), UNB_N, temperature=1.0, replace=True
+    )  # the same static arguments: no recompile
     g_MxV = _per_sample_grads(student, st.ids, st.weights)
     se = np.asarray(g_MxV, np.float64).std(0, ddof=1) / np.sqrt(UNB_M)
     for renormalize in (True, False):
@@ -188,8 +186,7 @@ def test_self_normalised_is_biased_for_one_draw():
     logits, _, t = _unbiasedness_setup()
     temperature = 2.0
     q = softmax64(logits, temperature)
-    st = _tokens(jax.random.key(9), np.broadcast_to(logits, (UNB_M, UNB_V)), 1,
-                 temperature=temperature, normalize=True)
+    st = _tokens(jax.random.key(9), np.broadcast_to(logits, (UNB_M, UNB_V)), 1, temperature=temperature, normalize=True)
     w_MxV = dense(st.ids, st.weights, UNB_V)
     np.testing.assert_allclose(w_MxV.sum(1), 1.0, rtol=1e-6)
     se = _assert_mean_within_se(w_MxV, q, "E[w_normalised] = q")
@@ -205,8 +202,9 @@ def test_self_normalised_is_consistent():
     q = softmax64(logits, temperature)
     r = np.divide(t, q, out=np.zeros_like(t), where=q > 0)
     s2 = q * r**2 * (1 - t) ** 2 + t**2 * ((q * r**2).sum() - q * r**2)
-    st = _tokens(jax.random.key(10), np.broadcast_to(logits, (positions, UNB_V)), n,
-                 temperature=temperature, normalize=True)
+    st = _tokens(
+        jax.random.key(10), np.broadcast_to(logits, (positions, UNB_V)), n, temperature=temperature, normalize=True
+    )
     w = dense(st.ids, st.weights, UNB_V)
     tol = bonferroni_z(positions * UNB_V) * np.sqrt(s2 / n) + FLOAT_ATOL
     assert (np.abs(w - t) <= tol).all()

@@ -101,5 +101,7 @@ def test_param_shardings_and_sharded_step_matches_single_device():
 def test_check_batch_message():
     mesh = sh.make_mesh(sh.MeshConfig(data=2, fsdp=2, tensor=2))
     sh.check_batch(8, mesh)
-    with pytest.raises(sh.ShardingError, match=r"batch_size=6 is not divisible .* \(data x fsdp = 4\); set batch_size=4 or 8"):
+    with pytest.raises(
+        sh.ShardingError, match=r"batch_size=6 is not divisible .* \(data x fsdp = 4\); set batch_size=4 or 8"
+    ):
         sh.check_batch(6, mesh)

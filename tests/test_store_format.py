@@ -25,8 +25,7 @@ DONE_BLOCKS = (0, 8)  # rows 4..7 stay not done: their files are absent
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory):
     rng = np.random.default_rng(0)
-    splits = {"train": rng.integers(0, V, (S, L)).astype(np.int32),
-              "val": rng.integers(0, V, (3, L)).astype(np.int32)}
+    splits = {"train": rng.integers(0, V, (S, L)).astype(np.int32), "val": rng.integers(0, V, (3, L)).astype(np.int32)}
     splits["train"][1, 5] = splits["train"][6, 0] = 2  # some documents end inside a row (EOS 2)
     url = str(tmp_path_factory.mktemp("tokens"))
     write_token_store(url, splits, {"tokenizer": {"vocab_size": V, "eos_id": 2}, "eos_id": 2})
@@ -43,8 +42,8 @@ def _targets(rng, method: str, k: int, zipf: np.ndarray):
             else:  # top_k, ghost: k distinct ids with probabilities
                 u, c = rng.choice(V, k, replace=False, p=zipf), np.zeros(k)
             order = rng.permutation(len(u))
-            ids[s, pos, :len(u)], counts[s, pos, :len(u)] = u[order], c[order]
-            weights[s, pos, :len(u)] = rng.dirichlet(np.ones(len(u)))
+            ids[s, pos, : len(u)], counts[s, pos, : len(u)] = u[order], c[order]
+            weights[s, pos, : len(u)] = rng.dirichlet(np.ones(len(u)))
     return ids, counts, weights
 
 
@@ -67,9 +66,19 @@ def teacher(request, tokens, tmp_path_factory):
     zipf = zipf[rng.permutation(V)] / zipf.sum()  # frequent ids are not the small ones
     url = str(tmp_path_factory.mktemp(request.param))
     store = create_teacher_store(
-        url, manifest={"seed": 0}, num_rows={"train": S}, seq_len=L, method=method, k=k, vocab_size=V,
-        chunk_rows=CR, diagnostics=diag, temperature=temp, token_hash=hashed,
-        id_frequencies=np.round(zipf * 1e6) if freq else None)
+        url,
+        manifest={"seed": 0},
+        num_rows={"train": S},
+        seq_len=L,
+        method=method,
+        k=k,
+        vocab_size=V,
+        chunk_rows=CR,
+        diagnostics=diag,
+        temperature=temp,
+        token_hash=hashed,
+        id_frequencies=np.round(zipf * 1e6) if freq else None,
+    )
     ids, counts, weights = _targets(rng, method, k, zipf) if method != "full" else (None, None, None)
     for start in DONE_BLOCKS:
         rows = slice(start, min(S, start + CR))
@@ -108,9 +117,9 @@ def test_crc32c_by_hand(teacher):
     # one inner chunk of one shard: [offset, offset + nbytes) ends with crc32c of the rest
     path = os.path.join(teacher, "train", _sharded(teacher), "c", "0", "0")
     data = pathlib.Path(path).read_bytes()
-    index = data[-(16 * CR + 4):]
-    offset, nbytes = (int.from_bytes(index[i:i + 8], "little") for i in (16, 24))  # row 1
-    chunk = data[offset:offset + nbytes]
+    index = data[-(16 * CR + 4) :]
+    offset, nbytes = (int.from_bytes(index[i : i + 8], "little") for i in (16, 24))  # row 1
+    chunk = data[offset : offset + nbytes]
     crc = 0xFFFFFFFF  # bit by bit, no table: reflected polynomial 0x82F63B78
     for byte in chunk[:-4]:
         crc ^= byte
@@ -144,8 +153,9 @@ def test_token_store_decodes_like_read(tokens):
         np.testing.assert_array_equal(arrays["tokens"], store.read(name, np.arange(store.num_rows(name))))
         np.testing.assert_array_equal(arrays["tokens"], splits[name])
         if hasattr(store, "read_doc_starts"):  # layout with doc_starts (branch data)
-            np.testing.assert_array_equal(arrays["doc_starts"].astype(bool),
-                                          store.read_doc_starts(name, np.arange(len(splits[name]))))
+            np.testing.assert_array_equal(
+                arrays["doc_starts"].astype(bool), store.read_doc_starts(name, np.arange(len(splits[name])))
+            )
 
 
 def test_a_wrong_rule_or_a_flipped_bit_is_caught(teacher, tmp_path, monkeypatch):
@@ -179,5 +189,16 @@ def test_the_specs_test_vectors():
 def test_manifest_fields_the_spec_names(teacher):
     man = json.loads(pathlib.Path(teacher, "manifest.json").read_text())
     assert man["kind"] == "teacher" and man["layout_version"] == 2 and "creating" not in man
-    assert {"method", "k", "vocab_size", "seq_len", "chunk_rows", "num_rows", "diagnostics", "temperature",
-            "rank_table", "compression", "encoding"} <= set(man["layout"])
+    assert {
+        "method",
+        "k",
+        "vocab_size",
+        "seq_len",
+        "chunk_rows",
+        "num_rows",
+        "diagnostics",
+        "temperature",
+        "rank_table",
+        "compression",
+        "encoding",
+    } <= set(man["layout"])

@@ -14,8 +14,7 @@ from rskd_jax.store.teacher import create_teacher_store
 from rskd_jax.store.tokens import write_token_store
 
 VOCAB, L, K, ROWS = 60, 32, 16, 24
-TOKENIZER = {"spec": "test", "fingerprint": "test-tokenizer", "vocab_size": VOCAB, "eos_id": 0,
-             "bos_id": None}
+TOKENIZER = {"spec": "test", "fingerprint": "test-tokenizer", "vocab_size": VOCAB, "eos_id": 0, "bos_id": None}
 
 
 def make_tokens(url, seed):
@@ -27,17 +26,29 @@ def make_tokens(url, seed):
 def make_teacher(url, manifest_tokens, hashed_tokens, seed=0):
     """A `sample` store (N = K draws) from peaked random teachers: 1..K unique ids per position."""
     rng = np.random.default_rng(seed)
-    manifest = {"tokens": {"fingerprint": manifest_tokens["content_hash"], "seq_len": L},
-                "tokenizer": TOKENIZER, "teacher": {"fingerprint": "test", "vocab_size": VOCAB}}
-    store = create_teacher_store(url, manifest=manifest, num_rows={"train": ROWS}, seq_len=L,
-                                 method="sample", k=K, vocab_size=VOCAB, chunk_rows=8,
-                                 diagnostics=False, token_hash=True)
+    manifest = {
+        "tokens": {"fingerprint": manifest_tokens["content_hash"], "seq_len": L},
+        "tokenizer": TOKENIZER,
+        "teacher": {"fingerprint": "test", "vocab_size": VOCAB},
+    }
+    store = create_teacher_store(
+        url,
+        manifest=manifest,
+        num_rows={"train": ROWS},
+        seq_len=L,
+        method="sample",
+        k=K,
+        vocab_size=VOCAB,
+        chunk_rows=8,
+        diagnostics=False,
+        token_hash=True,
+    )
     ids, counts = np.zeros((ROWS, L, K), np.int32), np.zeros((ROWS, L, K), np.int32)
     for i in range(ROWS):
         for j in range(L):
             p = np.exp(rng.normal(size=VOCAB) * rng.uniform(1.5, 5.0))
             u, c = np.unique(rng.choice(VOCAB, K, p=p / p.sum()), return_counts=True)
-            ids[i, j, :len(u)], counts[i, j, :len(u)] = u, c
+            ids[i, j, : len(u)], counts[i, j, : len(u)] = u, c
     store.write_rows("train", 0, {"ids": ids, "counts": counts, "tokens": hashed_tokens}).result()
     store.close()
 
@@ -71,8 +82,10 @@ def test_trimmed_is_the_dense_rows_cut_to_the_largest_entry_count(rows, bucket):
         assert not rows[name][..., k2:].any()  # nothing was cut but empty slots
     np.testing.assert_array_equal(t["num_ids"], rows["num_ids"])
     logits = jnp.asarray(np.random.default_rng(0).normal(size=(*rows["ids"].shape[:2], VOCAB)), jnp.float32)
-    np.testing.assert_array_equal(losses.sparse_kd_loss(logits, t["ids"], t["weights"]),
-                                  losses.sparse_kd_loss(logits, rows["ids"], rows["weights"]))
+    np.testing.assert_array_equal(
+        losses.sparse_kd_loss(logits, t["ids"], t["weights"]),
+        losses.sparse_kd_loss(logits, rows["ids"], rows["weights"]),
+    )
 
 
 def test_ragged_entries_expand_back_to_the_dense_rows(rows):
@@ -97,8 +110,9 @@ def test_ragged_loss_equals_dense_loss(rows):
     h = jnp.asarray(rng.normal(size=(b, L, 6)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(6, VOCAB)), jnp.float32)
     r = forms.ragged(rows, bucket=100)
-    got = losses.sparse_kd_loss_from_hidden_ragged(h, w, r["entry_pos"], r["entry_ids"],
-                                                   r["entry_weights"], chunk_size=8)
+    got = losses.sparse_kd_loss_from_hidden_ragged(
+        h, w, r["entry_pos"], r["entry_ids"], r["entry_weights"], chunk_size=8
+    )
     ref = losses.sparse_kd_loss(h @ w, rows["ids"], rows["weights"])
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
@@ -116,8 +130,11 @@ def test_read_rows_as_and_bytes(stores, rows):
     dense = forms.nbytes_per_token(rows, ("ids", "weights"), tokens)
     assert dense == K * 8
     ragged = forms.ragged(rows, bucket=1)
-    assert forms.nbytes_per_token(ragged, ("entry_pos", "entry_ids", "entry_weights"), tokens) == \
-        12 * rows["num_ids"].sum() / tokens < dense
+    assert (
+        forms.nbytes_per_token(ragged, ("entry_pos", "entry_ids", "entry_weights"), tokens)
+        == 12 * rows["num_ids"].sum() / tokens
+        < dense
+    )
     with pytest.raises(ValueError, match="form must be one of"):
         store.read_rows_as("train", idx, "sparse")
 
@@ -150,8 +167,10 @@ def test_grain_source_refuses_other_tokens(stores, tmp_path):
         TeacherSource(str(tmp_path / "other"), teacher_url, "train")
     # a store whose manifest names `other` but whose rows were computed on the first tokens:
     # only the per-row hash can tell
-    first = np.asarray(__import__("rskd_jax.store", fromlist=["x"]).open_token_store(tokens_url)
-                       .read("train", np.arange(ROWS)), np.int32)
+    first = np.asarray(
+        __import__("rskd_jax.store", fromlist=["x"]).open_token_store(tokens_url).read("train", np.arange(ROWS)),
+        np.int32,
+    )
     make_teacher(str(tmp_path / "forged"), other, first)
     src = TeacherSource(str(tmp_path / "other"), str(tmp_path / "forged"), "train")
     with pytest.raises(TokenMismatch, match="train row 2: its tokens differ"):

@@ -18,8 +18,14 @@ from rskd_jax.store.common import StoreError
 from rskd_jax.store.teacher import create_teacher_store, open_teacher_store
 
 L = 16
-MANIFEST = {"teacher_fingerprint": "t0", "tokenizer_fingerprint": "tok0", "seed": 0,
-            "token_store_fingerprint": "ts0", "tokenizer_vocab_size": 100, "model_vocab_size": 100}
+MANIFEST = {
+    "teacher_fingerprint": "t0",
+    "tokenizer_fingerprint": "tok0",
+    "seed": 0,
+    "token_store_fingerprint": "ts0",
+    "tokenizer_vocab_size": 100,
+    "model_vocab_size": 100,
+}
 
 
 def _sample_rows(rng, b, k, vocab):
@@ -48,7 +54,9 @@ def make_rows(method, b, k, vocab, rng, *, temperature=1.0, diagnostics=True):
         ids, counts = _sample_rows(rng, b, k, vocab)
         rows = {"ids": ids, "counts": counts}
         if temperature != 1.0:
-            rows["weights"] = np.where(counts > 0, counts / k * rng.uniform(0.2, 3.0, counts.shape), 0).astype(np.float32)
+            rows["weights"] = np.where(counts > 0, counts / k * rng.uniform(0.2, 3.0, counts.shape), 0).astype(
+                np.float32
+            )
     elif method == "full":
         x = rng.normal(size=(b, L, vocab)).astype(np.float32)
         rows = {"logprobs": x - np.log(np.exp(x).sum(-1, keepdims=True))}
@@ -68,14 +76,24 @@ def canon(ids, w):
     """Entries of each position sorted by id, empty slots (w == 0) last with id 0."""
     present = w > 0
     o = np.argsort(np.where(present, ids.astype(np.int64), np.int64(1) << 40), axis=-1, kind="stable")
-    take = lambda x: np.take_along_axis(x, o, -1)  # noqa: E731
+    take = lambda x: np.take_along_axis(x, o, -1)
     return np.where(take(present), take(ids), 0), take(w)
 
 
 def create(path, *, method="sample", k=8, vocab=100, rows=None, chunk_rows=4, manifest=MANIFEST, **kw):
-    return create_teacher_store(str(path), manifest=manifest, num_rows=rows or {"train": 10, "val": 4},
-                                seq_len=L, method=method, k=k, vocab_size=vocab, chunk_rows=chunk_rows,
-                                diagnostics=kw.pop("diagnostics", True), overwrite=kw.pop("overwrite", False), **kw)
+    return create_teacher_store(
+        str(path),
+        manifest=manifest,
+        num_rows=rows or {"train": 10, "val": 4},
+        seq_len=L,
+        method=method,
+        k=k,
+        vocab_size=vocab,
+        chunk_rows=chunk_rows,
+        diagnostics=kw.pop("diagnostics", True),
+        overwrite=kw.pop("overwrite", False),
+        **kw,
+    )
 
 
 def files(path):
@@ -90,7 +108,7 @@ def files(path):
 def write_all(store, split, rows, order=None):
     s, cr = store.num_rows(split), store.chunk_rows
     starts = list(range(0, s, cr)) if order is None else order
-    futs = [store.write_rows(split, a, {n: x[a:a + cr] for n, x in rows.items()}) for a in starts]
+    futs = [store.write_rows(split, a, {n: x[a : a + cr] for n, x in rows.items()}) for a in starts]
     for f in futs:
         f.result()
 
@@ -114,7 +132,9 @@ def check_round_trip(rows, out, method, k, temperature=1.0):
             if temperature == 1.0:
                 np.testing.assert_array_equal(out["weights"], out["counts"].astype(np.float32) / np.float32(k))
             else:
-                np.testing.assert_array_equal(canon(out["ids"], out["weights"])[1], canon(rows["ids"], rows["weights"])[1])
+                np.testing.assert_array_equal(
+                    canon(out["ids"], out["weights"])[1], canon(rows["ids"], rows["weights"])[1]
+                )
         if method == "ghost":
             np.testing.assert_array_equal(out["tail_mass"], rows["tail_mass"])
     for name in set(rows) & {"gold_logprob", "entropy"}:
@@ -151,8 +171,9 @@ def test_round_trip_exact(tmp_path, method, k, vocab, temperature, table):
     assert stats["positions_done"] == 14 * L and stats["bytes_per_token"] > 0
     if method == "sample":
         want = np.mean([(d["counts"] > 0).sum(-1).mean() for d in data.values()])
-        assert stats["mean_unique_ids"] == pytest.approx(np.mean(
-            np.concatenate([(d["counts"] > 0).sum(-1).ravel() for d in data.values()])))
+        assert stats["mean_unique_ids"] == pytest.approx(
+            np.mean(np.concatenate([(d["counts"] > 0).sum(-1).ravel() for d in data.values()]))
+        )
         assert want > 1
 
 
@@ -203,7 +224,7 @@ def test_done_never_ahead_of_data(tmp_path):
     rng = np.random.default_rng(3)
     store = create(tmp_path / "t", rows={"train": 16}, chunk_rows=2)
     data = make_rows("sample", 16, 8, 100, rng)
-    futs = [store.write_rows("train", a, {n: x[a:a + 2] for n, x in data.items()}) for a in range(0, 16, 2)]
+    futs = [store.write_rows("train", a, {n: x[a : a + 2] for n, x in data.items()}) for a in range(0, 16, 2)]
     while True:
         finished = all(f.done() for f in futs)
         rows = np.flatnonzero(store.done_mask("train"))
@@ -224,17 +245,20 @@ def test_resume_with_identical_manifest(tmp_path):
     assert again.done_mask("train").tolist() == [False] * 4 + [True] * 4 + [False] * 2
     assert again.manifest == first.manifest
     for a in (0, 8):
-        again.write_rows("train", a, {n: x[a:a + 4] for n, x in data.items()}).result()
+        again.write_rows("train", a, {n: x[a : a + 4] for n, x in data.items()}).result()
     check_round_trip(data, open_teacher_store(str(tmp_path / "t")).read_rows("train", np.arange(10)), "sample", 8)
 
 
-@pytest.mark.parametrize("change", [
-    {"manifest": dict(MANIFEST, seed=1)},
-    {"k": 9},
-    {"chunk_rows": 2},
-    {"id_frequencies": np.arange(100)},
-    {"temperature": 0.5},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"manifest": dict(MANIFEST, seed=1)},
+        {"k": 9},
+        {"chunk_rows": 2},
+        {"id_frequencies": np.arange(100)},
+        {"temperature": 0.5},
+    ],
+)
 def test_refuses_different_manifest_and_leaves_store_untouched(tmp_path, change):
     rng = np.random.default_rng(5)
     store = create(tmp_path / "t", rows={"train": 4})
@@ -319,6 +343,7 @@ def test_invalid_rows_are_refused_with_the_row(tmp_path):
     def set_id(value):
         def edit(ids):
             ids[2][tuple(present)] = value
+
         return edit
 
     with pytest.raises(StoreError, match=r"row 6 position \d+ slot \d+: id 100 outside \[0, 100\)"):
@@ -369,12 +394,28 @@ def test_real_samples_meet_size_targets(tmp_path):
     from rskd_jax.config import CacheConfig, CacheRun, DataConfig, DataRun, ModelSpec, OutputConfig
 
     tokens, rows = str(tmp_path / "tokens"), 16
-    data.run(DataRun(DataConfig(inputs=("@stdlib/json/*.py", "@stdlib/textwrap.py", "@stdlib/shlex.py"),
-                                seq_len=256, output=tokens)), progress=False)
-    cache.run(CacheRun(cache=CacheConfig(
-        tokens=tokens, output=str(tmp_path / "teacher"), splits=("train",), max_rows=rows, diagnostics=False,
-        outputs=(OutputConfig(name="n50", method="sample", num_draws=50),)),
-        teacher=ModelSpec(source="smollm2")), progress=False)
+    data.run(
+        DataRun(
+            DataConfig(
+                inputs=("@stdlib/json/*.py", "@stdlib/textwrap.py", "@stdlib/shlex.py"), seq_len=256, output=tokens
+            )
+        ),
+        progress=False,
+    )
+    cache.run(
+        CacheRun(
+            cache=CacheConfig(
+                tokens=tokens,
+                output=str(tmp_path / "teacher"),
+                splits=("train",),
+                max_rows=rows,
+                diagnostics=False,
+                outputs=(OutputConfig(name="n50", method="sample", num_draws=50),),
+            ),
+            teacher=ModelSpec(source="smollm2"),
+        ),
+        progress=False,
+    )
     store = open_teacher_store(str(tmp_path / "teacher" / "n50"))
     out = store.read_rows("train", np.arange(rows))
     assert out["counts"].shape == (rows, 256, 50) and (out["counts"].sum(-1) == 50).all()

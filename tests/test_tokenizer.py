@@ -41,7 +41,8 @@ def reference():
     transformers = pytest.importorskip("transformers")
     path = smollm2_gguf_path()
     return transformers.AutoTokenizer.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), split_special_tokens=True)
+        os.path.dirname(path), gguf_file=os.path.basename(path), split_special_tokens=True
+    )
 
 
 def test_ids_and_identity(tok):
@@ -76,8 +77,13 @@ def test_parity_with_transformers_gguf_tokenizer(tok, reference):
     #    SmolLM2's tokenizer.json split digit-first; transformers falls back to plain GPT-2.
     text = "x =  1"
     assert [tok.backend.id_to_token(i) for i in tok.encode(text)] == ["x", "Ġ=", "ĠĠ", "1"]
-    assert reference.convert_ids_to_tokens(reference.encode(text, add_special_tokens=False)) == \
-        ["x", "Ġ=", "Ġ", "Ġ", "1"]
+    assert reference.convert_ids_to_tokens(reference.encode(text, add_special_tokens=False)) == [
+        "x",
+        "Ġ=",
+        "Ġ",
+        "Ġ",
+        "1",
+    ]
 
 
 def test_built_once_and_cached(tmp_path, monkeypatch, tok):

@@ -16,8 +16,7 @@ def _write(tmp_path, config=None, template=False):
     backend = tokenizers.Tokenizer(models.WordLevel(VOCAB, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     if template:  # Llama 3 style: the tokenizer.json itself adds BOS
-        backend.post_processor = processors.TemplateProcessing(
-            single="<bos> $A", special_tokens=[("<bos>", 0)])
+        backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
     backend.save(str(tmp_path / "tokenizer.json"))
     if config is not None:
         (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
@@ -29,12 +28,15 @@ def _adds_bos(tok):
     return tok.backend.encode("a", add_special_tokens=True).ids[:1] == [tok.bos_id]
 
 
-@pytest.mark.parametrize("config, template, bos", [
-    ({"add_bos_token": True, "bos_token": "<bos>", "eos_token": "<eos>"}, False, True),  # Gemma
-    ({"add_bos_token": False, "bos_token": "<bos>"}, True, False),   # the config has the say
-    (None, True, True),                                               # Llama 3: post-processor
-    (None, False, False),                                             # SmolLM2: no BOS
-])
+@pytest.mark.parametrize(
+    "config, template, bos",
+    [
+        ({"add_bos_token": True, "bos_token": "<bos>", "eos_token": "<eos>"}, False, True),  # Gemma
+        ({"add_bos_token": False, "bos_token": "<bos>"}, True, False),  # the config has the say
+        (None, True, True),  # Llama 3: post-processor
+        (None, False, False),  # SmolLM2: no BOS
+    ],
+)
 def test_bos_follows_the_tokenizer_config(tmp_path, config, template, bos):
     tok = load_tokenizer(_write(tmp_path, config, template))
     assert tok.bos_id == 0 and _adds_bos(tok) is bos
@@ -90,8 +92,7 @@ def test_gguf_split_pre_tokenizers(tmp_path, monkeypatch, pre):
     _write_gguf(tmp_path / "t.gguf", pre)
     tok = load_tokenizer(str(tmp_path / "t.gguf"))
     unspell = {c: b for b, c in _bytes_to_unicode().items()}
-    pieces = [bytes(unspell[c] for c in p).decode("utf-8")
-              for p, _ in tok.backend.pre_tokenizer.pre_tokenize_str(TEXT)]
+    pieces = [bytes(unspell[c] for c in p).decode("utf-8") for p, _ in tok.backend.pre_tokenizer.pre_tokenize_str(TEXT)]
     assert pieces == regex.findall(_SPLIT_PRE[pre], TEXT)
     assert ("1234567" in pieces) is False and ("123" in pieces) is (pre == "llama-bpe")
     assert _adds_bos(tok)  # the GGUF's add_bos_token

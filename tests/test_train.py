@@ -20,14 +20,15 @@ from rskd_jax.store.tokens import write_token_store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB, L, K = 60, 32, 8
-TOKENIZER = {"spec": "test", "fingerprint": "test-tokenizer", "vocab_size": VOCAB, "eos_id": 0,
-             "bos_id": None}
+TOKENIZER = {"spec": "test", "fingerprint": "test-tokenizer", "vocab_size": VOCAB, "eos_id": 0, "bos_id": None}
 
 
 def make_tokens(url, seed=0, rows=(64, 16), seq_len=L):
     rng = np.random.default_rng(seed)
-    splits = {"train": rng.integers(0, VOCAB, (rows[0], seq_len)).astype(np.int32),
-              "val": rng.integers(0, VOCAB, (rows[1], seq_len)).astype(np.int32)}
+    splits = {
+        "train": rng.integers(0, VOCAB, (rows[0], seq_len)).astype(np.int32),
+        "val": rng.integers(0, VOCAB, (rows[1], seq_len)).astype(np.int32),
+    }
     return splits, write_token_store(url, splits, {"tokenizer": TOKENIZER})
 
 
@@ -35,10 +36,21 @@ def make_teacher(url, splits, token_manifest, seed=0, done_rows=None):
     """A `sample` store (N = K draws) from random teacher distributions, with entropies."""
     rng = np.random.default_rng(seed)
     seq_len = token_manifest["seq_len"]
-    manifest = {"tokens": {"fingerprint": token_manifest["content_hash"], "seq_len": seq_len},
-                "tokenizer": TOKENIZER, "teacher": {"fingerprint": "test", "vocab_size": VOCAB}}
-    store = create_teacher_store(url, manifest=manifest, num_rows={s: len(a) for s, a in splits.items()},
-                                 seq_len=seq_len, method="sample", k=K, vocab_size=VOCAB, chunk_rows=8)
+    manifest = {
+        "tokens": {"fingerprint": token_manifest["content_hash"], "seq_len": seq_len},
+        "tokenizer": TOKENIZER,
+        "teacher": {"fingerprint": "test", "vocab_size": VOCAB},
+    }
+    store = create_teacher_store(
+        url,
+        manifest=manifest,
+        num_rows={s: len(a) for s, a in splits.items()},
+        seq_len=seq_len,
+        method="sample",
+        k=K,
+        vocab_size=VOCAB,
+        chunk_rows=8,
+    )
     for split, toks in splits.items():
         s = done_rows or len(toks)
         logits = rng.normal(size=(s, seq_len, VOCAB)) * 2.0
@@ -50,11 +62,17 @@ def make_teacher(url, splits, token_manifest, seed=0, done_rows=None):
         for i in range(s):
             for j in range(seq_len):
                 u, c = np.unique(draws[i, j], return_counts=True)
-                ids[i, j, :len(u)], counts[i, j, :len(u)] = u, c
-        store.write_rows(split, 0, {
-            "ids": ids, "counts": counts, "entropy": -(t * np.log(t)).sum(-1),
-            "gold_logprob": np.log(np.take_along_axis(t, np.roll(toks[:s], -1, 1)[..., None], -1)[..., 0]),
-        }).result()
+                ids[i, j, : len(u)], counts[i, j, : len(u)] = u, c
+        store.write_rows(
+            split,
+            0,
+            {
+                "ids": ids,
+                "counts": counts,
+                "entropy": -(t * np.log(t)).sum(-1),
+                "gold_logprob": np.log(np.take_along_axis(t, np.roll(toks[:s], -1, 1)[..., None], -1)[..., 0]),
+            },
+        ).result()
     store.close()
 
 
@@ -67,23 +85,34 @@ def stores(tmp_path_factory):
 
 
 def overrides(stores, output, *extra):
-    return [f"train.tokens={stores[0]}", f"train.teacher_store={stores[1]}", f"train.output={output}",
-            "student.hidden_size=32", "student.intermediate_size=64", "student.vocab_size=64",
-            "loss.chunk_size=8", "train.progress=false", *extra]
+    return [
+        f"train.tokens={stores[0]}",
+        f"train.teacher_store={stores[1]}",
+        f"train.output={output}",
+        "student.hidden_size=32",
+        "student.intermediate_size=64",
+        "student.vocab_size=64",
+        "loss.chunk_size=8",
+        "train.progress=false",
+        *extra,
+    ]
 
 
 def _cli(module, args, cache_dir):
     """The program as a subprocess; runs share a persistent compilation cache (test speed)."""
     cmd = [sys.executable, "-m", module, "--config", os.path.join(ROOT, "configs/tiny/train.yaml"), *args]
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env = dict(
+        os.environ,
+        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def _records(path):
     with open(path, encoding="utf-8") as f:
-        return [(r["step"], r.get("loss"), r.get("val_loss"), r.get("kl_to_teacher"))
-                for r in map(json.loads, f)]
+        return [(r["step"], r.get("loss"), r.get("val_loss"), r.get("kl_to_teacher")) for r in map(json.loads, f)]
 
 
 def _finish(proc):
@@ -100,8 +129,10 @@ def test_kill_resume_export_and_evaluate(stores, tmp_path):
     metrics = os.path.join(out, "metrics.jsonl")
     # 1. SIGKILL at two points: as soon as the run directory has its config (before any
     #    checkpoint), then, re-run, in the middle (after >= 5 logged steps)
-    kill_points = (lambda: os.path.exists(os.path.join(out, "config.yaml")),
-                   lambda: os.path.exists(metrics) and sum('"loss"' in x for x in open(metrics)) >= 5)
+    kill_points = (
+        lambda: os.path.exists(os.path.join(out, "config.yaml")),
+        lambda: os.path.exists(metrics) and sum('"loss"' in x for x in open(metrics)) >= 5,
+    )
     for reached in kill_points:
         proc = _cli("rskd_jax.train", overrides(stores, out, *run_args), cache)
         deadline = time.time() + 300
@@ -122,9 +153,14 @@ def test_kill_resume_export_and_evaluate(stores, tmp_path):
     assert os.path.exists(os.path.join(out, "config.yaml")) and os.listdir(os.path.join(out, "tb"))
 
     # 4. evaluate the run: one JSON object, the same val_loss as the run's final eval
-    ev = _finish(_cli("rskd_jax.evaluate", overrides(stores, out) + [
-        f"evaluate.checkpoint={out}", f"evaluate.tokens={stores[0]}", f"evaluate.teacher={stores[1]}"],
-        cache))
+    ev = _finish(
+        _cli(
+            "rskd_jax.evaluate",
+            overrides(stores, out)
+            + [f"evaluate.checkpoint={out}", f"evaluate.tokens={stores[0]}", f"evaluate.teacher={stores[1]}"],
+            cache,
+        )
+    )
     assert ev["step"] == 10 and {"val_loss", "perplexity", "ece", "kl_to_teacher", "top1_agreement"} <= set(ev)
     assert ev["val_loss"] == pytest.approx(got[-1][2], rel=1e-6)
     assert ev["kl_to_teacher"] == pytest.approx(got[-1][3], rel=1e-5)
@@ -165,8 +201,11 @@ def test_unknown_and_bad_keys_are_refused(capsys):
 def _run_expect(stores, tmp_path, error, match, *extra):
     from rskd_jax import train
 
-    cfg = load_config(TrainRun, os.path.join(ROOT, "configs/tiny/train.yaml"),
-                      overrides(stores, str(tmp_path / "never"), "train.steps=1", *extra))
+    cfg = load_config(
+        TrainRun,
+        os.path.join(ROOT, "configs/tiny/train.yaml"),
+        overrides(stores, str(tmp_path / "never"), "train.steps=1", *extra),
+    )
     with pytest.raises(error, match=match):
         train.run(cfg)
 
@@ -174,12 +213,15 @@ def _run_expect(stores, tmp_path, error, match, *extra):
 def test_mismatched_stores_are_refused(stores, tmp_path):
     other = str(tmp_path / "other_tokens")
     _, manifest = make_tokens(other, seed=1)
-    _run_expect((other, stores[1]), tmp_path, StoreError,
-                f"token-store fingerprint '[0-9a-f]+'.*has '{manifest['content_hash']}'")
+    _run_expect(
+        (other, stores[1]),
+        tmp_path,
+        StoreError,
+        f"token-store fingerprint '[0-9a-f]+'.*has '{manifest['content_hash']}'",
+    )
     _run_expect(stores, tmp_path, ConfigError, "vocab_size 50.*60", "student.vocab_size=50")
     _run_expect(stores, tmp_path, StoreError, "cannot train from a 'sample'", "loss.method=full_cached")
-    _run_expect((stores[0], None), tmp_path, ValueError, "set train.teacher_store",
-                "train.teacher_store=null")
+    _run_expect((stores[0], None), tmp_path, ValueError, "set train.teacher_store", "train.teacher_store=null")
 
 
 def test_corrupt_or_unfinished_store_is_refused(stores, tmp_path):
@@ -205,8 +247,10 @@ def test_checkpointer_keeps_latest_and_best_and_restores_shardings(tmp_path):
     from rskd_jax import checkpoint, optim, sharding
 
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
-    sh = {"w": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", "tensor")),
-          "norm": sharding.replicated(mesh)}
+    sh = {
+        "w": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", "tensor")),
+        "norm": sharding.replicated(mesh),
+    }
     params = jax.device_put({"w": jnp.arange(32.0).reshape(4, 8), "norm": jnp.ones(8)}, sh)
     tx = optim.make_optimizer(optim.lr_schedule(1e-3, 0, 10))
     state_sh = optim.state_shardings(params, sh, tx, mesh)
@@ -235,8 +279,7 @@ def test_truncate_jsonl_drops_later_and_torn_records(tmp_path):
     from rskd_jax.train import truncate_jsonl
 
     path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "eval": true}\n{"step": 3, "loss": 1.0}\n'
-                    '{"step": 4, "lo')
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "eval": true}\n{"step": 3, "loss": 1.0}\n{"step": 4, "lo')
     truncate_jsonl(str(path), 2)
     assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "eval": true}\n'
 
@@ -249,23 +292,37 @@ def test_resume_with_a_different_run_config_is_refused(tmp_path):
     cfg = load_config(TrainRun, tiny)
     save_config(cfg, str(tmp_path))
     # logging / checkpoint cadence / placement may change
-    check_resume_config(load_config(TrainRun, tiny, ["train.eval_every=3", "train.log_every=7",
-                                                     "train.checkpoint_every=5", "mesh.data=2",
-                                                     "teacher.hidden_size=8"]), str(tmp_path))
+    check_resume_config(
+        load_config(
+            TrainRun,
+            tiny,
+            [
+                "train.eval_every=3",
+                "train.log_every=7",
+                "train.checkpoint_every=5",
+                "mesh.data=2",
+                "teacher.hidden_size=8",
+            ],
+        ),
+        str(tmp_path),
+    )
     steps = cfg.train.steps
-    for change, shown in ((f"train.steps={steps + 99}", f"train.steps: {steps} -> {steps + 99}"),
-                          ("loss.alpha=0.5", "loss.alpha: 0.0 -> 0.5"),
-                          ("optim.b2=0.99", "optim.b2: 0.95 -> 0.99"),
-                          ("optim.warmup_steps=3", "optim.warmup_steps"),
-                          ("train.seed=5", "train.seed: 0 -> 5"),
-                          ("student.num_layers=3", "student.num_layers")):
+    for change, shown in (
+        (f"train.steps={steps + 99}", f"train.steps: {steps} -> {steps + 99}"),
+        ("loss.alpha=0.5", "loss.alpha: 0.0 -> 0.5"),
+        ("optim.b2=0.99", "optim.b2: 0.95 -> 0.99"),
+        ("optim.warmup_steps=3", "optim.warmup_steps"),
+        ("train.seed=5", "train.seed: 0 -> 5"),
+        ("student.num_layers=3", "student.num_layers"),
+    ):
         with pytest.raises(TrainError, match=re.escape(shown) + ".*another train.output"):
             check_resume_config(load_config(TrainRun, tiny, [change]), str(tmp_path))
     online = load_config(TrainRun, tiny, ["loss.method=full_online"])
     save_config(online, str(tmp_path))
     with pytest.raises(TrainError, match="teacher.hidden_size"):
-        check_resume_config(load_config(TrainRun, tiny, ["loss.method=full_online", "teacher.hidden_size=8"]),
-                            str(tmp_path))
+        check_resume_config(
+            load_config(TrainRun, tiny, ["loss.method=full_online", "teacher.hidden_size=8"]), str(tmp_path)
+        )
 
 
 def test_train_refuses_a_changed_step_count_from_the_command_line(stores, tmp_path, capsys):
@@ -273,11 +330,21 @@ def test_train_refuses_a_changed_step_count_from_the_command_line(stores, tmp_pa
     from rskd_jax import train
 
     out = str(tmp_path / "run")
-    train.run(load_config(TrainRun, os.path.join(ROOT, "configs/tiny/train.yaml"),
-                          overrides(stores, out, "train.steps=2", "train.export_hf=false")))
+    train.run(
+        load_config(
+            TrainRun,
+            os.path.join(ROOT, "configs/tiny/train.yaml"),
+            overrides(stores, out, "train.steps=2", "train.export_hf=false"),
+        )
+    )
     with pytest.raises(SystemExit) as exc:
-        train.main(["--config", os.path.join(ROOT, "configs/tiny/train.yaml"),
-                    *overrides(stores, out, "train.steps=4", "train.export_hf=false")])
+        train.main(
+            [
+                "--config",
+                os.path.join(ROOT, "configs/tiny/train.yaml"),
+                *overrides(stores, out, "train.steps=4", "train.export_hf=false"),
+            ]
+        )
     err = capsys.readouterr().err
     assert exc.value.code == 1 and "train.steps: 2 -> 4" in err and "Traceback" not in err
     print(err)
@@ -292,14 +359,27 @@ def test_batches_whose_tokens_changed_after_caching_are_refused(tmp_path):
     from rskd_jax.train_data import DataMismatch, Rows
 
     splits, manifest = make_tokens(str(tmp_path / "tok"), rows=(16, 8))
-    meta = {"tokens": {"fingerprint": manifest["content_hash"], "seq_len": L}, "tokenizer": TOKENIZER,
-            "teacher": {"fingerprint": "test", "vocab_size": VOCAB}}
-    store = create_teacher_store(str(tmp_path / "teacher"), manifest=meta, num_rows={"train": 16},
-                                 seq_len=L, method="top_k", k=2, vocab_size=VOCAB, chunk_rows=8,
-                                 diagnostics=False, token_hash=True)
+    meta = {
+        "tokens": {"fingerprint": manifest["content_hash"], "seq_len": L},
+        "tokenizer": TOKENIZER,
+        "teacher": {"fingerprint": "test", "vocab_size": VOCAB},
+    }
+    store = create_teacher_store(
+        str(tmp_path / "teacher"),
+        manifest=meta,
+        num_rows={"train": 16},
+        seq_len=L,
+        method="top_k",
+        k=2,
+        vocab_size=VOCAB,
+        chunk_rows=8,
+        diagnostics=False,
+        token_hash=True,
+    )
     ids = np.tile(np.array([3, 5], np.int32), (16, L, 1))
-    store.write_rows("train", 0, {"ids": ids, "weights": np.full((16, L, 2), 0.5, np.float32),
-                                  "tokens": splits["train"]}).result()
+    store.write_rows(
+        "train", 0, {"ids": ids, "weights": np.full((16, L, 2), 0.5, np.float32), "tokens": splits["train"]}
+    ).result()
     store.close()
     tokens, teacher = open_token_store(str(tmp_path / "tok")), open_teacher_store(str(tmp_path / "teacher"))
     rows = Rows(tokens, "train", teacher, ("ids", "weights"))
@@ -327,9 +407,20 @@ def test_a_corrupt_chunk_stops_training_with_the_message(stores, tmp_path, capsy
     open(chunk, "wb").write(bytes(data))
     out = str(tmp_path / "run")
     with pytest.raises(SystemExit) as exc:
-        train.main(["--config", os.path.join(ROOT, "configs/tiny/train.yaml"),
-                    *overrides((stores[0], bad), out, "train.steps=12", "train.batch_size=8",
-                               "train.export_hf=false", "train.checkpoint_every=1")])
+        train.main(
+            [
+                "--config",
+                os.path.join(ROOT, "configs/tiny/train.yaml"),
+                *overrides(
+                    (stores[0], bad),
+                    out,
+                    "train.steps=12",
+                    "train.batch_size=8",
+                    "train.export_hf=false",
+                    "train.checkpoint_every=1",
+                ),
+            ]
+        )
     err = capsys.readouterr().err
     assert exc.value.code == 1 and "Traceback" not in err
     assert "is corrupt or truncated: train/ids rows [16]" in err, err[-2000:]
@@ -339,8 +430,19 @@ def test_a_corrupt_chunk_stops_training_with_the_message(stores, tmp_path, capsy
     from rskd_jax import evaluate
 
     with pytest.raises(SystemExit) as exc:
-        evaluate.main(["--config", os.path.join(ROOT, "configs/tiny/train.yaml"),
-                       *overrides((stores[0], bad), out, f"evaluate.checkpoint={out}", "evaluate.split=train",
-                                  f"evaluate.tokens={stores[0]}", f"evaluate.teacher={bad}")])
+        evaluate.main(
+            [
+                "--config",
+                os.path.join(ROOT, "configs/tiny/train.yaml"),
+                *overrides(
+                    (stores[0], bad),
+                    out,
+                    f"evaluate.checkpoint={out}",
+                    "evaluate.split=train",
+                    f"evaluate.tokens={stores[0]}",
+                    f"evaluate.teacher={bad}",
+                ),
+            ]
+        )
     err = capsys.readouterr().err
     assert exc.value.code == 1 and "train/ids rows [16]" in err and "Traceback" not in err, err[-2000:]

@@ -11,8 +11,7 @@ from rskd_jax import train_step as ts
 from rskd_jax.models import LlamaConfig, init_model
 
 B, L, K, V, VTOK = 8, 16, 6, 64, 60
-CFG = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2,
-                  num_heads=4, num_kv_heads=2)
+CFG = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
 LR, WD, EPS = 1e-2, 0.1, 1e-8
 
 
@@ -45,8 +44,7 @@ def _run(model, batch, spec, *, steps=1, micro=1, mesh=None, teacher=None, clip=
         tgraph, tparams = ts.split_model(teacher)
         tshard = ts.model_shardings(teacher, mesh)
         tparams = jax.device_put(tparams, tshard)
-    step = ts.make_train_step(graphdef, tx, schedule, spec, micro_batches=micro,
-                              teacher_graphdef=tgraph, mesh=mesh)
+    step = ts.make_train_step(graphdef, tx, schedule, spec, micro_batches=micro, teacher_graphdef=tgraph, mesh=mesh)
     step = ts.jit_step(step, shard, ts.batch_shardings(batch, mesh), mesh, tshard)
     history = []
     for _ in range(steps):
@@ -72,18 +70,17 @@ def test_one_step_matches_reference(setup):
     model, _, batch = setup
     alpha = 0.25
     _, params0 = ts.split_model(model)
-    (loss0, (ce0, kd0)), g = jax.value_and_grad(
-        lambda p: _reference_loss(model, p, batch, alpha), has_aux=True)(params0)
-    state, hist = _run(model, batch, ts.LossSpec("sparse", alpha=alpha, vocab_size=VTOK),
-                       steps=2, clip=None)
+    (loss0, (ce0, kd0)), g = jax.value_and_grad(lambda p: _reference_loss(model, p, batch, alpha), has_aux=True)(
+        params0
+    )
+    state, hist = _run(model, batch, ts.LossSpec("sparse", alpha=alpha, vocab_size=VTOK), steps=2, clip=None)
     np.testing.assert_allclose(hist[0]["loss"], loss0, rtol=1e-5)
     np.testing.assert_allclose(hist[0]["ce"], ce0, rtol=1e-5)
     np.testing.assert_allclose(hist[0]["kd"], kd0, rtol=1e-5)
     assert hist[0]["lr"] == pytest.approx(LR, rel=1e-6)
     # AdamW's first step: mu_hat = g, nu_hat = g^2, so p1 = p0 - lr (g / (|g| + eps) + wd p0 [decayed]).
     mask = optim.decay_mask(params0)
-    want = jax.tree.map(lambda p, gg, m: p - LR * (gg / (jnp.abs(gg) + EPS) + WD * p * m),
-                        params0, g, mask)
+    want = jax.tree.map(lambda p, gg, m: p - LR * (gg / (jnp.abs(gg) + EPS) + WD * p * m), params0, g, mask)
     for a, b in zip(jax.tree.leaves(hist[0]["params"]), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, atol=1e-4)  # a sign error would be 2 lr = 2e-2
     loss1, _ = _reference_loss(model, want, batch, alpha)
@@ -100,8 +97,7 @@ def test_decay_mask_skips_norms_and_biases():
 
 def test_lr_schedule_warmup_and_cosine():
     s = optim.lr_schedule(1.0, 4, 14, end_lr_ratio=0.1)
-    np.testing.assert_allclose([float(s(i)) for i in (0, 3, 4, 9, 14, 20)],
-                               [0.25, 1.0, 1.0, 0.55, 0.1, 0.1], rtol=1e-6)
+    np.testing.assert_allclose([float(s(i)) for i in (0, 3, 4, 9, 14, 20)], [0.25, 1.0, 1.0, 0.55, 0.1, 0.1], rtol=1e-6)
 
 
 _SUMS = {}
@@ -129,8 +125,9 @@ def _compute_sums_and_grads(model, teacher, batch, spec):
 SPEC_KD = dict(vocab_size=VTOK, z_loss=1e-3, kd_temperature=2.0)
 
 
-@pytest.mark.parametrize("method,chunk", [("sparse", 4), ("sparse", 5), ("full_online", 4),
-                                          ("ghost", 5)])  # 5 does not divide L = 16
+@pytest.mark.parametrize(
+    "method,chunk", [("sparse", 4), ("sparse", 5), ("full_online", 4), ("ghost", 5)]
+)  # 5 does not divide L = 16
 def test_chunked_equals_unchunked(setup, method, chunk):
     model, teacher, batch = setup
     if method == "ghost":
@@ -151,8 +148,7 @@ def test_full_online_equals_full_cached(setup):
     cached = {**batch, "logprobs": np.asarray(logprobs)}  # Vt = VTOK < V: padded in the step
     spec = ts.LossSpec("full_online", **SPEC_KD)
     (a, sa), _ = _sums_and_grads(model, teacher, batch, spec)
-    (b, sb), _ = _sums_and_grads(model, teacher, cached, spec._replace(method="full_cached"),
-                                 tag="cached")
+    (b, sb), _ = _sums_and_grads(model, teacher, cached, spec._replace(method="full_cached"), tag="cached")
     np.testing.assert_allclose(sb["kd"][0], sa["kd"][0], rtol=1e-5)
 
 
@@ -243,9 +239,14 @@ def test_rskd_step_holds_no_more_memory_than_ce_step():
     shard = optim.state_shardings(params, ts.model_shardings(model, mesh), tx, mesh)
     state = optim.abstract_state(params, tx, shard)
     tok = jax.ShapeDtypeStruct((b, l), jnp.int32)
-    batches = {"ce": {"tokens": tok},
-               "sparse": {"tokens": tok, "ids": jax.ShapeDtypeStruct((b, l, k), jnp.int32),
-                          "weights": jax.ShapeDtypeStruct((b, l, k), jnp.float32)}}
+    batches = {
+        "ce": {"tokens": tok},
+        "sparse": {
+            "tokens": tok,
+            "ids": jax.ShapeDtypeStruct((b, l, k), jnp.int32),
+            "weights": jax.ShapeDtypeStruct((b, l, k), jnp.float32),
+        },
+    }
     temp = {}
     for method, batch in batches.items():
         spec = ts.LossSpec(method, alpha=0.0, vocab_size=v)

@@ -33,9 +33,16 @@ import sys
 import tempfile
 import time
 
-SMOLLM2_SHAPE = ["teacher.source=random", "teacher.hidden_size=576", "teacher.intermediate_size=1536",
-                 "teacher.num_layers=30", "teacher.num_heads=9", "teacher.num_kv_heads=3",
-                 "teacher.rope_theta=100000.0", "teacher.tie_embeddings=true"]
+SMOLLM2_SHAPE = [
+    "teacher.source=random",
+    "teacher.hidden_size=576",
+    "teacher.intermediate_size=1536",
+    "teacher.num_layers=30",
+    "teacher.num_heads=9",
+    "teacher.num_kv_heads=3",
+    "teacher.rope_theta=100000.0",
+    "teacher.tie_embeddings=true",
+]
 
 
 def _parse(argv=None) -> argparse.Namespace:
@@ -96,16 +103,35 @@ def main(argv=None) -> None:
     tmp = tempfile.mkdtemp(prefix="rskd-bench-cache-")
     rows_needed = (args.reps * args.steps + 2) * args.batch
     t = time.perf_counter()
-    data.run(load_config(DataRun, None, [f"data.inputs={args.inputs}", f"data.seq_len={args.length}",
-                                         f"data.output={tmp}/tokens", "data.val_fraction=0.0",
-                                         f"data.max_tokens={int(rows_needed * args.length * 1.05) + args.length}"]),
-             progress=False)
+    data.run(
+        load_config(
+            DataRun,
+            None,
+            [
+                f"data.inputs={args.inputs}",
+                f"data.seq_len={args.length}",
+                f"data.output={tmp}/tokens",
+                "data.val_fraction=0.0",
+                f"data.max_tokens={int(rows_needed * args.length * 1.05) + args.length}",
+            ],
+        ),
+        progress=False,
+    )
     data_s = time.perf_counter() - t
-    cfg = load_config(CacheRun, None, [
-        f"cache.tokens={tmp}/tokens", f"cache.output={tmp}/teacher", "cache.splits=[train]",
-        f"cache.batch_size={args.batch}", f"cache.chunk_rows={min(8, args.batch)}",
-        f"cache.outputs=[{{name: rskd_n{args.draws}, method: sample, num_draws: {args.draws}}}]",
-        *(SMOLLM2_SHAPE if args.random else ["teacher.source=smollm2"]), *args.set])
+    cfg = load_config(
+        CacheRun,
+        None,
+        [
+            f"cache.tokens={tmp}/tokens",
+            f"cache.output={tmp}/teacher",
+            "cache.splits=[train]",
+            f"cache.batch_size={args.batch}",
+            f"cache.chunk_rows={min(8, args.batch)}",
+            f"cache.outputs=[{{name: rskd_n{args.draws}, method: sample, num_draws: {args.draws}}}]",
+            *(SMOLLM2_SHAPE if args.random else ["teacher.source=smollm2"]),
+            *args.set,
+        ],
+    )
     t = time.perf_counter()
     cacher = cache.Cacher(cfg)
     load_s = time.perf_counter() - t
@@ -121,13 +147,17 @@ def main(argv=None) -> None:
 
     def next_batches():
         """The rows of the next `steps` unfinished batches: what cache_split will do next."""
-        blocks = plan_blocks(cacher.done_mask("train"), cr)[:args.steps * cacher.blocks_per_step]
+        blocks = plan_blocks(cacher.done_mask("train"), cr)[: args.steps * cacher.blocks_per_step]
         rows = np.concatenate([np.arange(b * cr, (b + 1) * cr) for b in blocks])
         return rows.reshape(args.steps, args.batch)
 
     def device_batch(rows_B):
-        return cacher._global({"tokens": cacher._read_tokens("train", rows_B),  # pylint: disable=protected-access
-                               "rows": rows_B.astype(np.int32)})
+        return cacher._global(
+            {
+                "tokens": cacher._read_tokens("train", rows_B),
+                "rows": rows_B.astype(np.int32),
+            }
+        )
 
     def run_forward(batches):
         t = time.perf_counter()
@@ -135,13 +165,13 @@ def main(argv=None) -> None:
             jax.block_until_ready(forward(cacher.state, device_batch(rows_B)["tokens"]))
         return time.perf_counter() - t
 
-    code = cacher._replicated_scalar(0)  # pylint: disable=protected-access
+    code = cacher._replicated_scalar(0)
 
     def run_step(batches):  # the dump's compute and device->host fetch, no writes
         t = time.perf_counter()
         for rows_B in batches:
             b = device_batch(rows_B)
-            cacher._local(cacher.step(cacher.state, b["tokens"], b["rows"], code))  # pylint: disable=protected-access
+            cacher._local(cacher.step(cacher.state, b["tokens"], b["rows"], code))
         return time.perf_counter() - t
 
     def run_dump(batches):
@@ -162,7 +192,7 @@ def main(argv=None) -> None:
     cpu: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(args.reps):
         batches = next_batches()
-        order = names[rep % 3:] + names[:rep % 3]  # rotate, so none always runs first
+        order = names[rep % 3 :] + names[: rep % 3]  # rotate, so none always runs first
         for name in order:
             c0 = _cpu_s()
             times[name].append(runs[name](batches))
@@ -174,18 +204,29 @@ def main(argv=None) -> None:
     stats = store.stats()
     out = {
         "teacher": "random SmolLM2-shaped" if args.random else "SmolLM2-135M (GGUF)",
-        "batch": args.batch, "len": L, "num_draws": args.draws, "chunk_positions": chunk,
-        "steps_per_rep": args.steps, "reps": args.reps, "devices": len(jax.devices()),
-        "forward_tokens_per_s": tps["forward"], "step_tokens_per_s": tps["step"],
-        "dump_tokens_per_s": tps["dump"], "ratio": round(tps["dump"] / tps["forward"], 3),
+        "batch": args.batch,
+        "len": L,
+        "num_draws": args.draws,
+        "chunk_positions": chunk,
+        "steps_per_rep": args.steps,
+        "reps": args.reps,
+        "devices": len(jax.devices()),
+        "forward_tokens_per_s": tps["forward"],
+        "step_tokens_per_s": tps["step"],
+        "dump_tokens_per_s": tps["dump"],
+        "ratio": round(tps["dump"] / tps["forward"], 3),
         "step_ratio": round(tps["step"] / tps["forward"], 3),
-        "tokens_per_cpu_s": tpc, "cpu_ratio": round(tpc["dump"] / tpc["forward"], 3),
+        "tokens_per_cpu_s": tpc,
+        "cpu_ratio": round(tpc["dump"] / tpc["forward"], 3),
         "seconds": {n: [round(x, 2) for x in v] for n, v in times.items()},
         "cpu_seconds": {n: [round(x, 2) for x in v] for n, v in cpu.items()},
-        "warmup_s": compile_s, "data_s": round(data_s, 2), "load_s": round(load_s, 2),
+        "warmup_s": compile_s,
+        "data_s": round(data_s, 2),
+        "load_s": round(load_s, 2),
         "store_bytes_per_token": round(stats["bytes_per_token"], 2),
         "mean_unique_ids": round(stats["mean_unique_ids"], 2),
-        "jax_version": jax.__version__, "cpus": len(os.sched_getaffinity(0)),
+        "jax_version": jax.__version__,
+        "cpus": len(os.sched_getaffinity(0)),
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
     import shutil

@@ -12,8 +12,8 @@ measurement runs the real program (`python -m rskd_jax.data`) as a subprocess:
   start-up and imports), and the speed-up of the largest w over w=1; `cpu_s[w]` is the CPU time of the program and its
   workers (from `wait4` rusage), so a loaded machine shows up as cpu_s << w x wall;
 - `peak_rss_mb`: the largest summed RSS of the program and its workers (sampled every
-  20 ms from /proc; `peak_rss_main_mb` the program alone) on the corpus and on `--scale` x the corpus (every document repeated
-  with a "# copy k" marker line, so all are distinct), with 2 workers;
+  20 ms from /proc; `peak_rss_main_mb` the program alone) on the corpus and on `--scale` x the
+  corpus (every document repeated with a "# copy k" marker line, so all are distinct), with 2 workers;
 - `resume`: a run killed with SIGKILL once half its shards are tokenized, then re-run:
   the shards the re-run tokenized vs a fresh run's, wall seconds of both, and whether the
   two stores hold identical bytes;
@@ -49,7 +49,7 @@ def write_corpus(out_dir: str, n_files: int, copies: int, per_file: int = 100) -
     os.makedirs(out_dir, exist_ok=True)
     docs = [t if k == 0 else f"# copy {k}\n{t}" for k in range(copies) for t in texts]
     for i in range(0, len(docs), per_file):
-        body = "".join(json.dumps({"text": d}) + "\n" for d in docs[i: i + per_file])
+        body = "".join(json.dumps({"text": d}) + "\n" for d in docs[i : i + per_file])
         with open(os.path.join(out_dir, f"part-{i // per_file:05d}.jsonl.zst"), "wb") as f:
             f.write(zstandard.ZstdCompressor(level=3).compress(body.encode()))
     return len(docs)
@@ -77,8 +77,9 @@ def run_program(args: list[str], *, kill_when=None) -> dict:
     """Runs `python -m rskd_jax.data ARGS`; wall s, CPU s, peak tree RSS, summary (or killed)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     start, cpu0 = time.perf_counter(), children_cpu()
-    proc = subprocess.Popen([sys.executable, "-m", "rskd_jax.data", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rskd_jax.data", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
     peak, peak_main, killed = 0, 0, False
     while proc.poll() is None:
         total, main = _tree_rss(proc.pid)
@@ -91,8 +92,14 @@ def run_program(args: list[str], *, kill_when=None) -> dict:
     out = proc.communicate()[0].decode()
     wall = time.perf_counter() - start
     # RUSAGE_CHILDREN covers the program and the workers it waited for
-    res = {"wall_s": round(wall, 2), "cpu_s": round(children_cpu() - cpu0, 2), "peak_rss_mb": round(peak / 2**20, 1),
-           "peak_rss_main_mb": round(peak_main / 2**20, 1), "killed": killed, "returncode": proc.returncode}
+    res = {
+        "wall_s": round(wall, 2),
+        "cpu_s": round(children_cpu() - cpu0, 2),
+        "peak_rss_mb": round(peak / 2**20, 1),
+        "peak_rss_main_mb": round(peak_main / 2**20, 1),
+        "killed": killed,
+        "returncode": proc.returncode,
+    }
     if not killed:
         if res["returncode"] != 0:
             raise SystemExit(f"the data program failed: {args}")
@@ -115,9 +122,13 @@ def main() -> None:
     parser.add_argument("--tokenizer", default="smollm2", help="data.tokenizer for every run")
     parser.add_argument("--batch", type=int, default=64, help="global batch for the read benchmark")
     parser.add_argument("--read-steps", type=int, default=100)
-    parser.add_argument("--speed-on-1x", dest="speed_scaled", action="store_false",
-                        help="measure tokens/s on the 1x corpus (default: the scaled one; start-up "
-                             "costs of a few seconds dominate a small corpus)")
+    parser.add_argument(
+        "--speed-on-1x",
+        dest="speed_scaled",
+        action="store_false",
+        help="measure tokens/s on the 1x corpus (default: the scaled one; start-up "
+        "costs of a few seconds dominate a small corpus)",
+    )
     parser.add_argument("--skip", nargs="*", default=[], choices=["speed", "rss", "resume", "read"])
     a = parser.parse_args()
     say = (lambda *m: None) if a.json else (lambda *m: print(*m, file=sys.stderr, flush=True))
@@ -125,26 +136,43 @@ def main() -> None:
     from rskd_jax.tokenizer import load_tokenizer
 
     load_tokenizer(a.tokenizer)  # built and cached outside the timed runs
-    result: dict = {"cpus": os.cpu_count(), "files": a.files, "seq_len": a.seq_len,
-                    "load_avg_1m_start": round(os.getloadavg()[0], 2)}
+    result: dict = {
+        "cpus": os.cpu_count(),
+        "files": a.files,
+        "seq_len": a.seq_len,
+        "load_avg_1m_start": round(os.getloadavg()[0], 2),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         one, big = os.path.join(tmp, "x1"), os.path.join(tmp, f"x{a.scale}")
         result["documents_1x"] = write_corpus(one, a.files, 1)
         result["documents_scaled"] = write_corpus(big, a.files, a.scale)
-        base = [f"data.tokenizer={a.tokenizer}", f"data.seq_len={a.seq_len}", "data.shard_records=25", "data.val_fraction=0.05"]
+        base = [
+            f"data.tokenizer={a.tokenizer}",
+            f"data.seq_len={a.seq_len}",
+            "data.shard_records=25",
+            "data.val_fraction=0.05",
+        ]
         if "speed" not in a.skip:
             result["tokens_per_s"], result["cpu_s"], result["wall_s"] = {}, {}, {}
             for w in a.workers:
-                r = run_program([f"data.inputs={big if a.speed_scaled else one}", f"data.output={tmp}/speed{w}",
-                                 f"data.workers={w}", *base])
+                r = run_program(
+                    [
+                        f"data.inputs={big if a.speed_scaled else one}",
+                        f"data.output={tmp}/speed{w}",
+                        f"data.workers={w}",
+                        *base,
+                    ]
+                )
                 result["tokens"] = r["summary"]["tokens"]
                 result["tokens_per_s"][w] = round(r["summary"]["tokens"] / r["wall_s"])
                 result.setdefault("tokens_per_s_in_program", {})[w] = r["summary"]["tokens_per_s"]
                 result.setdefault("program_cpu_s", {})[w] = r["summary"]["cpu_s"]
                 result["wall_s"][w] = r["wall_s"]
                 result["cpu_s"][w] = r["cpu_s"]
-                say(f"workers={w}: {result['tokens_per_s'][w]} tokens/s, {r['wall_s']} s wall, "
-                    f"{result['cpu_s'][w]} CPU s")
+                say(
+                    f"workers={w}: {result['tokens_per_s'][w]} tokens/s, {r['wall_s']} s wall, "
+                    f"{result['cpu_s'][w]} CPU s"
+                )
             lo, hi = min(a.workers), max(a.workers)
             result["speedup"] = round(result["tokens_per_s"][hi] / result["tokens_per_s"][lo], 3)
             hashes = {run_hash(f"{tmp}/speed{w}") for w in a.workers}
@@ -162,8 +190,9 @@ def main() -> None:
             result["resume"] = resume_figures(tmp, one, base)
             say(f"resume: {result['resume']}")
         if "read" not in a.skip:
-            result["read"] = read_figures(f"{tmp}/speed{max(a.workers)}" if "speed" not in a.skip else None,
-                                          a.batch, a.read_steps, a.seq_len)
+            result["read"] = read_figures(
+                f"{tmp}/speed{max(a.workers)}" if "speed" not in a.skip else None, a.batch, a.read_steps, a.seq_len
+            )
     result["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps(result, sort_keys=True))
 
@@ -198,10 +227,17 @@ def resume_figures(tmp: str, corpus: str, base: list[str]) -> dict:
     killed = run_program(args, kill_when=half_done)
     again = run_program(args)
     s = again["summary"]
-    return {"shards": total, "fresh_shards_tokenized": fresh["summary"]["shards_tokenized"],
-            "fresh_wall_s": fresh["wall_s"], "killed_after_s": killed["wall_s"], "killed": killed["killed"],
-            "rerun_shards_tokenized": s["shards_tokenized"], "rerun_wall_s": again["wall_s"],
-            "rerun_resumed": s["resumed"], "identical": run_hash(out) == run_hash(f"{tmp}/fresh")}
+    return {
+        "shards": total,
+        "fresh_shards_tokenized": fresh["summary"]["shards_tokenized"],
+        "fresh_wall_s": fresh["wall_s"],
+        "killed_after_s": killed["wall_s"],
+        "killed": killed["killed"],
+        "rerun_shards_tokenized": s["shards_tokenized"],
+        "rerun_wall_s": again["wall_s"],
+        "rerun_resumed": s["resumed"],
+        "identical": run_hash(out) == run_hash(f"{tmp}/fresh"),
+    }
 
 
 def read_figures(url: str | None, batch: int, steps: int, seq_len: int) -> dict:

@@ -18,8 +18,11 @@ import time
 
 import numpy as np
 
-FIELDS = {"dense": ("ids", "weights"), "trimmed": ("ids", "weights"),
-          "ragged": ("entry_pos", "entry_ids", "entry_weights")}
+FIELDS = {
+    "dense": ("ids", "weights"),
+    "trimmed": ("ids", "weights"),
+    "ragged": ("entry_pos", "entry_ids", "entry_weights"),
+}
 
 
 def main() -> None:
@@ -47,12 +50,18 @@ def main() -> None:
             if form == "trimmed":
                 slots.append(rows["ids"].shape[-1])
                 entries.append(float(rows["num_ids"].mean()))
-    out = {"store": args.store, "method": store.method, "k": store.k, "seq_len": store.seq_len,
-           "batch_rows": args.batch, "batches": n // args.batch,
-           "mean_entries_per_position": statistics.mean(entries),
-           "trimmed_slots": {"min": min(slots), "max": max(slots)},
-           "h2d_bytes_per_token": {f: statistics.mean(v) for f, v in per_form.items()},
-           "read_ms_per_batch": {f: 1e3 * statistics.median(v) for f, v in secs.items()}}
+    out = {
+        "store": args.store,
+        "method": store.method,
+        "k": store.k,
+        "seq_len": store.seq_len,
+        "batch_rows": args.batch,
+        "batches": n // args.batch,
+        "mean_entries_per_position": statistics.mean(entries),
+        "trimmed_slots": {"min": min(slots), "max": max(slots)},
+        "h2d_bytes_per_token": {f: statistics.mean(v) for f, v in per_form.items()},
+        "read_ms_per_batch": {f: 1e3 * statistics.median(v) for f, v in secs.items()},
+    }
     print(json.dumps(out, indent=None if args.json else 2))
 
 

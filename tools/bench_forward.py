@@ -29,8 +29,12 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--model", default=None, help="GGUF file or HF dir (default: SmolLM2 GGUF)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--len", type=int, default=512, dest="length")
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                   help="cores for both frameworks (default: all schedulable)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="cores for both frameworks (default: all schedulable)",
+    )
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--json", action="store_true", help="print only the JSON object")
@@ -39,8 +43,8 @@ def _parse() -> argparse.Namespace:
 
 def jax_forward(model, tokens):
     """A compiled forward (state, tokens) -> logits, its state, and the compile time."""
-    import jax  # noqa: PLC0415
-    from flax import nnx  # noqa: PLC0415
+    import jax
+    from flax import nnx
 
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda state, t: nnx.merge(graphdef, state)(t))
@@ -52,17 +56,18 @@ def jax_forward(model, tokens):
 
 def torch_forward(model, tokens, threads: int):
     """transformers' LlamaForCausalLM on the same weights (our HF export, in memory)."""
-    import torch  # noqa: PLC0415
-    import transformers  # noqa: PLC0415
+    import torch
+    import transformers
 
-    from rskd_jax.models.hf import config_to_hf, hf_tensors  # noqa: PLC0415
+    from rskd_jax.models.hf import config_to_hf, hf_tensors
 
     torch.set_num_threads(threads)
     hf = config_to_hf(model.config)
     cfg = transformers.AutoConfig.for_model(**{k: v for k, v in hf.items() if k != "dtype"})
     ref = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     missing, unexpected = ref.load_state_dict(
-        {k: torch.from_numpy(v.copy()) for k, v in hf_tensors(model).items()}, strict=False)
+        {k: torch.from_numpy(v.copy()) for k, v in hf_tensors(model).items()}, strict=False
+    )
     assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
     ids = torch.from_numpy(tokens).long()
 
@@ -79,9 +84,9 @@ def main() -> None:
     # its pool from the schedulable cores, torch from set_num_threads.
     if hasattr(os, "sched_setaffinity") and args.threads < len(os.sched_getaffinity(0)):
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
-    import numpy as np  # noqa: PLC0415
+    import numpy as np
 
-    from rskd_jax.models import from_pretrained, smollm2_path  # noqa: PLC0415
+    from rskd_jax.models import from_pretrained, smollm2_path
 
     path = args.model or smollm2_path()
     t = time.perf_counter()
@@ -90,8 +95,14 @@ def main() -> None:
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, model.config.vocab_size, (args.batch, args.length), dtype=np.int32)
     n = args.batch * args.length
-    out = {"model": os.path.basename(str(path)), "batch": args.batch, "len": args.length,
-           "threads": args.threads, "dtype": "float32", "load_s": round(load_s, 2)}
+    out = {
+        "model": os.path.basename(str(path)),
+        "batch": args.batch,
+        "len": args.length,
+        "threads": args.threads,
+        "dtype": "float32",
+        "load_s": round(load_s, 2),
+    }
     run_jax, compile_s = jax_forward(model, tokens)
     out["compile_s"] = round(compile_s, 2)
     runs = {"jax": run_jax}
@@ -99,7 +110,7 @@ def main() -> None:
         runs["torch"], out["torch_attn_implementation"] = torch_forward(model, tokens, args.threads)
     wall = {name: [] for name in runs}
     cpu = {name: [] for name in runs}
-    for name, run in runs.items():  # warm-up
+    for run in runs.values():  # warm-up
         run()
     load_before = os.getloadavg()[0]
     for _ in range(args.reps):  # interleaved, so a busy machine slows both alike
@@ -118,7 +129,7 @@ def main() -> None:
         out["cpu_ratio"] = round(statistics.median(cpu["torch"]) / statistics.median(cpu["jax"]), 3)
     # > threads means other processes competed for the cores: wall figures are then noisy.
     out["loadavg_1min"] = round(max(load_before, os.getloadavg()[0]), 2)
-    import jax  # noqa: PLC0415
+    import jax
 
     out.update(jax_version=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""))
     print(json.dumps(out) if args.json else json.dumps(out, indent=2))

@@ -34,9 +34,7 @@ def build_candidates(num_draws: int):
     return {
         "naive_categorical": jax.jit(naive),
         "sample_tokens_replace": jax.jit(lambda k, l: sample_tokens(k, l, num_draws)),
-        "sample_tokens_no_replace": jax.jit(
-            lambda k, l: sample_tokens(k, l, num_draws, replace=False)
-        ),
+        "sample_tokens_no_replace": jax.jit(lambda k, l: sample_tokens(k, l, num_draws, replace=False)),
         "top_k_targets": jax.jit(lambda k, l: top_k_targets(l, num_draws)),
         "log_softmax": jax.jit(lambda k, l: jax.nn.log_softmax(l, axis=-1)),
     }
@@ -48,8 +46,7 @@ def timed(fn, key, logits_PxV) -> float:
     return time.perf_counter() - start
 
 
-def run(vocab: int, num_draws: int, positions: int, scale: float, reps: int, naive_reps: int,
-        seed: int) -> dict:
+def run(vocab: int, num_draws: int, positions: int, scale: float, reps: int, naive_reps: int, seed: int) -> dict:
     load_before = os.getloadavg()[0]
     key = jax.random.key(seed)
     normal_PxV = jax.random.normal(jax.random.fold_in(key, 1), (positions, vocab), jnp.float32)
@@ -102,8 +99,7 @@ def table(result: dict) -> str:
         f"scale={result['logit_scale']}  backend={result['backend']}  "
         f"mean unique ids (replace=True)={result['mean_unique_ids']:.1f}  "
         f"load average {result['load_average_1m'][0]:.1f} -> {result['load_average_1m'][1]:.1f}",
-        f"{'candidate':<26}{'median s':>12}{'x log_softmax':>15}"
-        f"{'x faster than naive':>22}{'reps':>6}",
+        f"{'candidate':<26}{'median s':>12}{'x log_softmax':>15}{'x faster than naive':>22}{'reps':>6}",
     ]
     for name, s in result["seconds_per_call"].items():
         speedup = result.get("speedup_vs_naive", {}).get(name)
@@ -122,12 +118,10 @@ def main(argv=None) -> None:
     parser.add_argument("--positions", type=int, default=256)
     parser.add_argument("--scale", type=float, default=6.0, help="logits = N(0, 1) * scale")
     parser.add_argument("--reps", type=int, default=15, help="timed rounds")
-    parser.add_argument("--naive-reps", type=int, default=3,
-                        help="rounds that include the naive sampler (0: skip it)")
+    parser.add_argument("--naive-reps", type=int, default=3, help="rounds that include the naive sampler (0: skip it)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    result = run(args.vocab, args.num_draws, args.positions, args.scale, args.reps,
-                 args.naive_reps, args.seed)
+    result = run(args.vocab, args.num_draws, args.positions, args.scale, args.reps, args.naive_reps, args.seed)
     print(json.dumps(result, indent=2) if args.json else table(result))
 
 

@@ -38,20 +38,32 @@ import sys
 import time
 
 PRESETS = {
-    "cpu": dict(model=dict(hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
-                           num_kv_heads=2, dtype="float32"), batch=4, length=256),
-    "comparison": dict(model=dict(hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
-                                  num_kv_heads=2, dtype="float32"), batch=8, length=256),
-    "smollm2": dict(model=dict(hidden_size=576, intermediate_size=1536, num_layers=30,
-                               num_heads=9, num_kv_heads=3, dtype="bfloat16"), batch=8, length=1024),
+    "cpu": dict(
+        model=dict(hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4, num_kv_heads=2, dtype="float32"),
+        batch=4,
+        length=256,
+    ),
+    "comparison": dict(
+        model=dict(hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2, dtype="float32"),
+        batch=8,
+        length=256,
+    ),
+    "smollm2": dict(
+        model=dict(
+            hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3, dtype="bfloat16"
+        ),
+        batch=8,
+        length=1024,
+    ),
 }
 VOCAB, DRAWS = 49152, (50, 13)
 
 
 def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="default: smollm2 on an accelerator, cpu otherwise")
+    p.add_argument(
+        "--preset", choices=sorted(PRESETS), default=None, help="default: smollm2 on an accelerator, cpu otherwise"
+    )
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--len", type=int, default=None, dest="length")
     p.add_argument("--reps", type=int, default=9)
@@ -78,13 +90,15 @@ def store_rows(rng, b: int, l: int, draws: int) -> dict:
     cdfs = np.cumsum(ranks[None] ** -np.linspace(1.0, 3.0, 64)[:, None], axis=1)
     for i, j in enumerate(rng.integers(0, 64, p)):
         cdf = cdfs[j]
-        u, c = np.unique(perm[np.searchsorted(cdf, rng.uniform(0, cdf[-1], draws))],
-                         return_counts=True)
-        ids[i, :u.size], counts[i, :u.size] = u, c
+        u, c = np.unique(perm[np.searchsorted(cdf, rng.uniform(0, cdf[-1], draws))], return_counts=True)
+        ids[i, : u.size], counts[i, : u.size] = u, c
     num = (counts > 0).sum(-1)
-    return {"ids": ids.reshape(b, l, draws), "counts": counts.reshape(b, l, draws),
-            "weights": (counts / draws).astype(np.float32).reshape(b, l, draws),
-            "num_ids": num.reshape(b, l).astype(np.int32)}
+    return {
+        "ids": ids.reshape(b, l, draws),
+        "counts": counts.reshape(b, l, draws),
+        "weights": (counts / draws).astype(np.float32).reshape(b, l, draws),
+        "num_ids": num.reshape(b, l).astype(np.int32),
+    }
 
 
 class Bench:
@@ -98,8 +112,9 @@ class Bench:
         from rskd_jax import train_step as ts
         from rskd_jax.models import LlamaConfig, init_model
 
-        config = LlamaConfig(vocab_size=VOCAB, tie_embeddings=True, rope_theta=1e5,
-                             max_position_embeddings=max(l, 2048), **model_kw)
+        config = LlamaConfig(
+            vocab_size=VOCAB, tie_embeddings=True, rope_theta=1e5, max_position_embeddings=max(l, 2048), **model_kw
+        )
         student = init_model(config, seed=0)
         rng = np.random.default_rng(0)
         tokens = rng.integers(0, VOCAB, (b, l)).astype(np.int32)
@@ -117,8 +132,7 @@ class Bench:
                     rows_f = to_form(rows, form)
                 else:
                     rows_f = rows
-                self.batches[f"rskd_n{n}_{form}"] = {**base, "ids": rows_f["ids"],
-                                                     "weights": rows_f["weights"]}
+                self.batches[f"rskd_n{n}_{form}"] = {**base, "ids": rows_f["ids"], "weights": rows_f["weights"]}
         if args.full_online:
             self.batches["full_online"] = base
         self.mesh = mesh = sharding.make_mesh(sharding.MeshConfig(data=-1))
@@ -144,12 +158,13 @@ class Bench:
 
         method = self.method(name)
         online = method == "full_online"
-        spec = ts.LossSpec(method, alpha=1.0 if method == "ce" else self.alpha, vocab_size=VOCAB,
-                           chunk_size=chunk)
-        step = ts.make_train_step(self.graphdef, self.tx, self.schedule, spec,
-                                  teacher_graphdef=self.tgraph if online else None)
-        return ts.jit_step(step, self.state_sh, ts.batch_shardings(batch, self.mesh), self.mesh,
-                           self.t_sh if online else None)
+        spec = ts.LossSpec(method, alpha=1.0 if method == "ce" else self.alpha, vocab_size=VOCAB, chunk_size=chunk)
+        step = ts.make_train_step(
+            self.graphdef, self.tx, self.schedule, spec, teacher_graphdef=self.tgraph if online else None
+        )
+        return ts.jit_step(
+            step, self.state_sh, ts.batch_shardings(batch, self.mesh), self.mesh, self.t_sh if online else None
+        )
 
     def fresh_state(self):
         from rskd_jax import optim
@@ -183,15 +198,18 @@ def time_steps(bench: Bench, chunk: int, reps: int) -> dict:
                 times[m].append(dt)
             else:  # compile + first run
                 first[m] = round(dt, 3)
-    res = {"step_s": {m: statistics.median(times[m]) for m in names}, "ratio_to_ce": {},
-           "ratio_to_ce_se": {}, "first_step_s": first}
+    res = {
+        "step_s": {m: statistics.median(times[m]) for m in names},
+        "ratio_to_ce": {},
+        "ratio_to_ce_se": {},
+        "first_step_s": first,
+    }
     for m in names:
         logs = [math.log(a / c) for a, c in zip(times[m], times["ce"])]
         res["ratio_to_ce"][m] = math.exp(statistics.median(logs))
         res["ratio_to_ce_se"][m] = (statistics.stdev(logs) / math.sqrt(len(logs))) if len(logs) > 1 else None
     tokens = bench.batches["ce"]["tokens"].size
-    res["h2d_bytes_per_token"] = {m: sum(x.nbytes for x in bench.batches[m].values()) / tokens
-                                  for m in names}
+    res["h2d_bytes_per_token"] = {m: sum(x.nbytes for x in bench.batches[m].values()) / tokens for m in names}
     return res
 
 
@@ -204,17 +222,21 @@ def memory(bench: Bench, b: int, l: int, chunk: int) -> dict:
 
     bs = lambda nd: sharding.batch_sharding(bench.mesh, nd)
     k = DRAWS[0]
-    batch = {"tokens": jax.ShapeDtypeStruct((b, l), jnp.int32, sharding=bs(2)),
-             "ids": jax.ShapeDtypeStruct((b, l, k), jnp.int32, sharding=bs(3)),
-             "weights": jax.ShapeDtypeStruct((b, l, k), jnp.float32, sharding=bs(3))}
+    batch = {
+        "tokens": jax.ShapeDtypeStruct((b, l), jnp.int32, sharding=bs(2)),
+        "ids": jax.ShapeDtypeStruct((b, l, k), jnp.int32, sharding=bs(3)),
+        "weights": jax.ShapeDtypeStruct((b, l, k), jnp.float32, sharding=bs(3)),
+    }
     state = optim.abstract_state(bench.params, bench.tx, bench.state_sh)
     m = bench.step("rskd", chunk, batch).jitted.lower(state, batch, None).compile().memory_analysis()
     if m is None:
         return {"available": False}
-    peak = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-            - m.alias_size_in_bytes)
-    return {"peak_bytes": int(peak), "temp_bytes": int(m.temp_size_in_bytes),
-            "argument_bytes": int(m.argument_size_in_bytes)}
+    peak = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    return {
+        "peak_bytes": int(peak),
+        "temp_bytes": int(m.temp_size_in_bytes),
+        "argument_bytes": int(m.argument_size_in_bytes),
+    }
 
 
 def main() -> None:
@@ -225,15 +247,25 @@ def main() -> None:
     preset = PRESETS[preset_name]
     b, l = args.batch or preset["batch"], args.length or preset["length"]
     bench = Bench(args, preset["model"], b, l)
-    result = {"device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-              "preset": preset_name, "student": preset["model"], "vocab": VOCAB, "batch": [b, l],
-              "draws": list(DRAWS), "mean_unique_ids": bench.unique, "alpha": args.alpha,
-              "chunk_size": args.chunk_size, "reps": args.reps}
+    result = {
+        "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "preset": preset_name,
+        "student": preset["model"],
+        "vocab": VOCAB,
+        "batch": [b, l],
+        "draws": list(DRAWS),
+        "mean_unique_ids": bench.unique,
+        "alpha": args.alpha,
+        "chunk_size": args.chunk_size,
+        "reps": args.reps,
+    }
     result.update(time_steps(bench, args.chunk_size, args.reps))
     if not args.skip_memory:
         mb, ml = 8, 1024
         result["memory"] = {
-            "batch": [mb, ml], "vocab": VOCAB, "logits_f32_bytes": mb * ml * VOCAB * 4,
+            "batch": [mb, ml],
+            "vocab": VOCAB,
+            "logits_f32_bytes": mb * ml * VOCAB * 4,
             "unchunked": memory(bench, mb, ml, 0),
             "chunked": {"chunk_size": args.mem_chunk_size, **memory(bench, mb, ml, args.mem_chunk_size)},
         }

@@ -60,14 +60,13 @@ def make_rows(tokenizer, files: list[str], num_rows: int, seq_len: int):
         with open(f, encoding="utf-8", errors="replace") as fh:
             texts.append(fh.read())
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    freq = np.bincount(np.concatenate([np.asarray(e, np.int64) for e in encoded]),
-                       minlength=len(tokenizer))
+    freq = np.bincount(np.concatenate([np.asarray(e, np.int64) for e in encoded]), minlength=len(tokenizer))
     long = [e for e in encoded if len(e) >= 2 * seq_len]
     pick = np.linspace(0, len(long) - 1, num_rows).round().astype(int)
     rows = []
     for i in pick:
         start = (len(long[i]) - seq_len) // 2
-        rows.append(long[i][start:start + seq_len])
+        rows.append(long[i][start : start + seq_len])
     return np.asarray(rows, np.int32), freq, sum(len(e) for e in encoded)
 
 
@@ -109,14 +108,13 @@ def make_samples(text: str, pattern: str, num_rows: int, seq_len: int, seed: int
     model.eval()
     files = corpus_files(text, pattern)
     tokens, freq, corpus_tokens = make_rows(tok, files, num_rows, seq_len)
-    print(f"loaded teacher + {len(files)} files ({corpus_tokens} tokens) in {time.time() - t0:.0f}s",
-          file=sys.stderr)
+    print(f"loaded teacher + {len(files)} files ({corpus_tokens} tokens) in {time.time() - t0:.0f}s", file=sys.stderr)
     rng = np.random.default_rng(seed)
     out = {f"ids{n}": [] for n in DRAWS} | {f"counts{n}": [] for n in DRAWS}
     out |= {"gold_logprob": [], "entropy": [], "topk_ids": [], "topk_probs": []}
     with torch.no_grad():
         for r in range(num_rows):
-            logits = model(torch.from_numpy(tokens[r:r + 1].astype(np.int64))).logits[0]
+            logits = model(torch.from_numpy(tokens[r : r + 1].astype(np.int64))).logits[0]
             logp = torch.log_softmax(logits.double(), dim=-1)
             probs = logp.exp().numpy()
             cdf = np.cumsum(probs, axis=1)
@@ -138,8 +136,7 @@ def make_samples(text: str, pattern: str, num_rows: int, seq_len: int, seed: int
     return res
 
 
-def load_or_make_samples(path: str, *, text: str, glob: str, num_rows: int, seq_len: int,
-                         seed: int) -> dict:
+def load_or_make_samples(path: str, *, text: str, glob: str, num_rows: int, seq_len: int, seed: int) -> dict:
     if os.path.exists(path):
         with np.load(path) as z:
             return dict(z)
@@ -213,13 +210,32 @@ def codec_chain(codec, itemsize, inner=None):
         chain = [RAW, {"name": "zstd", "configuration": {"level": codec[1], "checksum": False}}]
     else:
         shuffle = codec[2] if itemsize > 1 or codec[2] != "shuffle" else "noshuffle"
-        chain = [RAW, {"name": "blosc", "configuration": {"cname": "zstd", "clevel": codec[1], "shuffle": shuffle,
-                                                          "typesize": itemsize, "blocksize": 0}}]
+        chain = [
+            RAW,
+            {
+                "name": "blosc",
+                "configuration": {
+                    "cname": "zstd",
+                    "clevel": codec[1],
+                    "shuffle": shuffle,
+                    "typesize": itemsize,
+                    "blocksize": 0,
+                },
+            },
+        ]
     if inner is None:
         return chain
-    return [{"name": "sharding_indexed", "configuration": {
-        "chunk_shape": list(inner), "codecs": chain, "index_codecs": [RAW, {"name": "crc32c"}],
-        "index_location": "end"}}]
+    return [
+        {
+            "name": "sharding_indexed",
+            "configuration": {
+                "chunk_shape": list(inner),
+                "codecs": chain,
+                "index_codecs": [RAW, {"name": "crc32c"}],
+                "index_location": "end",
+            },
+        }
+    ]
 
 
 def codec_name(codec):
@@ -240,10 +256,17 @@ def write_read(root: str, arrays: dict, chunk_rows: int, inner_rows: int | None,
     for name, (arr, codec) in arrays.items():
         tiled = np.concatenate([arr] * repeat)
         inner = None if inner_rows is None else (inner_rows, *arr.shape[1:])
-        spec = {"driver": "zarr3", "kvstore": f"file://{root}/{name}/", "metadata": {
-            "shape": list(tiled.shape), "data_type": tiled.dtype.name, "fill_value": 0,
-            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_rows, *arr.shape[1:]]}},
-            "codecs": codec_chain(codec, tiled.dtype.itemsize, inner)}}
+        spec = {
+            "driver": "zarr3",
+            "kvstore": f"file://{root}/{name}/",
+            "metadata": {
+                "shape": list(tiled.shape),
+                "data_type": tiled.dtype.name,
+                "fill_value": 0,
+                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_rows, *arr.shape[1:]]}},
+                "codecs": codec_chain(codec, tiled.dtype.itemsize, inner),
+            },
+        }
         handles[name] = ts.open(spec, create=True, delete_existing=True).result()
         data[name] = tiled
     t0 = time.perf_counter()
@@ -267,25 +290,94 @@ def candidates(ids, counts, freq):
     out = []
     ids32 = np.where(counts > 0, ids, 0).astype(np.int32)  # the sampler's own output
     for codec in (None, zstd(3)):
-        out.append(("raw int32 ids + int32 counts", "fixed K", {"ids": (ids32, codec), "counts": (counts.astype(np.int32), codec)}, 8, None))
+        out.append(
+            (
+                "raw int32 ids + int32 counts",
+                "fixed K",
+                {"ids": (ids32, codec), "counts": (counts.astype(np.int32), codec)},
+                8,
+                None,
+            )
+        )
     d, c = fixed_delta(ids, counts)
     for codec in (zstd(3), zstd(9), zstd(19), blosc(5), blosc(9), blosc(9, "bitshuffle")):
-        out.append(("sorted ids delta u16 + counts u8", "fixed K", {"ids": (d.astype(np.uint16), codec), "counts": (c.astype(np.uint8), codec)}, 8, None))
+        out.append(
+            (
+                "sorted ids delta u16 + counts u8",
+                "fixed K",
+                {"ids": (d.astype(np.uint16), codec), "counts": (c.astype(np.uint8), codec)},
+                8,
+                None,
+            )
+        )
     d, c = fixed_delta(ids, counts, rank)
-    for codec, cr in ((zstd(19), 8), (blosc(5), 8), (blosc(9), 1), (blosc(9), 8), (blosc(9), 16), (blosc(9, "bitshuffle"), 8)):
-        out.append(("rank-remapped sorted delta u16 + counts u8", "fixed K", {"ids": (d.astype(np.uint16), codec), "counts": (c.astype(np.uint8), codec)}, cr, None))
+    for codec, cr in (
+        (zstd(19), 8),
+        (blosc(5), 8),
+        (blosc(9), 1),
+        (blosc(9), 8),
+        (blosc(9), 16),
+        (blosc(9, "bitshuffle"), 8),
+    ):
+        out.append(
+            (
+                "rank-remapped sorted delta u16 + counts u8",
+                "fixed K",
+                {"ids": (d.astype(np.uint16), codec), "counts": (c.astype(np.uint8), codec)},
+                cr,
+                None,
+            )
+        )
     d, c = fixed_delta(ids, counts, oracle)
-    out.append(("oracle-rank delta u16 + counts u8 (reference: table from these very samples)", "fixed K",
-                {"ids": (d.astype(np.uint16), blosc(9)), "counts": (c.astype(np.uint8), blosc(9))}, 8, None))
+    out.append(
+        (
+            "oracle-rank delta u16 + counts u8 (reference: table from these very samples)",
+            "fixed K",
+            {"ids": (d.astype(np.uint16), blosc(9)), "counts": (c.astype(np.uint8), blosc(9))},
+            8,
+            None,
+        )
+    )
     g, c, n = packed(ids, counts)
-    out.append(("packed gaps u16 (identity ids) + counts-1 u8 + num_ids u8", "packed rows",
-                {"ids": (g.astype(np.uint16), blosc(5)), "counts": (c.astype(np.uint8), blosc(5)), "num_ids": (n.astype(np.uint8), blosc(5))}, 8, 1))
+    out.append(
+        (
+            "packed gaps u16 (identity ids) + counts-1 u8 + num_ids u8",
+            "packed rows",
+            {
+                "ids": (g.astype(np.uint16), blosc(5)),
+                "counts": (c.astype(np.uint8), blosc(5)),
+                "num_ids": (n.astype(np.uint8), blosc(5)),
+            },
+            8,
+            1,
+        )
+    )
     g, c, n = packed(ids, counts, rank)
-    for codec, cr, inner in ((zstd(3), 8, None), (zstd(19), 8, None), (blosc(5), 8, None), (blosc(5), 16, None),
-                             (blosc(9), 8, None), (blosc(9), 16, None), (blosc(1), 8, 1), (blosc(5), 8, 1),
-                             (blosc(7), 8, 1), (blosc(9), 8, 1)):
-        out.append(("packed rank gaps u16 + counts-1 u8 + num_ids u8", "packed rows" + (" (1-row inner chunks)" if inner else ""),
-                    {"ids": (g.astype(np.uint16), codec), "counts": (c.astype(np.uint8), codec), "num_ids": (n.astype(np.uint8), codec)}, cr, inner))
+    for codec, cr, inner in (
+        (zstd(3), 8, None),
+        (zstd(19), 8, None),
+        (blosc(5), 8, None),
+        (blosc(5), 16, None),
+        (blosc(9), 8, None),
+        (blosc(9), 16, None),
+        (blosc(1), 8, 1),
+        (blosc(5), 8, 1),
+        (blosc(7), 8, 1),
+        (blosc(9), 8, 1),
+    ):
+        out.append(
+            (
+                "packed rank gaps u16 + counts-1 u8 + num_ids u8",
+                "packed rows" + (" (1-row inner chunks)" if inner else ""),
+                {
+                    "ids": (g.astype(np.uint16), codec),
+                    "counts": (c.astype(np.uint8), codec),
+                    "num_ids": (n.astype(np.uint8), codec),
+                },
+                cr,
+                inner,
+            )
+        )
     return out
 
 
@@ -298,20 +390,29 @@ def measure_candidates(samples: dict, repeat: int, root: str) -> tuple[list[dict
         sizes, tw, tr = write_read(root, arrays, cr, inner, repeat)
         total = sum(sizes.values())
         codecs = sorted({codec_name(c) for _, c in arrays.values()})
-        rows.append({
-            "encoding": name, "layout": layout, "codec": "/".join(codecs), "chunk_rows": cr,
-            "inner_chunk_rows": inner,
-            "B_per_token": {k: round(v / ntok, 3) for k, v in sizes.items()} | {"total": round(total / ntok, 3)},
-            "B_per_entry": round(total / nent, 3),
-            "write_ktok_per_s": round(repeat * ntok / tw / 1e3), "read_ktok_per_s": round(repeat * ntok / tr / 1e3),
-        })
+        rows.append(
+            {
+                "encoding": name,
+                "layout": layout,
+                "codec": "/".join(codecs),
+                "chunk_rows": cr,
+                "inner_chunk_rows": inner,
+                "B_per_token": {k: round(v / ntok, 3) for k, v in sizes.items()} | {"total": round(total / ntok, 3)},
+                "B_per_entry": round(total / nent, 3),
+                "write_ktok_per_s": round(repeat * ntok / tw / 1e3),
+                "read_ktok_per_s": round(repeat * ntok / tr / 1e3),
+            }
+        )
     rank = rank_of(samples["unigram_counts"])
     g, c, _ = packed(ids, counts, rank)
     present = np.zeros(g.shape, bool)
     present[:, :] = np.arange(g.shape[1]) < (counts > 0).reshape(ids.shape[0], -1).sum(1)[:, None]
     d_id, _ = fixed_delta(ids, counts)
-    bits = {"id_delta_identity": entropy_bits(d_id[counts > 0]),
-            "id_gap_rank": entropy_bits(g[present]), "count": entropy_bits(counts[counts > 0])}
+    bits = {
+        "id_delta_identity": entropy_bits(d_id[counts > 0]),
+        "id_gap_rank": entropy_bits(g[present]),
+        "count": entropy_bits(counts[counts > 0]),
+    }
     bits = {k: round(v, 3) for k, v in bits.items()}
     bits["ideal_B_per_token_rank_gap_plus_count"] = round((bits["id_gap_rank"] + bits["count"]) * nent / 8 / ntok, 2)
     return rows, bits
@@ -326,8 +427,16 @@ def _canon(ids, w):
     return np.where(np.take_along_axis(present, o, -1), np.take_along_axis(ids, o, -1), 0), np.take_along_axis(w, o, -1)
 
 
-def measure_store(samples: dict, root: str, *, method: str = "sample", k: int = 50, chunk_rows: int = 8,
-                  level: int | None = None, diagnostics: bool = True) -> dict:
+def measure_store(
+    samples: dict,
+    root: str,
+    *,
+    method: str = "sample",
+    k: int = 50,
+    chunk_rows: int = 8,
+    level: int | None = None,
+    diagnostics: bool = True,
+) -> dict:
     """Writes the samples through rskd_jax.store.teacher, reads them back in random row
     order (one read_rows call), checks they are identical, and returns sizes and rates."""
     from rskd_jax.store import teacher
@@ -343,12 +452,24 @@ def measure_store(samples: dict, root: str, *, method: str = "sample", k: int = 
     s, length = ids.shape[:2]
     level = teacher.DEFAULT_COMPRESSION_LEVEL if level is None else level
     store = teacher.create_teacher_store(
-        root, manifest={"bench": "store_codec"}, num_rows={"train": s}, seq_len=length, method=method, k=k,
-        vocab_size=samples["unigram_counts"].size, chunk_rows=chunk_rows, diagnostics=diagnostics,
-        overwrite=True, id_frequencies=samples["unigram_counts"], compression_level=level)
+        root,
+        manifest={"bench": "store_codec"},
+        num_rows={"train": s},
+        seq_len=length,
+        method=method,
+        k=k,
+        vocab_size=samples["unigram_counts"].size,
+        chunk_rows=chunk_rows,
+        diagnostics=diagnostics,
+        overwrite=True,
+        id_frequencies=samples["unigram_counts"],
+        compression_level=level,
+    )
     t0 = time.perf_counter()
-    for f in [store.write_rows("train", a, {n: x[a:a + chunk_rows] for n, x in rows.items()})
-              for a in range(0, s, chunk_rows)]:
+    for f in [
+        store.write_rows("train", a, {n: x[a : a + chunk_rows] for n, x in rows.items()})
+        for a in range(0, s, chunk_rows)
+    ]:
         f.result()
     t1 = time.perf_counter()
     reader = teacher.open_teacher_store(root)
@@ -366,21 +487,32 @@ def measure_store(samples: dict, root: str, *, method: str = "sample", k: int = 
     entries = sum(by[a] for a in entry_names)
     ntok = s * length
     return {
-        "method": method, "k": k, "compression_level": level, "chunk_rows": chunk_rows, "lossless": bool(lossless),
+        "method": method,
+        "k": k,
+        "compression_level": level,
+        "chunk_rows": chunk_rows,
+        "lossless": bool(lossless),
         "mean_unique_ids": round(st["mean_unique_ids"], 3),
-        "B_per_token": by | {"+".join(entry_names): round(entries, 3),
-                             "diagnostics": round(sum(by.get(a, 0) for a in ("gold_logprob", "entropy")), 3),
-                             "all_files": round(st["bytes_per_token"], 3)},
+        "B_per_token": by
+        | {
+            "+".join(entry_names): round(entries, 3),
+            "diagnostics": round(sum(by.get(a, 0) for a in ("gold_logprob", "entropy")), 3),
+            "all_files": round(st["bytes_per_token"], 3),
+        },
         "B_per_entry": round(entries / st["mean_unique_ids"], 3),
-        "fixed_bytes_manifest_rank_table_metadata": int(st["bytes_on_disk"] - sum(st["bytes_per_token_by_array"].values()) * ntok),
-        "write_ktok_per_s": round(ntok / (t1 - t0) / 1e3), "read_random_rows_ktok_per_s": round(ntok / (t3 - t2) / 1e3),
+        "fixed_bytes_manifest_rank_table_metadata": int(
+            st["bytes_on_disk"] - sum(st["bytes_per_token_by_array"].values()) * ntok
+        ),
+        "write_ktok_per_s": round(ntok / (t1 - t0) / 1e3),
+        "read_random_rows_ktok_per_s": round(ntok / (t3 - t2) / 1e3),
     }
 
 
 def corpus_facts(samples: dict) -> dict:
     gold = samples["gold_logprob"]
     return {
-        "rows": int(samples["tokens"].shape[0]), "seq_len": int(samples["tokens"].shape[1]),
+        "rows": int(samples["tokens"].shape[0]),
+        "seq_len": int(samples["tokens"].shape[1]),
         "tokens": int(samples["tokens"].size),
         "teacher_perplexity": round(float(np.exp(-np.nanmean(gold))), 3),
         "teacher_mean_entropy_nats": round(float(samples["entropy"].mean()), 3),
@@ -391,8 +523,11 @@ def corpus_facts(samples: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
-    parser.add_argument("--samples", default="/tmp/rskd_store_samples_stdlib.npz",
-                        help="sample set to measure; made from --text if missing")
+    parser.add_argument(
+        "--samples",
+        default="/tmp/rskd_store_samples_stdlib.npz",
+        help="sample set to measure; made from --text if missing",
+    )
     parser.add_argument("--text", default="stdlib", help="'stdlib' or a directory of text files")
     parser.add_argument("--glob", default="**/*.py", help="files under --text")
     parser.add_argument("--rows", type=int, default=16)
@@ -403,24 +538,30 @@ def main() -> None:
     args = parser.parse_args()
     import tempfile
 
-    samples = load_or_make_samples(args.samples, text=args.text, glob=args.glob, num_rows=args.rows,
-                                   seq_len=args.seq_len, seed=args.seed)
+    samples = load_or_make_samples(
+        args.samples, text=args.text, glob=args.glob, num_rows=args.rows, seq_len=args.seq_len, seed=args.seed
+    )
     with tempfile.TemporaryDirectory() as tmp:
         rows, bits = measure_candidates(samples, args.repeat, os.path.join(tmp, "cand"))
         default = measure_store(samples, os.path.join(tmp, "store"))
         level9 = measure_store(samples, os.path.join(tmp, "store9"), level=9)
-        others = [measure_store(samples, os.path.join(tmp, f"top{k}"), method="top_k", k=k, diagnostics=False)
-                  for k in (12, 50)]
+        others = [
+            measure_store(samples, os.path.join(tmp, f"top{k}"), method="top_k", k=k, diagnostics=False)
+            for k in (12, 50)
+        ]
         also = {}
         for path in args.also:
             with np.load(path) as z:
                 extra = dict(z)
-            also[os.path.basename(path)] = {"corpus": corpus_facts(extra),
-                                            "default_store": measure_store(extra, os.path.join(tmp, "also"))}
+            also[os.path.basename(path)] = {
+                "corpus": corpus_facts(extra),
+                "default_store": measure_store(extra, os.path.join(tmp, "also")),
+            }
     entry_key = "ids+counts+num_ids"
     result = {
         "teacher": f"SmolLM2-135M-Instruct {GGUF_NAME} via transformers (float32)",
-        "samples": args.samples, "num_draws": 50,
+        "samples": args.samples,
+        "num_draws": 50,
         "corpus": corpus_facts(samples),
         "paper_mean_unique_ids": {"4": 2.4, "13": 5.0, "50": 12.1, "150": 24.5},
         "order0_entropy_bits_per_entry": bits,
@@ -428,18 +569,27 @@ def main() -> None:
         "default_store": default,
         "default_store_clevel9": level9,
         "top_k_float32_probs": others,
-        "targets": {"max_B_per_token_ids_counts": 30, "max_B_per_entry": 2.0,
-                    "met": default["B_per_token"][entry_key] <= 30 and default["B_per_entry"] <= 2.0 and default["lossless"]},
+        "targets": {
+            "max_B_per_token_ids_counts": 30,
+            "max_B_per_entry": 2.0,
+            "met": default["B_per_token"][entry_key] <= 30 and default["B_per_entry"] <= 2.0 and default["lossless"],
+        },
         "also": also,
     }
     if args.json:
         print(json.dumps(result))
         return
     print(json.dumps({k: v for k, v in result.items() if k != "candidates"}, indent=1))
-    print(f"{'encoding':62s} {'layout':32s} {'codec':36s} {'rows':>4s} {'B/tok':>7s} {'B/ent':>6s} {'wr kt/s':>8s} {'rd kt/s':>8s}")
+    print(
+        f"{'encoding':62s} {'layout':32s} {'codec':36s} {'rows':>4s} {'B/tok':>7s} {'B/ent':>6s} "
+        f"{'wr kt/s':>8s} {'rd kt/s':>8s}"
+    )
     for r in rows:
-        print(f"{r['encoding'][:62]:62s} {r['layout']:32s} {r['codec'][:36]:36s} {r['chunk_rows']:4d} "
-              f"{r['B_per_token']['total']:7.2f} {r['B_per_entry']:6.3f} {r['write_ktok_per_s']:8d} {r['read_ktok_per_s']:8d}")
+        print(
+            f"{r['encoding'][:62]:62s} {r['layout']:32s} {r['codec'][:36]:36s} {r['chunk_rows']:4d} "
+            f"{r['B_per_token']['total']:7.2f} {r['B_per_entry']:6.3f} {r['write_ktok_per_s']:8d} "
+            f"{r['read_ktok_per_s']:8d}"
+        )
 
 
 if __name__ == "__main__":

@@ -36,8 +36,9 @@ def read_all(path: str) -> dict[str, np.ndarray]:
         store = open_token_store(path)
         out = {s: store.read(s, np.arange(store.num_rows(s))) for s in store.splits}
         if store.has_doc_starts:
-            out.update({f"{s}/doc_starts": store.read_doc_starts(s, np.arange(store.num_rows(s)))
-                        for s in store.splits})
+            out.update(
+                {f"{s}/doc_starts": store.read_doc_starts(s, np.arange(store.num_rows(s))) for s in store.splits}
+            )
         return out
     store = open_teacher_store(path)
     out = {}
@@ -65,8 +66,7 @@ def index_bytes(chunk_file: str) -> int:
 
 
 def trial(path: str, reference: dict[str, np.ndarray], rng: np.random.Generator) -> dict:
-    files = sorted(f for f in glob.glob(os.path.join(path, "**", "c", "**"), recursive=True)
-                   if os.path.isfile(f))
+    files = sorted(f for f in glob.glob(os.path.join(path, "**", "c", "**"), recursive=True) if os.path.isfile(f))
     with tempfile.TemporaryDirectory(prefix="rskd-flip-") as tmp:
         copy = os.path.join(tmp, "store")
         shutil.copytree(path, copy)
@@ -87,7 +87,8 @@ def trial(path: str, reference: dict[str, np.ndarray], rng: np.random.Generator)
         except StoreError as err:
             return {**where, "outcome": "error", "message": str(err).replace(copy, path)}
         same = values.keys() == reference.keys() and all(
-            np.array_equal(values[k], reference[k], equal_nan=values[k].dtype.kind == "f") for k in values)
+            np.array_equal(values[k], reference[k], equal_nan=values[k].dtype.kind == "f") for k in values
+        )
         return {**where, "outcome": "same" if same else "silent"}
 
 
@@ -97,8 +98,14 @@ def check_store(path: str, flips: int, seed: int) -> dict:
     trials = [trial(path, reference, rng) for _ in range(flips)]
     counts = {o: sum(t["outcome"] == o for t in trials) for o in ("error", "silent", "same")}
     example = next((t["message"] for t in trials if t["outcome"] == "error"), None)
-    return {"store": path, "kind": (read_json(path) or {}).get("kind"), "flips": flips, **counts,
-            "example_message": example, "silent_trials": [t for t in trials if t["outcome"] == "silent"]}
+    return {
+        "store": path,
+        "kind": (read_json(path) or {}).get("kind"),
+        "flips": flips,
+        **counts,
+        "example_message": example,
+        "silent_trials": [t for t in trials if t["outcome"] == "silent"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"stores": results, "silent": sum(r["silent"] for r in results)}))
     else:
         for r in results:
-            print(f"{r['store']} ({r['kind']}): {r['flips']} flips -> {r['error']} errors, "
-                  f"{r['silent']} silent, {r['same']} unchanged")
+            print(
+                f"{r['store']} ({r['kind']}): {r['flips']} flips -> {r['error']} errors, "
+                f"{r['silent']} silent, {r['same']} unchanged"
+            )
             if r["example_message"]:
                 print(f"  e.g. {r['example_message']}")
     return 1 if any(r["silent"] for r in results) else 0

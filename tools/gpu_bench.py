@@ -30,15 +30,31 @@ import time
 
 FULL = {
     "teacher": dict(hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3),
-    "vocab": 49152, "cache_rows": 1024, "cache_len": 1024, "cache_batch": 64, "draws": 50,
+    "vocab": 49152,
+    "cache_rows": 1024,
+    "cache_len": 1024,
+    "cache_batch": 64,
+    "draws": 50,
     "student": dict(hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12, num_kv_heads=4),
-    "train_batch": 16, "train_len": 1024, "chunk": 256, "reps": 10, "dtype": "bfloat16",
+    "train_batch": 16,
+    "train_len": 1024,
+    "chunk": 256,
+    "reps": 10,
+    "dtype": "bfloat16",
 }
 SMOKE = {
     "teacher": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2),
-    "vocab": 1024, "cache_rows": 32, "cache_len": 64, "cache_batch": 8, "draws": 50,
+    "vocab": 1024,
+    "cache_rows": 32,
+    "cache_len": 64,
+    "cache_batch": 8,
+    "draws": 50,
     "student": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2),
-    "train_batch": 4, "train_len": 64, "chunk": 32, "reps": 2, "dtype": "float32",
+    "train_batch": 4,
+    "train_len": 64,
+    "chunk": 32,
+    "reps": 2,
+    "dtype": "float32",
 }
 PEAKS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 UNIQUE = 12
@@ -84,15 +100,37 @@ def bench_cache(size: dict, tmp: str, peak) -> dict:
     v, rows, length, b = size["vocab"], size["cache_rows"], size["cache_len"], size["cache_batch"]
     rng = np.random.default_rng(0)
     tokens = f"{tmp}/tokens"
-    write_token_store(tokens, {"train": rng.integers(0, v, (rows, length)).astype(np.int32)},
-                      {"tokenizer": {"spec": "random", "fingerprint": f"random-{v}", "vocab_size": v,
-                                     "eos_id": 0, "bos_id": None}, "eos_id": 0})
-    teacher = ModelSpec(source="random", seed=0, dtype=size["dtype"], param_dtype=size["dtype"],
-                        vocab_size=v, rope_theta=1e5, tie_embeddings=True,
-                        max_position_embeddings=max(2048, length), **size["teacher"])
-    run = CacheRun(cache=CacheConfig(tokens=tokens, output=f"{tmp}/teacher", splits=("train",), batch_size=b,
-                                     chunk_rows=8, seed=0, outputs=(OutputConfig(name="rskd_n50", num_draws=size["draws"]),)),
-                   teacher=teacher)
+    write_token_store(
+        tokens,
+        {"train": rng.integers(0, v, (rows, length)).astype(np.int32)},
+        {
+            "tokenizer": {"spec": "random", "fingerprint": f"random-{v}", "vocab_size": v, "eos_id": 0, "bos_id": None},
+            "eos_id": 0,
+        },
+    )
+    teacher = ModelSpec(
+        source="random",
+        seed=0,
+        dtype=size["dtype"],
+        param_dtype=size["dtype"],
+        vocab_size=v,
+        rope_theta=1e5,
+        tie_embeddings=True,
+        max_position_embeddings=max(2048, length),
+        **size["teacher"],
+    )
+    run = CacheRun(
+        cache=CacheConfig(
+            tokens=tokens,
+            output=f"{tmp}/teacher",
+            splits=("train",),
+            batch_size=b,
+            chunk_rows=8,
+            seed=0,
+            outputs=(OutputConfig(name="rskd_n50", num_draws=size["draws"]),),
+        ),
+        teacher=teacher,
+    )
     t0 = time.perf_counter()
     cacher = Cacher(run)
     setup_s = time.perf_counter() - t0
@@ -107,14 +145,25 @@ def bench_cache(size: dict, tmp: str, peak) -> dict:
     step_tps = b * length / step_s if step_s else None
     for s in cacher.stores.values():
         s.close()
-    return {"teacher": {**size["teacher"], "vocab": v, "dtype": size["dtype"], "matmul_params": matmul_params(cfg)},
-            "rows": rows, "seq_len": length, "batch_size": b, "output": f"sample N={size['draws']} + diagnostics",
-            "setup_s": round(setup_s, 2), "first_step_s": round(warm["seconds"], 2), "timed_tokens": res["tokens"],
-            "tokens_per_s": tps, "step_tokens_per_s": step_tps, "forward_tokens_per_s": fwd_tps,
-            "flops_per_token": flops, "mfu": _mfu(tps, flops, peak), "step_mfu": _mfu(step_tps, flops, peak),
-            "forward_mfu": _mfu(fwd_tps, flops, peak),
-            "store": {"bytes_per_token": stats["bytes_per_token"], "mean_unique_ids": stats["mean_unique_ids"]},
-            "device_kind": jax.devices()[0].device_kind}
+    return {
+        "teacher": {**size["teacher"], "vocab": v, "dtype": size["dtype"], "matmul_params": matmul_params(cfg)},
+        "rows": rows,
+        "seq_len": length,
+        "batch_size": b,
+        "output": f"sample N={size['draws']} + diagnostics",
+        "setup_s": round(setup_s, 2),
+        "first_step_s": round(warm["seconds"], 2),
+        "timed_tokens": res["tokens"],
+        "tokens_per_s": tps,
+        "step_tokens_per_s": step_tps,
+        "forward_tokens_per_s": fwd_tps,
+        "flops_per_token": flops,
+        "mfu": _mfu(tps, flops, peak),
+        "step_mfu": _mfu(step_tps, flops, peak),
+        "forward_mfu": _mfu(fwd_tps, flops, peak),
+        "store": {"bytes_per_token": stats["bytes_per_token"], "mean_unique_ids": stats["mean_unique_ids"]},
+        "device_kind": jax.devices()[0].device_kind,
+    }
 
 
 def _forward_tokens_per_s(cacher, b: int, length: int, reps: int = 3) -> float:
@@ -134,13 +183,19 @@ def _forward_tokens_per_s(cacher, b: int, length: int, reps: int = 3) -> float:
         model = nnx.merge(graphdef, state)
         h_BxLxD, w_DxV = model.hidden_states(tokens_BxL), model.lm_head_weight()
         h_NxBxCxD = jnp.swapaxes(h_BxLxD.reshape(b, length // chunk, chunk, -1), 0, 1)
-        lse = jax.lax.map(lambda h: jax.nn.logsumexp(
-            jnp.einsum("bcd,dv->bcv", h, w_DxV, preferred_element_type=jnp.float32), axis=-1).sum(), h_NxBxCxD)
+        lse = jax.lax.map(
+            lambda h: jax.nn.logsumexp(
+                jnp.einsum("bcd,dv->bcv", h, w_DxV, preferred_element_type=jnp.float32), axis=-1
+            ).sum(),
+            h_NxBxCxD,
+        )
         return lse.sum()
 
     f = jax.jit(fwd)
-    tokens = jax.device_put(np.random.default_rng(1).integers(0, cacher.vocab, (b, length)).astype(np.int32),
-                            sharding.batch_sharding(cacher.mesh, 2))
+    tokens = jax.device_put(
+        np.random.default_rng(1).integers(0, cacher.vocab, (b, length)).astype(np.int32),
+        sharding.batch_sharding(cacher.mesh, 2),
+    )
     jax.block_until_ready(f(cacher.state, tokens))
     times = []
     for _ in range(reps):
@@ -163,8 +218,14 @@ def bench_train(size: dict, peak) -> dict:
     from rskd_jax.models import LlamaConfig, init_model
 
     v, b, length, k = size["vocab"], size["train_batch"], size["train_len"], size["draws"]
-    cfg = LlamaConfig(vocab_size=v, tie_embeddings=True, rope_theta=1e5, max_position_embeddings=max(2048, length),
-                      dtype=size["dtype"], **size["student"])
+    cfg = LlamaConfig(
+        vocab_size=v,
+        tie_embeddings=True,
+        rope_theta=1e5,
+        max_position_embeddings=max(2048, length),
+        dtype=size["dtype"],
+        **size["student"],
+    )
     student = init_model(cfg, seed=0)
     mesh = sharding.make_mesh(MeshConfig(data=-1))
     graphdef, params = ts.split_model(student)
@@ -178,15 +239,26 @@ def bench_train(size: dict, peak) -> dict:
     ids[..., :u] = rng.integers(0, v, (b, length, u))
     w[..., :u] = (1 + rng.multinomial(k - u, [1 / u] * u, size=(b, length))) / k
     host = {"tokens": rng.integers(0, v, (b, length)).astype(np.int32), "ids": ids, "weights": w}
-    out = {"student": {**size["student"], "vocab": v, "dtype": size["dtype"],
-                       "params": int(sum(x.size for x in jax.tree.leaves(params))), "matmul_params": matmul_params(cfg)},
-           "batch": [b, length], "chunk_size": size["chunk"], "slots": k, "unique_ids": u}
+    out = {
+        "student": {
+            **size["student"],
+            "vocab": v,
+            "dtype": size["dtype"],
+            "params": int(sum(x.size for x in jax.tree.leaves(params))),
+            "matmul_params": matmul_params(cfg),
+        },
+        "batch": [b, length],
+        "chunk_size": size["chunk"],
+        "slots": k,
+        "unique_ids": u,
+    }
     steps, states = {}, {}
     for name, method in (("ce", "ce"), ("rskd", "sparse")):
         batch = sharding.global_batch({kk: vv for kk, vv in host.items() if method == "sparse" or kk == "tokens"}, mesh)
         spec = ts.LossSpec(method, alpha=1.0 if method == "ce" else 0.0, vocab_size=v, chunk_size=size["chunk"])
-        fn = ts.jit_step(ts.make_train_step(graphdef, tx, schedule, spec), state_sh,
-                         ts.batch_shardings(batch, mesh), mesh)
+        fn = ts.jit_step(
+            ts.make_train_step(graphdef, tx, schedule, spec), state_sh, ts.batch_shardings(batch, mesh), mesh
+        )
         states[name] = optim.create_state(params, tx, 0, state_sh)
         t = time.perf_counter()
         states[name], m = fn(states[name], batch)
@@ -219,8 +291,13 @@ def main(argv=None) -> None:
     size = SMOKE if args.smoke else FULL
     kind = jax.devices()[0].device_kind
     peak = args.peak_tflops or next((p for name, p in PEAKS.items() if name in kind), None)
-    result = {"smoke": args.smoke, "device": f"{jax.device_count()} x {kind}", "backend": jax.default_backend(),
-              "jax": jax.__version__, "peak_tflops": peak}
+    result = {
+        "smoke": args.smoke,
+        "device": f"{jax.device_count()} x {kind}",
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+        "peak_tflops": peak,
+    }
     if not args.skip_cache:
         with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
             result["cache"] = bench_cache(size, tmp, peak)

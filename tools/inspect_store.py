@@ -49,16 +49,23 @@ def token_summary(url: str, manifest: dict[str, Any]) -> dict[str, Any]:
     splits = {}
     for name, info in sorted(manifest.get("splits", {}).items()):
         arr = common.open_array(url, info.get("array", f"{name}/tokens"))
-        splits[name] = {"num_sequences": int(arr.shape[0]), "seq_len": int(arr.shape[1]),
-                        "manifest_num_sequences": info.get("num_sequences")}
+        splits[name] = {
+            "num_sequences": int(arr.shape[0]),
+            "seq_len": int(arr.shape[1]),
+            "manifest_num_sequences": info.get("num_sequences"),
+        }
     positions = sum(s["num_sequences"] * s["seq_len"] for s in splits.values())
     total = common.bytes_on_disk(url)
     return {
-        "kind": "tokens", "num_sequences": sum(s["num_sequences"] for s in splits.values()),
-        "seq_len": manifest.get("seq_len"), "complete": manifest.get("complete"),
+        "kind": "tokens",
+        "num_sequences": sum(s["num_sequences"] for s in splits.values()),
+        "seq_len": manifest.get("seq_len"),
+        "complete": manifest.get("complete"),
         "positions_done": positions if manifest.get("complete") else 0,
-        "bytes_on_disk": total, "bytes_per_token": total / positions if positions else None,
-        "mean_unique_ids": None, "splits": splits,
+        "bytes_on_disk": total,
+        "bytes_per_token": total / positions if positions else None,
+        "mean_unique_ids": None,
+        "splits": splits,
     }
 
 
@@ -91,10 +98,9 @@ def _token_store_url(store_url: str, given: str | None, recorded: str | None) ->
     import yaml
 
     parent = store_url.rstrip("/").rsplit("/", 1)[0] + "/"
-    text = common._kvstore(parent).read("config.yaml").result()  # pylint: disable=protected-access
+    text = common.kvstore(parent).read("config.yaml").result()
     if text.state == "missing":
-        raise StoreError(f"no config.yaml next to {store_url} (in {parent}) to find the token store; "
-                         "pass --tokens URL")
+        raise StoreError(f"no config.yaml next to {store_url} (in {parent}) to find the token store; pass --tokens URL")
     tokens = (yaml.safe_load(text.value.decode("utf-8")) or {}).get("cache", {}).get("tokens")
     if not tokens:
         raise StoreError(f"{parent}config.yaml has no cache.tokens; pass --tokens URL")
@@ -124,11 +130,16 @@ def _compare_rows(got: dict[str, np.ndarray], want: dict[str, np.ndarray]):
         present_g, present_w = got[key] > 0, want[key] > 0
         bad_BxL |= (_canon(got["ids"], got["ids"], present_g) != _canon(want["ids"], want["ids"], present_w)).any(-1)
         if "counts" in want:
-            bad_BxL |= (_canon(got["counts"], got["ids"], present_g) !=
-                        _canon(want["counts"], want["ids"], present_w)).any(-1)
+            bad_BxL |= (
+                _canon(got["counts"], got["ids"], present_g) != _canon(want["counts"], want["ids"], present_w)
+            ).any(-1)
         if "weights" in want:
-            bad_BxL |= floats("weights", _canon(got["weights"], got["ids"], present_g),
-                              _canon(want["weights"], want["ids"], present_w), FLOAT_RTOL)
+            bad_BxL |= floats(
+                "weights",
+                _canon(got["weights"], got["ids"], present_g),
+                _canon(want["weights"], want["ids"], present_w),
+                FLOAT_RTOL,
+            )
     if "tail_mass" in want:
         bad_BxL |= floats("tail_mass", got["tail_mass"], want["tail_mass"], FLOAT_RTOL)
     for name in ("logprobs", "gold_logprob", "entropy"):  # stored as float16: recomputed, rounded alike
@@ -137,8 +148,15 @@ def _compare_rows(got: dict[str, np.ndarray], want: dict[str, np.ndarray]):
     return bad_BxL, diffs
 
 
-def verify(url: str, n: int, *, tokens: str | None = None, teacher: str | None = None, seed: int = 0,
-           position_tolerance: float = 0.0) -> dict[str, Any]:
+def verify(
+    url: str,
+    n: int,
+    *,
+    tokens: str | None = None,
+    teacher: str | None = None,
+    seed: int = 0,
+    position_tolerance: float = 0.0,
+) -> dict[str, Any]:
     """Recomputes n random done rows of a teacher store and compares them (see the module doc)."""
     import jax
 
@@ -153,21 +171,29 @@ def verify(url: str, n: int, *, tokens: str | None = None, teacher: str | None =
     m = store.manifest
     provenance = m.get("provenance", {})
     try:
-        spec = config_from_dict(ModelSpec, {**provenance.get("teacher_spec", m["teacher"].get("spec")),
-                                            **({"source": teacher} if teacher else {})})
+        spec = config_from_dict(
+            ModelSpec,
+            {**provenance.get("teacher_spec", m["teacher"].get("spec")), **({"source": teacher} if teacher else {})},
+        )
         out = config_from_dict(OutputConfig, {"name": "verify", "method": m["method"], **m["params"]})
         want_tokens, run_seed, vocab = m["tokens"]["fingerprint"], int(m["seed"]), int(m["tokenizer"]["vocab_size"])
     except (KeyError, TypeError, ValueError) as err:
-        raise StoreError(f"{store.url} was not written by `python -m rskd_jax.cache` (manifest field {err}); "
-                         "--verify needs its teacher spec, method parameters and seed") from err
+        raise StoreError(
+            f"{store.url} was not written by `python -m rskd_jax.cache` (manifest field {err}); "
+            "--verify needs its teacher spec, method parameters and seed"
+        ) from err
     tok = open_token_store(_token_store_url(store.url, tokens, provenance.get("tokens_url")))
     if tok.fingerprint != want_tokens:
-        raise StoreError(f"token store {tok.url} has fingerprint {tok.fingerprint}, the teacher store was made "
-                         f"from {want_tokens}; pass the right one with --tokens")
+        raise StoreError(
+            f"token store {tok.url} has fingerprint {tok.fingerprint}, the teacher store was made "
+            f"from {want_tokens}; pass the right one with --tokens"
+        )
     model = build_model(spec, vocab)
     if model.fingerprint != m["teacher"]["fingerprint"]:
-        raise StoreError(f"the teacher {spec.source!r} now has fingerprint {model.fingerprint[:16]}..., the store "
-                         f"was made with {m['teacher']['fingerprint'][:16]}...: not the same weights")
+        raise StoreError(
+            f"the teacher {spec.source!r} now has fingerprint {model.fingerprint[:16]}..., the store "
+            f"was made with {m['teacher']['fingerprint'][:16]}...: not the same weights"
+        )
 
     done = [(split, r) for split in store.splits for r in np.flatnonzero(store.done_mask(split)).tolist()]
     pick = np.random.default_rng(seed).permutation(len(done))[:n]
@@ -178,19 +204,35 @@ def verify(url: str, n: int, *, tokens: str | None = None, teacher: str | None =
     graphdef, state = nnx.split(model)
     # the store's own micro-batch shape, so the recomputation rounds as the cache did
     length, batch = store.seq_len, int(m.get("device_batch") or VERIFY_BATCH)
-    step = jax.jit(cache_step.make_step(graphdef, [out], seed=run_seed, vocab_size=vocab,
-                                        with_diagnostics=store.layout["diagnostics"], device_batch=batch))
-    report: dict[str, Any] = {"rows_checked": 0, "rows_matched": 0, "rows_mismatched": 0, "positions_checked": 0,
-                              "positions_mismatched": 0, "max_abs_diff": {}, "mismatches": []}
+    step = jax.jit(
+        cache_step.make_step(
+            graphdef,
+            [out],
+            seed=run_seed,
+            vocab_size=vocab,
+            with_diagnostics=store.layout["diagnostics"],
+            device_batch=batch,
+        )
+    )
+    report: dict[str, Any] = {
+        "rows_checked": 0,
+        "rows_matched": 0,
+        "rows_mismatched": 0,
+        "positions_checked": 0,
+        "positions_mismatched": 0,
+        "max_abs_diff": {},
+        "mismatches": [],
+    }
     for split in store.splits:
         rows = np.array([r for s, r in chosen if s == split], np.int64)
         for i in range(0, len(rows), batch):
-            rows_b = rows[i:i + batch]
+            rows_b = rows[i : i + batch]
             padded = np.concatenate([rows_b, np.full(batch - len(rows_b), rows_b[0])])
             tokens_BxL = tok.read(split, padded)
-            res = jax.tree.map(np.asarray, step(state, tokens_BxL, padded.astype(np.int32),
-                                                np.int32(cache_step.split_code(split))))
-            want = {k: v[:len(rows_b)] for k, v in {**res["verify"], **res.get("diagnostics", {})}.items()}
+            res = jax.tree.map(
+                np.asarray, step(state, tokens_BxL, padded.astype(np.int32), np.int32(cache_step.split_code(split)))
+            )
+            want = {k: v[: len(rows_b)] for k, v in {**res["verify"], **res.get("diagnostics", {})}.items()}
             for name in ("gold_logprob", "entropy", "logprobs"):
                 if name in want:
                     want[name] = want[name].astype(np.float16)
@@ -198,8 +240,11 @@ def verify(url: str, n: int, *, tokens: str | None = None, teacher: str | None =
             bad_BxL, diffs = _compare_rows(got, want)
             for k, v in diffs.items():
                 report["max_abs_diff"][k] = max(report["max_abs_diff"].get(k, 0.0), v)
-            hash_ok = got["token_hash"] == token_hash(tokens_BxL[:len(rows_b)]) if "token_hash" in got else \
-                np.ones(len(rows_b), bool)
+            hash_ok = (
+                got["token_hash"] == token_hash(tokens_BxL[: len(rows_b)])
+                if "token_hash" in got
+                else np.ones(len(rows_b), bool)
+            )
             for j, r in enumerate(rows_b.tolist()):
                 nbad = int(bad_BxL[j].sum())
                 ok = bool(hash_ok[j]) and nbad <= position_tolerance * length
@@ -208,8 +253,9 @@ def verify(url: str, n: int, *, tokens: str | None = None, teacher: str | None =
                 report["positions_mismatched"] += nbad
                 report["rows_matched" if ok else "rows_mismatched"] += 1
                 if not ok:
-                    report["mismatches"].append({"split": split, "row": r, "positions": nbad,
-                                                 "token_hash_ok": bool(hash_ok[j])})
+                    report["mismatches"].append(
+                        {"split": split, "row": r, "positions": nbad, "token_hash_ok": bool(hash_ok[j])}
+                    )
     report["seconds"] = round(time.perf_counter() - t0, 2)
     return report
 
@@ -235,14 +281,24 @@ def scan(path: str) -> dict[str, Any]:
     corrupt = {split: {a: rows for a, rows in arrays.items() if rows} for split, arrays in found.items()}
     corrupt = {split: arrays for split, arrays in corrupt.items() if arrays}
     n = sum(len({r for rows in arrays.values() for r in rows}) for arrays in corrupt.values())
-    return {"corrupt": corrupt, "corrupt_rows": n,
-            "checked": int(manifest.get("layout_version", 1)) >= checked_from}
+    return {"corrupt": corrupt, "corrupt_rows": n, "checked": int(manifest.get("layout_version", 1)) >= checked_from}
 
 
 def print_text(info: dict[str, Any]) -> None:
     print(f"{info['kind']} store {info['path']}")
-    for key in ("method", "k", "vocab_size", "num_sequences", "seq_len", "chunk_rows", "positions_done",
-                "bytes_on_disk", "bytes_per_token", "mean_unique_ids", "bytes_per_entry"):
+    for key in (
+        "method",
+        "k",
+        "vocab_size",
+        "num_sequences",
+        "seq_len",
+        "chunk_rows",
+        "positions_done",
+        "bytes_on_disk",
+        "bytes_per_token",
+        "mean_unique_ids",
+        "bytes_per_entry",
+    ):
         if key in info:
             print(f"  {key:20s} {_fmt(info[key])}")
     for name, split in info.get("splits", {}).items():
@@ -257,22 +313,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("path", help="store directory or kvstore URL")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--sample-rows", type=int, default=1024,
-                        help="done rows per split read for mean_unique_ids (0 = all)")
-    parser.add_argument("--verify", type=int, default=0, metavar="N",
-                        help="recompute N random done rows of a teacher store and compare")
+    parser.add_argument(
+        "--sample-rows", type=int, default=1024, help="done rows per split read for mean_unique_ids (0 = all)"
+    )
+    parser.add_argument(
+        "--verify", type=int, default=0, metavar="N", help="recompute N random done rows of a teacher store and compare"
+    )
     parser.add_argument("--tokens", default=None, help="--verify: the token store (default: the manifest's)")
     parser.add_argument("--teacher", default=None, help="--verify: the teacher's source (default: the manifest's)")
     parser.add_argument("--seed", type=int, default=0, help="--verify: which rows are drawn")
-    parser.add_argument("--position-tolerance", type=float, default=0.0,
-                        help="--verify: fraction of a row's positions allowed to differ (fsdp/tensor caches)")
+    parser.add_argument(
+        "--position-tolerance",
+        type=float,
+        default=0.0,
+        help="--verify: fraction of a row's positions allowed to differ (fsdp/tensor caches)",
+    )
     parser.add_argument("--scan", action="store_true", help="read every chunk, list corrupt rows (exit 1)")
     args = parser.parse_args(argv)
     if args.scan:
         try:
             found = scan(args.path)
-            info = summary(args.path, args.sample_rows or None) if not found["corrupt_rows"] else {
-                "kind": (common.read_json(args.path) or {}).get("kind"), "path": common.store_url(args.path)}
+            info = (
+                summary(args.path, args.sample_rows or None)
+                if not found["corrupt_rows"]
+                else {"kind": (common.read_json(args.path) or {}).get("kind"), "path": common.store_url(args.path)}
+            )
         except (StoreError, ConfigError, FileNotFoundError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
@@ -280,8 +345,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps(info, sort_keys=True))
         else:
-            print(f"{info['kind']} store {info['path']}: {found['corrupt_rows']} corrupt rows"
-                  + ("" if found["checked"] else " (layout 1: chunks carry no checksums)"))
+            print(
+                f"{info['kind']} store {info['path']}: {found['corrupt_rows']} corrupt rows"
+                + ("" if found["checked"] else " (layout 1: chunks carry no checksums)")
+            )
             for split, arrays in found["corrupt"].items():
                 for name, rows in arrays.items():
                     print(f"  CORRUPT {split}/{name} rows {rows[:50]}{' ...' if len(rows) > 50 else ''}")
@@ -291,8 +358,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.verify:
             if info["kind"] != "teacher":
                 raise StoreError(f"--verify checks teacher stores; {info['path']} is a {info['kind']} store")
-            info["verify"] = verify(args.path, args.verify, tokens=args.tokens, teacher=args.teacher, seed=args.seed,
-                                    position_tolerance=args.position_tolerance)
+            info["verify"] = verify(
+                args.path,
+                args.verify,
+                tokens=args.tokens,
+                teacher=args.teacher,
+                seed=args.seed,
+                position_tolerance=args.position_tolerance,
+            )
     except (StoreError, ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -303,11 +376,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.verify:
         v = info["verify"]
         if not args.json:
-            print(f"  verify: {v['rows_matched']}/{v['rows_checked']} rows match, {v['positions_mismatched']} "
-                  f"positions differ, max abs diff {v['max_abs_diff']}")
+            print(
+                f"  verify: {v['rows_matched']}/{v['rows_checked']} rows match, {v['positions_mismatched']} "
+                f"positions differ, max abs diff {v['max_abs_diff']}"
+            )
             for mm in v["mismatches"][:20]:
-                print(f"    MISMATCH {mm['split']} row {mm['row']}: {mm['positions']} positions, "
-                      f"token_hash {'ok' if mm['token_hash_ok'] else 'DIFFERS'}")
+                print(
+                    f"    MISMATCH {mm['split']} row {mm['row']}: {mm['positions']} positions, "
+                    f"token_hash {'ok' if mm['token_hash_ok'] else 'DIFFERS'}"
+                )
         return 1 if v["rows_mismatched"] else 0
     return 0
 

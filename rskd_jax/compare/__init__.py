@@ -20,5 +20,13 @@ from rskd_jax.compare.gradcheck import loss_and_grad
 from rskd_jax.compare.stages import Comparison
 from rskd_jax.compare.state import CompareError
 
-__all__ = ["CompareConfig", "CompareError", "CompareRun", "Comparison", "MethodConfig", "PipelineRun",
-           "SourceConfig", "loss_and_grad"]
+__all__ = [
+    "CompareConfig",
+    "CompareError",
+    "CompareRun",
+    "Comparison",
+    "MethodConfig",
+    "PipelineRun",
+    "SourceConfig",
+    "loss_and_grad",
+]

@@ -13,8 +13,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from rskd_jax.config import (CacheConfig, ConfigError, DataConfig, LossConfig, MeshConfig, ModelSpec,
-                             OptimConfig, TrainConfig, opt)
+from rskd_jax.config import (
+    CacheConfig,
+    ConfigError,
+    DataConfig,
+    LossConfig,
+    MeshConfig,
+    ModelSpec,
+    OptimConfig,
+    TrainConfig,
+    opt,
+)
 
 STAGES = ("data", "cache", "train", "eval", "grad", "timing", "report")
 
@@ -57,8 +66,9 @@ class MethodConfig:
 
     def __post_init__(self):
         if (self.loss in ("sparse", "ghost")) != (self.store is not None):
-            raise ConfigError(f"method {self.name!r}: loss {self.loss!r} "
-                              f"{'needs' if self.store is None else 'takes no'} a store")
+            raise ConfigError(
+                f"method {self.name!r}: loss {self.loss!r} {'needs' if self.store is None else 'takes no'} a store"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,5 +120,6 @@ class CompareRun(PipelineRun):
         stores = {o.name for o in self.cache.outputs}
         for m in self.reproduce.methods:
             if m.store is not None and m.store not in stores:
-                raise ConfigError(f"method {m.name!r} trains from store {m.store!r}, which is not "
-                                  f"in cache.outputs ({sorted(stores)})")
+                raise ConfigError(
+                    f"method {m.name!r} trains from store {m.store!r}, which is not in cache.outputs ({sorted(stores)})"
+                )

@@ -80,8 +80,11 @@ def evaluate_students(cmp, runs: dict) -> dict[str, Any]:
         t = prepare_targets(batch, "ce")
         return logits_BxLxV, metrics.lm_sums(logits_BxLxV, t["labels"], t["ce_where"])
 
-    teacher_jit = jax.jit(teacher_fn, in_shardings=(tsh, None),
-                          out_shardings=(sharding.batch_sharding(mesh, 3), sharding.replicated(mesh)))
+    teacher_jit = jax.jit(
+        teacher_fn,
+        in_shardings=(tsh, None),
+        out_shardings=(sharding.batch_sharding(mesh, 3), sharding.replicated(mesh)),
+    )
     splits = [f"val_{s.name}" for s in cmp.sources]
     totals: dict[str, dict[str, dict]] = {n: {} for n in [*runs, "<teacher>"]}
     rows = {}
@@ -90,7 +93,7 @@ def evaluate_students(cmp, runs: dict) -> dict[str, Any]:
         rows_S = eval_rows(tokens.num_rows(split), r.eval_max_rows)
         n = rows[split] = len(rows_S)
         for lo in range(0, n, r.eval_batch_size):
-            idx = rows_S[lo:lo + r.eval_batch_size]
+            idx = rows_S[lo : lo + r.eval_batch_size]
             batch = sharding.global_batch(pad_batch(tokens.read(split, idx), r.eval_batch_size), mesh)
             logits, tsums = teacher_jit(tparams, batch)
             for key in (split, "all"):
@@ -102,6 +105,10 @@ def evaluate_students(cmp, runs: dict) -> dict[str, Any]:
                     totals[name][key] = metrics.accumulate(totals[name].get(key), sums)
             print(f"   eval {split}: rows {min(lo + r.eval_batch_size, n)}/{n}", flush=True)
     teacher = {k: figures(v) for k, v in totals.pop("<teacher>").items()}
-    return {"teacher": teacher, "students": {n: {k: figures(v) for k, v in t.items()} for n, t in totals.items()},
-            "rows": rows, "seconds": round(time.perf_counter() - t0, 2),
-            "kl": "exact: sum_v t_v log(t_v / p_v), the teacher run online on every evaluated val row"}
+    return {
+        "teacher": teacher,
+        "students": {n: {k: figures(v) for k, v in t.items()} for n, t in totals.items()},
+        "rows": rows,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "kl": "exact: sum_v t_v log(t_v / p_v), the teacher run online on every evaluated val row",
+    }

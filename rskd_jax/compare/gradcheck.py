@@ -70,13 +70,12 @@ def gradient_check(cmp, runs: dict) -> dict[str, Any]:
     def grad_fn(loss: str):
         spec = loss_spec(cmp, loss, vocab)
         tgd = tg if loss == "full_online" else None
-        return jax.jit(lambda p, b, tp: loss_and_grad(p, b, tp, graphdef=graphdef, spec=spec,
-                                                      teacher_graphdef=tgd)[1])
+        return jax.jit(lambda p, b, tp: loss_and_grad(p, b, tp, graphdef=graphdef, spec=spec, teacher_graphdef=tgd)[1])
 
     @jax.jit
     def compare(g, ref):
         dot = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref)))
-        sq = lambda t: sum(jnp.vdot(a, a) for a in jax.tree.leaves(t))  # noqa: E731
+        sq = lambda t: sum(jnp.vdot(a, a) for a in jax.tree.leaves(t))
         return dot, sq(g), sq(ref)
 
     n_train = tokens.num_rows("train")
@@ -105,11 +104,22 @@ def gradient_check(cmp, runs: dict) -> dict[str, Any]:
     for name, recs in per_batch.items():
         a = [x["angle_deg"] for x in recs]
         q = [x["norm_ratio"] for x in recs]
-        out[name] = {"angle_deg": statistics.fmean(a), "angle_deg_std": statistics.pstdev(a),
-                     "norm_ratio": statistics.fmean(q), "norm_ratio_std": statistics.pstdev(q), "per_batch": recs}
-    return {"methods": out, "at": r.grad_at, "rows": idx_all.tolist(),
-            "note": (f"student-parameter gradient of each method's train loss (train_step.make_train_step, alpha="
-                     f"{c.loss.alpha}) vs the full-KD gradient (teacher online), both at the "
-                     f"{'CE student final' if r.grad_at == 'ce_final' else 'initial'} params, on "
-                     f"{r.grad_batches} fixed batches of {r.grad_batch_size} train rows (each method's stored "
-                     "draw for those rows); mean and std over the batches")}
+        out[name] = {
+            "angle_deg": statistics.fmean(a),
+            "angle_deg_std": statistics.pstdev(a),
+            "norm_ratio": statistics.fmean(q),
+            "norm_ratio_std": statistics.pstdev(q),
+            "per_batch": recs,
+        }
+    return {
+        "methods": out,
+        "at": r.grad_at,
+        "rows": idx_all.tolist(),
+        "note": (
+            f"student-parameter gradient of each method's train loss (train_step.make_train_step, alpha="
+            f"{c.loss.alpha}) vs the full-KD gradient (teacher online), both at the "
+            f"{'CE student final' if r.grad_at == 'ce_final' else 'initial'} params, on "
+            f"{r.grad_batches} fixed batches of {r.grad_batch_size} train rows (each method's stored "
+            "draw for those rows); mean and std over the batches"
+        ),
+    }

@@ -1,9 +1,9 @@
 """The comparison's plots (matplotlib, Agg), drawn from a results.json object.
 
-  val_loss.png      val loss during training (each run's metrics.jsonl eval records)
-  reliability.png   reliability diagrams (accuracy and mean confidence per confidence bin)
-  unique_ids.png    mean unique ids per position vs draws N (our stores, the paper's points)
-  ids_tradeoff.png  ECE and % of the CE -> full-KD gap closed vs ids stored per position
+val_loss.png      val loss during training (each run's metrics.jsonl eval records)
+reliability.png   reliability diagrams (accuracy and mean confidence per confidence bin)
+unique_ids.png    mean unique ids per position vs draws N (our stores, the paper's points)
+ids_tradeoff.png  ECE and % of the CE -> full-KD gap closed vs ids stored per position
 """
 
 from __future__ import annotations
@@ -11,9 +11,16 @@ from __future__ import annotations
 from rskd_jax.compare.results import read_metrics
 
 PLOTS = ("val_loss.png", "reliability.png", "unique_ids.png", "ids_tradeoff.png")
-STYLE = {"ce": ("k", "o"), "full": ("tab:green", "s"), "top_k": ("tab:red", "v"), "rskd": ("tab:blue", "o"),
-         "rskd_tempered": ("tab:cyan", "D"), "wor": ("tab:purple", "^"), "wor_norm": ("tab:pink", "^"),
-         "ghost": ("tab:orange", "P")}
+STYLE = {
+    "ce": ("k", "o"),
+    "full": ("tab:green", "s"),
+    "top_k": ("tab:red", "v"),
+    "rskd": ("tab:blue", "o"),
+    "rskd_tempered": ("tab:cyan", "D"),
+    "wor": ("tab:purple", "^"),
+    "wor_norm": ("tab:pink", "^"),
+    "ghost": ("tab:orange", "P"),
+}
 
 
 def _plt():
@@ -35,8 +42,15 @@ def plot_val_loss(results, runs, path: str) -> None:
             continue
         color, marker = STYLE.get(row["family"], ("gray", "."))
         ls = ["-", "--", ":", "-."][i % 4]
-        ax.plot([x["step"] * tokens_per_step / 1e6 for x in recs], [x["val_loss"] for x in recs],
-                color=color, marker=marker, markersize=3, linestyle=ls, label=row["method"])
+        ax.plot(
+            [x["step"] * tokens_per_step / 1e6 for x in recs],
+            [x["val_loss"] for x in recs],
+            color=color,
+            marker=marker,
+            markersize=3,
+            linestyle=ls,
+            label=row["method"],
+        )
     ax.set_xlabel("training tokens (M)")
     ax.set_ylabel("val loss (train-time eval batches)")
     ax.set_title("Validation loss during training")
@@ -58,8 +72,15 @@ def plot_reliability(results, names, path: str) -> None:
         acc = [c / n if n else 0.0 for c, n in zip(b["correct"], b["count"])]
         conf = [c / n if n else 0.0 for c, n in zip(b["conf"], b["count"])]
         ax.bar(centers, acc, width=1 / nb, edgecolor="k", linewidth=0.4, label="accuracy")
-        ax.bar(centers, [a - c for a, c in zip(conf, acc)], bottom=acc, width=1 / nb, color="tab:red",
-               alpha=0.3, label="gap to confidence")
+        ax.bar(
+            centers,
+            [a - c for a, c in zip(conf, acc)],
+            bottom=acc,
+            width=1 / nb,
+            color="tab:red",
+            alpha=0.3,
+            label="gap to confidence",
+        )
         ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
@@ -83,8 +104,13 @@ def plot_unique_ids(results, path: str) -> None:
     for s in results["unique_ids"]:
         if s["temperature"] != 1.0:
             ax.plot([s["num_draws"]], [s["mean_unique_ids"]], "D", color="tab:cyan")
-            ax.annotate(f"T={s['temperature']:g}", (s["num_draws"], s["mean_unique_ids"]), fontsize=7,
-                        xytext=(4, -3), textcoords="offset points")
+            ax.annotate(
+                f"T={s['temperature']:g}",
+                (s["num_draws"], s["mean_unique_ids"]),
+                fontsize=7,
+                xytext=(4, -3),
+                textcoords="offset points",
+            )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("draws per position N")
@@ -103,8 +129,11 @@ def plot_tradeoff(results, path: str) -> None:
     panels = ((axes[0], "ece", "ECE (%)", 100.0), (axes[1], "gap_closed_pct", "% of CE -> full-KD gap closed", 1.0))
     for ax, key, label, scale in panels:
         for fam in sorted({r["family"] for r in rows}):
-            pts = sorted((r["stored_ids"], r[key] * scale, r["method"])
-                         for r in rows if r["family"] == fam and r[key] is not None)
+            pts = sorted(
+                (r["stored_ids"], r[key] * scale, r["method"])
+                for r in rows
+                if r["family"] == fam and r[key] is not None
+            )
             if not pts:
                 continue
             color, marker = STYLE.get(fam, ("gray", "."))
@@ -113,8 +142,9 @@ def plot_tradeoff(results, path: str) -> None:
                 ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         for ref in results["methods"]:
             if ref["family"] in ("ce", "full") and ref[key] is not None:
-                ax.axhline(ref[key] * scale, color=STYLE[ref["family"]][0], linestyle=":", linewidth=1,
-                           label=ref["method"])
+                ax.axhline(
+                    ref[key] * scale, color=STYLE[ref["family"]][0], linestyle=":", linewidth=1, label=ref["method"]
+                )
         ax.set_xscale("log")
         xs = sorted({round(r["stored_ids"], 1) for r in rows})
         ax.set_xticks(xs, [f"{x:g}" for x in xs], fontsize=7)

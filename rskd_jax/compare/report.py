@@ -45,28 +45,37 @@ def render_section(results: dict, readme_dir: str, results_dir: str) -> str:
     """The markdown that goes between the README's results markers."""
     rel = os.path.relpath(results_dir, readme_dir or ".").replace(os.sep, "/")
     srcs = list(results["teacher"]["val_loss_by_source"])
-    head = (["method", "targets", "ids/pos", "B/token", "val loss"] + [f"val {s}" for s in srcs]
-            + ["gap closed %", "ECE %", "KL to teacher", "top-1 agr. %", "step / CE", "grad angle °", "grad norm ratio"])
-    lines = [f"### {results['title']}", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = (
+        ["method", "targets", "ids/pos", "B/token", "val loss"]
+        + [f"val {s}" for s in srcs]
+        + ["gap closed %", "ECE %", "KL to teacher", "top-1 agr. %", "step / CE", "grad angle °", "grad norm ratio"]
+    )
+    lines = [f"### {results['title']}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results["methods"]:
         bpt = "online" if r["loss"] == "full_online" else _f(r["bytes_per_token"], ".1f")
         cells = [f"`{r['method']}`", r["targets"], _f(r["stored_ids"], ".1f"), bpt, _f(r["val_loss"], ".4f")]
         cells += [_f(r["val_loss_by_source"][s], ".4f") for s in srcs]
-        cells += [_f(r["gap_closed_pct"], ".0f"), _f(r["ece"], ".2f", 100), _f(r["kl_to_teacher"], ".4f"),
-                  _f(r["top1_agreement"], ".1f", 100),
-                  _f(r["step_time_rel_ce"], ".2f") + ("*" if r["step_time_source"] == "run metrics" else ""),
-                  _f(r["grad_angle_deg"], ".1f"), _f(r["grad_norm_ratio"], ".2f")]
+        cells += [
+            _f(r["gap_closed_pct"], ".0f"),
+            _f(r["ece"], ".2f", 100),
+            _f(r["kl_to_teacher"], ".4f"),
+            _f(r["top1_agreement"], ".1f", 100),
+            _f(r["step_time_rel_ce"], ".2f") + ("*" if r["step_time_source"] == "run metrics" else ""),
+            _f(r["grad_angle_deg"], ".1f"),
+            _f(r["grad_norm_ratio"], ".2f"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     t, s, hw = results["teacher"], results["setup"], results["hardware"] or {}
     n = results["notes"]
     starred = any(r["step_time_source"] == "run metrics" for r in results["methods"])
     lines += [
         "",
-        f"Teacher val loss: {t['val_loss']:.4f} (" + ", ".join(f"{k} {v:.4f}" for k, v in t["val_loss_by_source"].items())
+        f"Teacher val loss: {t['val_loss']:.4f} ("
+        + ", ".join(f"{k} {v:.4f}" for k, v in t["val_loss_by_source"].items())
         + f"), ECE {100 * t['ece']:.2f}%. Students: {s['steps']} steps x {s['batch_size']} x {s['seq_len']} tokens, "
         f"same init and data order, KD weight 1 - alpha = {1 - s['alpha']:g}; val rows evaluated: "
-        + ", ".join(f"{k.removeprefix('val_')} {v}" for k, v in s["val_rows_evaluated"].items()) + ".",
+        + ", ".join(f"{k.removeprefix('val_')} {v}" for k, v in s["val_rows_evaluated"].items())
+        + ".",
         "",
         f"- **val loss**: {n['val_loss']}. **gap closed**: {n['gap_closed']}. **ECE**: {n['ece']}.",
         f"- **KL to teacher**: {n['kl_to_teacher']}.",
@@ -80,8 +89,7 @@ def render_section(results: dict, readme_dir: str, results_dir: str) -> str:
         f"![unique ids vs N]({rel}/unique_ids.png)",
         f"![ECE and gap closed vs stored ids]({rel}/ids_tradeoff.png)",
         "",
-        "Reproduce (resumable; every number above is in "
-        f"[`{rel}/results.json`]({rel}/results.json)):",
+        f"Reproduce (resumable; every number above is in [`{rel}/results.json`]({rel}/results.json)):",
         "",
         "```",
         results["commands"]["reproduce"],
@@ -155,4 +163,3 @@ def report_ok(cmp, results: dict) -> bool:
         if START in text and END in text and f"{START}\n{section}\n{END}" not in text:
             return False
     return True
-

@@ -31,11 +31,15 @@ def describe(cmp, m) -> tuple[str, str]:
     o = _output(cmp, m.store)
     if o.method == "sample":
         tempered = o.temperature != 1.0
-        return ("rskd_tempered" if tempered else "rskd",
-                f"RS-KD N={o.num_draws}" + (f", proposal T={o.temperature:g}" if tempered else ""))
+        return (
+            "rskd_tempered" if tempered else "rskd",
+            f"RS-KD N={o.num_draws}" + (f", proposal T={o.temperature:g}" if tempered else ""),
+        )
     if o.method == "sample_wor":
-        return ("wor_norm" if o.normalize else "wor",
-                f"w/o replacement k={o.num_draws}" + (", self-normalised" if o.normalize else ""))
+        return (
+            "wor_norm" if o.normalize else "wor",
+            f"w/o replacement k={o.num_draws}" + (", self-normalised" if o.normalize else ""),
+        )
     if o.method == "top_k":
         return "top_k", f"top-K {o.num_draws}"
     return o.method, f"{o.method} K={o.num_draws}"
@@ -84,62 +88,104 @@ def build_results(cmp, runs: dict) -> dict[str, Any]:
         def by_src(f, e=e):
             return {s: e[f"val_{s}"].get(f) for s in srcs}
 
-        rows.append({
-            "method": m.name, "loss": m.loss, "store": m.store, "family": family_desc[0],
-            "targets": family_desc[1],
-            "stored_ids": store["mean_unique_ids"] if store else None,
-            "bytes_per_token": store["bytes_per_token"] if store else (0.0 if m.loss == "ce" else None),
-            "target_bytes_per_token": sum(by_array.get(a) or 0.0 for a in TARGET_ARRAYS) if store else None,
-            "val_loss": e["all"]["val_loss"], "val_loss_by_source": by_src("val_loss"),
-            "gap_closed_pct": gap_closed(ref["all"], ref_full["all"], e["all"]["val_loss"]),
-            "gap_closed_pct_by_source": {
-                s: gap_closed(ref[f"val_{s}"], ref_full[f"val_{s}"], e[f"val_{s}"]["val_loss"]) for s in srcs},
-            "ece": e["all"]["ece"], "ece_by_source": by_src("ece"), "accuracy": e["all"]["accuracy"],
-            "kl_to_teacher": e["all"].get("kl_to_teacher"), "kl_to_teacher_by_source": by_src("kl_to_teacher"),
-            "top1_agreement": e["all"].get("top1_agreement"),
-            "step_time_s": t.get("step_s"), "step_time_rel_ce": t.get("step_time_rel_ce"),
-            "step_time_source": t.get("step_time_source"),
-            "run_tokens_per_s": t.get("run_tokens_per_s"),
-            "grad_angle_deg": g["angle_deg"] if g else (0.0 if m.loss == "full_online" else None),
-            "grad_angle_deg_std": g["angle_deg_std"] if g else None,
-            "grad_norm_ratio": g["norm_ratio"] if g else (1.0 if m.loss == "full_online" else None),
-            "grad_norm_ratio_std": g["norm_ratio_std"] if g else None,
-            "train_seconds": st[f"train/{m.name}"]["seconds"],
-            "final_train_loss": train_recs[-1]["loss"] if train_recs else None,
-            "eval_bins": e["all"]["bins"],
-        })
-    sample_stores = [{"store": o.name, "num_draws": o.num_draws, "temperature": o.temperature,
-                      "mean_unique_ids": cache["stores"][o.name]["mean_unique_ids"]}
-                     for o in c.cache.outputs if o.method == "sample"]
+        rows.append(
+            {
+                "method": m.name,
+                "loss": m.loss,
+                "store": m.store,
+                "family": family_desc[0],
+                "targets": family_desc[1],
+                "stored_ids": store["mean_unique_ids"] if store else None,
+                "bytes_per_token": store["bytes_per_token"] if store else (0.0 if m.loss == "ce" else None),
+                "target_bytes_per_token": sum(by_array.get(a) or 0.0 for a in TARGET_ARRAYS) if store else None,
+                "val_loss": e["all"]["val_loss"],
+                "val_loss_by_source": by_src("val_loss"),
+                "gap_closed_pct": gap_closed(ref["all"], ref_full["all"], e["all"]["val_loss"]),
+                "gap_closed_pct_by_source": {
+                    s: gap_closed(ref[f"val_{s}"], ref_full[f"val_{s}"], e[f"val_{s}"]["val_loss"]) for s in srcs
+                },
+                "ece": e["all"]["ece"],
+                "ece_by_source": by_src("ece"),
+                "accuracy": e["all"]["accuracy"],
+                "kl_to_teacher": e["all"].get("kl_to_teacher"),
+                "kl_to_teacher_by_source": by_src("kl_to_teacher"),
+                "top1_agreement": e["all"].get("top1_agreement"),
+                "step_time_s": t.get("step_s"),
+                "step_time_rel_ce": t.get("step_time_rel_ce"),
+                "step_time_source": t.get("step_time_source"),
+                "run_tokens_per_s": t.get("run_tokens_per_s"),
+                "grad_angle_deg": g["angle_deg"] if g else (0.0 if m.loss == "full_online" else None),
+                "grad_angle_deg_std": g["angle_deg_std"] if g else None,
+                "grad_norm_ratio": g["norm_ratio"] if g else (1.0 if m.loss == "full_online" else None),
+                "grad_norm_ratio_std": g["norm_ratio_std"] if g else None,
+                "train_seconds": st[f"train/{m.name}"]["seconds"],
+                "final_train_loss": train_recs[-1]["loss"] if train_recs else None,
+                "eval_bins": e["all"]["bins"],
+            }
+        )
+    sample_stores = [
+        {
+            "store": o.name,
+            "num_draws": o.num_draws,
+            "temperature": o.temperature,
+            "mean_unique_ids": cache["stores"][o.name]["mean_unique_ids"],
+        }
+        for o in c.cache.outputs
+        if o.method == "sample"
+    ]
     teacher = ev["teacher"]
     steps = cmp.train_steps()
     seq_len = c.data.seq_len
     stage_seconds = {k: v["seconds"] for k, v in st.items() if k != "report"}
     return {
-        "title": (f"{TEACHER_NAMES.get(c.teacher.source, c.teacher.source)} teacher -> d={c.student.hidden_size} x "
-                  f"{c.student.num_layers}-layer "
-                  f"students, {steps * c.train.batch_size * seq_len:,} training tokens ({' + '.join(srcs)})"),
+        "title": (
+            f"{TEACHER_NAMES.get(c.teacher.source, c.teacher.source)} teacher -> d={c.student.hidden_size} x "
+            f"{c.student.num_layers}-layer "
+            f"students, {steps * c.train.batch_size * seq_len:,} training tokens ({' + '.join(srcs)})"
+        ),
         "methods": rows,
-        "teacher": {"val_loss": teacher["all"]["val_loss"], "ece": teacher["all"]["ece"],
-                    "val_loss_by_source": {s: teacher[f"val_{s}"]["val_loss"] for s in srcs}},
-        "unique_ids": sample_stores, "paper_unique_ids": {str(k): v for k, v in PAPER_UNIQUE_IDS.items()},
-        "setup": {"teacher": config_to_dict(c.teacher), "student": config_to_dict(c.student), "seq_len": seq_len,
-                  "steps": steps, "batch_size": c.train.batch_size, "train_tokens": steps * c.train.batch_size * seq_len,
-                  "alpha": c.loss.alpha, "sources": {s: data["sources"][s]["rows"] for s in srcs},
-                  "mix_rows": data["mix"]["rows"], "val_rows_evaluated": ev["rows"]},
-        "throughput": {"cache_tokens_per_s": cache["tokens_per_s"],
-                       "train_tokens_per_s": {m: t.get("run_tokens_per_s") for m, t in timing["methods"].items()}},
-        "notes": {"kl_to_teacher": ev["kl"], "gradient_check": grad["note"], "step_time": timing["source"],
-                  "gap_closed": "100 (L_CE - L) / (L_CE - L_fullKD), val loss of the same split",
-                  "ece": "15 equal-width bins of top-1 confidence", "val_loss": "mean -log p(next token) "
-                  "over every position of the evaluated val rows; 'all' pools the sources",
-                  "bytes_per_token": "the store's files / positions (diagnostics and row hashes included); "
-                  "target_bytes_per_token: ids, counts, weights, num_ids, tail_mass only"},
+        "teacher": {
+            "val_loss": teacher["all"]["val_loss"],
+            "ece": teacher["all"]["ece"],
+            "val_loss_by_source": {s: teacher[f"val_{s}"]["val_loss"] for s in srcs},
+        },
+        "unique_ids": sample_stores,
+        "paper_unique_ids": {str(k): v for k, v in PAPER_UNIQUE_IDS.items()},
+        "setup": {
+            "teacher": config_to_dict(c.teacher),
+            "student": config_to_dict(c.student),
+            "seq_len": seq_len,
+            "steps": steps,
+            "batch_size": c.train.batch_size,
+            "train_tokens": steps * c.train.batch_size * seq_len,
+            "alpha": c.loss.alpha,
+            "sources": {s: data["sources"][s]["rows"] for s in srcs},
+            "mix_rows": data["mix"]["rows"],
+            "val_rows_evaluated": ev["rows"],
+        },
+        "throughput": {
+            "cache_tokens_per_s": cache["tokens_per_s"],
+            "train_tokens_per_s": {m: t.get("run_tokens_per_s") for m, t in timing["methods"].items()},
+        },
+        "notes": {
+            "kl_to_teacher": ev["kl"],
+            "gradient_check": grad["note"],
+            "step_time": timing["source"],
+            "gap_closed": "100 (L_CE - L) / (L_CE - L_fullKD), val loss of the same split",
+            "ece": "15 equal-width bins of top-1 confidence",
+            "val_loss": "mean -log p(next token) "
+            "over every position of the evaluated val rows; 'all' pools the sources",
+            "bytes_per_token": "the store's files / positions (diagnostics and row hashes included); "
+            "target_bytes_per_token: ids, counts, weights, num_ids, tail_mass only",
+        },
         "config": config_to_dict(c),
-        "commands": {"reproduce": cmp.command(),
-                     "stages": [f"python -m rskd_jax.data --config {cmp.out}/tokens/{s}/config.yaml" for s in srcs]
-                     + [f"python -m rskd_jax.cache --config {cmp.teacher_dir}/config.yaml"]
-                     + [f"python -m rskd_jax.train --config {t.train.output}/config.yaml" for t in runs.values()]},
+        "commands": {
+            "reproduce": cmp.command(),
+            "stages": [f"python -m rskd_jax.data --config {cmp.out}/tokens/{s}/config.yaml" for s in srcs]
+            + [f"python -m rskd_jax.cache --config {cmp.teacher_dir}/config.yaml"]
+            + [f"python -m rskd_jax.train --config {t.train.output}/config.yaml" for t in runs.values()],
+        },
         "hardware": cmp.log.state.get("hardware"),
-        "stage_seconds": stage_seconds, "wall_time_s": round(sum(stage_seconds.values()), 1),
+        "stage_seconds": stage_seconds,
+        "wall_time_s": round(sum(stage_seconds.values()), 1),
     }

@@ -32,7 +32,8 @@ def ensure_python_docs(docs_dir: str) -> str:
             f"the Python docs corpus is not in {docs_dir} and {' and '.join(missing)} "
             "is not available to fetch it. On a Debian/Ubuntu machine run `apt-get download "
             f"python3.11-doc && dpkg-deb -x python3.11-doc*.deb {docs_dir}`, copy the extracted "
-            f"tree here, or drop the docs source with reproduce.docs=false")
+            f"tree here, or drop the docs source with reproduce.docs=false"
+        )
     print(f"fetching python3.11-doc into {docs_dir} (apt-get download, no install)", flush=True)
     with tempfile.TemporaryDirectory(prefix="pydoc-") as tmp:
         got = subprocess.run(["apt-get", "download", "python3.11-doc"], cwd=tmp, capture_output=True, text=True)
@@ -40,7 +41,8 @@ def ensure_python_docs(docs_dir: str) -> str:
         if got.returncode or not debs:
             raise CompareError(
                 f"`apt-get download python3.11-doc` failed ({got.stderr.strip()[-300:]}); try "
-                "`apt-get update` first, or set reproduce.docs=false to run without the docs corpus")
+                "`apt-get update` first, or set reproduce.docs=false to run without the docs corpus"
+            )
         os.makedirs(docs_dir, exist_ok=True)
         subprocess.run(["dpkg-deb", "-x", os.path.join(tmp, debs[0]), docs_dir], check=True)
     if not os.path.isdir(sources):
@@ -57,7 +59,7 @@ def resolve_inputs(inputs, docs_dir: str) -> tuple[str, ...]:
     out = []
     for item in inputs:
         if item == PYDOC or item.startswith(PYDOC + "/"):
-            item = ensure_python_docs(docs_dir) + item[len(PYDOC):]
+            item = ensure_python_docs(docs_dir) + item[len(PYDOC) :]
         out.append(item)
     return tuple(out)
 
@@ -104,15 +106,25 @@ def merge_token_stores(stores: dict[str, str], output: str) -> dict:
     # val rows round-robin over the sources: the train-time eval (its first eval_batches
     # batches, in order) sees every source, not just the first one
     order = sorted((i / len(v), k, i) for k, v in enumerate(vals) for i in range(len(v)))
-    splits = {"train": np.concatenate([rows(s, "train") for s in opened.values()]),
-              "val": np.stack([vals[k][i] for _, k, i in order]) if order else vals[0]}
+    splits = {
+        "train": np.concatenate([rows(s, "train") for s in opened.values()]),
+        "val": np.stack([vals[k][i] for _, k, i in order]) if order else vals[0],
+    }
     splits.update({f"val_{n}": v for n, v in zip(opened, vals)})
-    manifest = {"tokenizer": first.manifest["tokenizer"], "eos_id": first.manifest.get("eos_id"),
-                "sources": [{"name": n, "tokens": s.url, "content_hash": s.fingerprint,
-                             "rows": {k: s.num_rows(k) for k in s.splits}} for n, s in opened.items()],
-                "mix": "train: the sources' train rows concatenated in this order; val: their val rows "
-                       "interleaved in proportion; val_<name>: one source's val rows"}
+    manifest = {
+        "tokenizer": first.manifest["tokenizer"],
+        "eos_id": first.manifest.get("eos_id"),
+        "sources": [
+            {"name": n, "tokens": s.url, "content_hash": s.fingerprint, "rows": {k: s.num_rows(k) for k in s.splits}}
+            for n, s in opened.items()
+        ],
+        "mix": "train: the sources' train rows concatenated in this order; val: their val rows "
+        "interleaved in proportion; val_<name>: one source's val rows",
+    }
     final = write_token_store(output, splits, manifest, overwrite=True)
-    return {"output": output, "content_hash": final["content_hash"],
-            "rows": {k: int(v.shape[0]) for k, v in splits.items()},
-            "tokens": {k: int(v.size) for k, v in splits.items()}}
+    return {
+        "output": output,
+        "content_hash": final["content_hash"],
+        "rows": {k: int(v.shape[0]) for k, v in splits.items()},
+        "tokens": {k: int(v.size) for k, v in splits.items()},
+    }

@@ -42,13 +42,25 @@ class Comparison:
 
     # ---- stage configs
     def data_runs(self) -> dict[str, DataRun]:
-        return {s.name: DataRun(dataclasses.replace(
-            self.cfg.data, inputs=s.inputs, exclude=s.exclude, max_tokens=s.max_tokens,
-            output=f"{self.out}/tokens/{s.name}")) for s in self.sources}
+        return {
+            s.name: DataRun(
+                dataclasses.replace(
+                    self.cfg.data,
+                    inputs=s.inputs,
+                    exclude=s.exclude,
+                    max_tokens=s.max_tokens,
+                    output=f"{self.out}/tokens/{s.name}",
+                )
+            )
+            for s in self.sources
+        }
 
     def cache_run(self) -> CacheRun:
-        return CacheRun(cache=dataclasses.replace(self.cfg.cache, tokens=self.mix, output=self.teacher_dir),
-                        teacher=self.cfg.teacher, mesh=self.cfg.mesh)
+        return CacheRun(
+            cache=dataclasses.replace(self.cfg.cache, tokens=self.mix, output=self.teacher_dir),
+            teacher=self.cfg.teacher,
+            mesh=self.cfg.mesh,
+        )
 
     def train_steps(self) -> int:
         c = self.cfg
@@ -65,10 +77,19 @@ class Comparison:
         runs = {}
         for m in c.reproduce.methods:
             runs[m.name] = TrainRun(
-                train=dataclasses.replace(c.train, tokens=self.mix, teacher_store=self.store_url(m.store),
-                                          output=f"{self.out}/train/{m.name}", steps=steps),
+                train=dataclasses.replace(
+                    c.train,
+                    tokens=self.mix,
+                    teacher_store=self.store_url(m.store),
+                    output=f"{self.out}/train/{m.name}",
+                    steps=steps,
+                ),
                 loss=dataclasses.replace(c.loss, method=m.loss, alpha=1.0 if m.loss == "ce" else c.loss.alpha),
-                optim=c.optim, student=c.student, teacher=c.teacher, mesh=c.mesh)
+                optim=c.optim,
+                student=c.student,
+                teacher=c.teacher,
+                mesh=c.mesh,
+            )
         return runs
 
     # ---- the program stages
@@ -90,8 +111,12 @@ class Comparison:
 
         s = cache.run(self.cache_run(), progress=self.cfg.reproduce.progress)
         keep = ("bytes_per_token", "bytes_per_token_by_array", "mean_unique_ids", "method", "k", "bytes_on_disk")
-        return {"tokens_per_s": s["tokens_per_s"], "seconds": s["seconds"], "rows_written": s["rows_written"],
-                "stores": {n: {k: st[k] for k in keep} for n, st in s["stores"].items()}}
+        return {
+            "tokens_per_s": s["tokens_per_s"],
+            "seconds": s["seconds"],
+            "rows_written": s["rows_written"],
+            "stores": {n: {k: st[k] for k in keep} for n, st in s["stores"].items()},
+        }
 
     def cache_complete(self) -> bool:
         from rskd_jax.store.teacher import open_teacher_store
@@ -142,25 +167,45 @@ class Comparison:
         # keys chain the upstream stages' fingerprints: changed tokens redo the cache, a changed
         # cache redoes the students that read it (the programs then refuse to overwrite a
         # different store or run: set data.overwrite / cache.overwrite, or delete the run dir)
-        log.stage("cache", {"cfg": config_to_dict(self.cache_run()), **log.fingerprints("data")}, self.run_cache,
-                  outputs_ok=self.cache_complete)
+        log.stage(
+            "cache",
+            {"cfg": config_to_dict(self.cache_run()), **log.fingerprints("data")},
+            self.run_cache,
+            outputs_ok=self.cache_complete,
+        )
         if r.until == "cache":
             return self.summary(started)
         runs = self.train_runs()
         for name, tcfg in runs.items():
             up = log.fingerprints("data", "cache") if tcfg.train.teacher_store else log.fingerprints("data")
-            log.stage(f"train/{name}", {"cfg": config_to_dict(tcfg), **up}, lambda t=tcfg: self.run_train(t),
-                      outputs_ok=lambda t=tcfg: self.train_complete(t))
+            log.stage(
+                f"train/{name}",
+                {"cfg": config_to_dict(tcfg), **up},
+                lambda t=tcfg: self.run_train(t),
+                outputs_ok=lambda t=tcfg: self.train_complete(t),
+            )
         if r.until == "train":
             return self.summary(started)
         trained = log.fingerprints(*[f"train/{n}" for n in runs])
-        eval_key = {"trained": trained, "teacher": config_to_dict(c.teacher), "sources": [s.name for s in self.sources],
-                    "batch": r.eval_batch_size, "max_rows": r.eval_max_rows, "chunk": c.loss.chunk_size}
+        eval_key = {
+            "trained": trained,
+            "teacher": config_to_dict(c.teacher),
+            "sources": [s.name for s in self.sources],
+            "batch": r.eval_batch_size,
+            "max_rows": r.eval_max_rows,
+            "chunk": c.loss.chunk_size,
+        }
         log.stage("eval", eval_key, lambda: evaluation.evaluate_students(self, runs))
         if r.until == "eval":
             return self.summary(started)
-        grad_key = {"trained": trained, **log.fingerprints("cache"), "at": r.grad_at,
-                    "batches": r.grad_batches, "batch": r.grad_batch_size, "loss": config_to_dict(c.loss)}
+        grad_key = {
+            "trained": trained,
+            **log.fingerprints("cache"),
+            "at": r.grad_at,
+            "batches": r.grad_batches,
+            "batch": r.grad_batch_size,
+            "loss": config_to_dict(c.loss),
+        }
         log.stage("grad", grad_key, lambda: gradcheck.gradient_check(self, runs))
         if r.until == "grad":
             return self.summary(started)
@@ -169,13 +214,21 @@ class Comparison:
         if r.until == "timing":
             return self.summary(started)
         res = results.build_results(self, runs)
-        log.stage("report", fingerprint(res), lambda: report.write_report(self, runs, res),
-                  outputs_ok=lambda: report.report_ok(self, res))
+        log.stage(
+            "report",
+            fingerprint(res),
+            lambda: report.write_report(self, runs, res),
+            outputs_ok=lambda: report.report_ok(self, res),
+        )
         return self.summary(started, res)
 
     def summary(self, started: float, res: dict | None = None) -> dict:
-        out = {"output": self.out, "ran": self.log.ran, "skipped": self.log.skipped,
-               "seconds": round(time.perf_counter() - started, 1)}
+        out = {
+            "output": self.out,
+            "ran": self.log.ran,
+            "skipped": self.log.skipped,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
         if res is not None:
             out["results"] = os.path.join(self.cfg.reproduce.results_dir, "results.json")
             out["wall_time_s"] = res["wall_time_s"]

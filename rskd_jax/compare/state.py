@@ -15,7 +15,8 @@ import json
 import os
 import platform
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 class CompareError(RuntimeError):
@@ -32,6 +33,7 @@ def fingerprint(obj: Any) -> str:
     >>> fingerprint({"a": 1, "progress": True}) == fingerprint({"a": 1})
     True
     """
+
     def strip(x):
         if isinstance(x, dict):
             return {k: strip(v) for k, v in x.items() if k not in NOT_IN_KEY}
@@ -44,9 +46,14 @@ def hardware() -> dict[str, Any]:
     """Platform, CPU model, memory, load and the jax devices of this process."""
     import jax
 
-    info = {"platform": platform.platform(), "python": platform.python_version(), "jax": jax.__version__,
-            "cpu_count": os.cpu_count(), "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-            "backend": jax.default_backend()}
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "cpu_count": os.cpu_count(),
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "backend": jax.default_backend(),
+    }
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
@@ -92,8 +99,9 @@ class StageLog:
     def result(self, name: str) -> Any:
         return self.stages[name]["result"]
 
-    def stage(self, name: str, key: Any, fn: Callable[[], Any], *,
-              outputs_ok: Callable[[], bool] = lambda: True) -> Any:
+    def stage(
+        self, name: str, key: Any, fn: Callable[[], Any], *, outputs_ok: Callable[[], bool] = lambda: True
+    ) -> Any:
         """Runs `fn` unless state.json records it done with the same fingerprint of `key` and
         its outputs still exist; returns its result as it reads back from state.json."""
         fp = fingerprint(key)
@@ -112,8 +120,7 @@ class StageLog:
             status = "done"
         finally:
             seconds = before + time.perf_counter() - t0
-            self.stages[name] = {"fingerprint": fp, "status": status, "seconds": round(seconds, 2),
-                                 "result": result}
+            self.stages[name] = {"fingerprint": fp, "status": status, "seconds": round(seconds, 2), "result": result}
             self._save()
         self.ran.append(name)
         print(f"   {name}: {seconds:.1f} s", flush=True)

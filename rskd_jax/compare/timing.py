@@ -1,8 +1,8 @@
 """The timing stage and `--estimate`: train-step time of each method relative to CE.
 
-  time_steps      each method's jitted train step (AdamW included) on one batch, interleaved
-                  over reps after a warm-up (a busy machine slows all alike); medians
-  estimate        projected seconds per stage from a cache dry run and the step timing
+time_steps      each method's jitted train step (AdamW included) on one batch, interleaved
+                over reps after a warm-up (a busy machine slows all alike); medians
+estimate        projected seconds per stage from a cache dry run and the step timing
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from rskd_jax.compare.runtime import build_teacher, loss_spec, method_rows, setu
 def _synthetic_fields(cmp, m, b: int, length: int, vocab: int, rng) -> dict[str, np.ndarray]:
     """Store-shaped targets (for --estimate, before the stores exist)."""
     k = next(o.num_draws for o in cmp.cfg.cache.outputs if o.name == m.store)
-    out = {"ids": rng.integers(0, vocab, (b, length, k)).astype(np.int32),
-           "weights": np.full((b, length, k), 1.0 / k, np.float32)}
+    out = {
+        "ids": rng.integers(0, vocab, (b, length, k)).astype(np.int32),
+        "weights": np.full((b, length, k), 1.0 / k, np.float32),
+    }
     if m.loss == "ghost":
         out["tail_mass"] = np.full((b, length), 0.1, np.float32)
     return out
@@ -51,8 +53,14 @@ def measure_steps(cmp, methods, reps: int, *, synthetic: bool = False) -> dict[s
     student = build_model(c.student, vocab)
     graphdef, params = ts.split_model(student)
     schedule = optim.lr_schedule(c.optim.learning_rate, c.optim.warmup_steps, 1000, c.optim.end_lr_ratio)
-    tx = optim.make_optimizer(schedule, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps,
-                              weight_decay=c.optim.weight_decay, clip_norm=c.optim.clip_norm)
+    tx = optim.make_optimizer(
+        schedule,
+        b1=c.optim.b1,
+        b2=c.optim.b2,
+        eps=c.optim.eps,
+        weight_decay=c.optim.weight_decay,
+        clip_norm=c.optim.clip_norm,
+    )
     state_sh = optim.state_shardings(params, ts.model_shardings(student, mesh), tx, mesh)
     state = optim.create_state(params, tx, c.train.seed, state_sh)
     idx = np.arange(b)
@@ -73,8 +81,11 @@ def measure_steps(cmp, methods, reps: int, *, synthetic: bool = False) -> dict[s
         tg, tsh = (teacher[0], teacher[2]) if m.loss == "full_online" else (None, None)
         fn = ts.make_train_step(graphdef, tx, schedule, loss_spec(cmp, m.loss, vocab), teacher_graphdef=tg)
         # not donated: every call starts from the same state
-        steps[m.name] = jax.jit(fn, in_shardings=(state_sh, ts.batch_shardings(batch, mesh), tsh),
-                                out_shardings=(state_sh, sharding.replicated(mesh)))
+        steps[m.name] = jax.jit(
+            fn,
+            in_shardings=(state_sh, ts.batch_shardings(batch, mesh), tsh),
+            out_shardings=(state_sh, sharding.replicated(mesh)),
+        )
         batches[m.name] = (batch, teacher[1] if m.loss == "full_online" else None)
     times: dict[str, list[float]] = {m.name: [] for m in methods}
     first = {}
@@ -88,9 +99,15 @@ def measure_steps(cmp, methods, reps: int, *, synthetic: bool = False) -> dict[s
             else:  # compile + first run
                 first[m.name] = time.perf_counter() - t
     tokens_per_step = b * tokens.seq_len
-    return {m.name: {"step_s": statistics.median(times[m.name]), "first_step_s": round(first[m.name], 2),
-                     "tokens_per_s": tokens_per_step / statistics.median(times[m.name]), "reps": reps}
-            for m in methods}
+    return {
+        m.name: {
+            "step_s": statistics.median(times[m.name]),
+            "first_step_s": round(first[m.name], 2),
+            "tokens_per_s": tokens_per_step / statistics.median(times[m.name]),
+            "reps": reps,
+        }
+        for m in methods
+    }
 
 
 def metrics_throughput(run_dir: str) -> float | None:
@@ -138,8 +155,9 @@ def estimate(cmp) -> dict[str, Any]:
     timing = measure_steps(cmp, list(r.methods), max(1, min(r.timing_reps, 2)), synthetic=True)
     data = cmp.log.result("data")
     seq_len = data["mix"]["tokens"]["train"] // max(data["mix"]["rows"]["train"], 1)
-    val_tokens = seq_len * sum(len(eval_rows(data["mix"]["rows"][f"val_{s.name}"], r.eval_max_rows))
-                               for s in cmp.sources)
+    val_tokens = seq_len * sum(
+        len(eval_rows(data["mix"]["rows"][f"val_{s.name}"], r.eval_max_rows)) for s in cmp.sources
+    )
     evals = (steps // c.train.eval_every if c.train.eval_every else 0) + 1
     eval_frac = evals * c.train.eval_batches / max(steps, 1) / 3  # forward only: ~1/3 of a step
     train = {n: round(v["step_s"] * steps * (1 + eval_frac), 1) for n, v in timing.items()}
@@ -148,12 +166,22 @@ def estimate(cmp) -> dict[str, Any]:
     ce_s = timing["ce"]["step_s"]
     full_s = next((v["step_s"] for n, v in timing.items() if n in full), 0.0)
     grad = r.grad_batches * (r.grad_batch_size / c.train.batch_size) * (full_s + ce_s * len(r.methods))
-    proj = {"cache": dry["projected_seconds"], "train": train,
-            "eval": round(val_tokens / teacher_tps + len(r.methods) * val_tokens / timing["ce"]["tokens_per_s"] / 3, 1),
-            "grad": round(grad, 1), "timing": round((r.timing_reps + 1) * sum(v["step_s"] for v in timing.values()), 1)}
+    proj = {
+        "cache": dry["projected_seconds"],
+        "train": train,
+        "eval": round(val_tokens / teacher_tps + len(r.methods) * val_tokens / timing["ce"]["tokens_per_s"] / 3, 1),
+        "grad": round(grad, 1),
+        "timing": round((r.timing_reps + 1) * sum(v["step_s"] for v in timing.values()), 1),
+    }
     total = proj["cache"] + sum(train.values()) + proj["eval"] + proj["grad"] + proj["timing"]
-    return {"estimate": True, "command": cmp.command(),
-            "train_steps": steps, "train_tokens": steps * c.train.batch_size * seq_len,
-            "cache_dry_run": dry, "step_timing": timing,
-            "projected_seconds": proj, "projected_total_s": round(total, 1),
-            "projected_total_h": round(total / 3600, 2)}
+    return {
+        "estimate": True,
+        "command": cmp.command(),
+        "train_steps": steps,
+        "train_tokens": steps * c.train.batch_size * seq_len,
+        "cache_dry_run": dry,
+        "step_timing": timing,
+        "projected_seconds": proj,
+        "projected_total_s": round(total, 1),
+        "projected_total_h": round(total / 3600, 2),
+    }

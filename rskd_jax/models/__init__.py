@@ -17,8 +17,15 @@ from pathlib import Path
 from rskd_jax.models.hf import save_pretrained
 from rskd_jax.models.llama import Llama, LlamaConfig, init_model, model_fingerprint
 
-__all__ = ["Llama", "LlamaConfig", "from_pretrained", "init_model", "model_fingerprint",
-           "save_pretrained", "smollm2_path"]
+__all__ = [
+    "Llama",
+    "LlamaConfig",
+    "from_pretrained",
+    "init_model",
+    "model_fingerprint",
+    "save_pretrained",
+    "smollm2_path",
+]
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -40,9 +47,14 @@ def smollm2_path() -> str:
     return str(path)
 
 
-def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
-                    param_dtype: str | None = None, remat: bool = False,
-                    attention: str | None = None) -> Llama:
+def from_pretrained(
+    path: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    param_dtype: str | None = None,
+    remat: bool = False,
+    attention: str | None = None,
+) -> Llama:
     """Load a `.gguf` file or an HF directory (config.json + *.safetensors) as a Llama.
 
     dtype: compute dtype ("float32" default, "bfloat16"); param_dtype: storage dtype
@@ -58,11 +70,11 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
         overrides["param_dtype"] = param_dtype
     p = Path(path)
     if p.is_file() and p.suffix == ".gguf":
-        from rskd_jax.models.gguf import load_gguf  # noqa: PLC0415
+        from rskd_jax.models.gguf import load_gguf
 
         return load_gguf(p, **overrides)
     if p.is_dir():
-        from rskd_jax.models.hf import load_hf_dir  # noqa: PLC0415
+        from rskd_jax.models.hf import load_hf_dir
 
         return load_hf_dir(p, **overrides)
     raise FileNotFoundError(f"{path}: expected a .gguf file or an HF directory with config.json")

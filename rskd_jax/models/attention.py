@@ -24,9 +24,15 @@ def attention_chunk(length: int) -> int:
     return max(64, -(-length // 16))
 
 
-def causal_attention(q_BxKVxLxGxE: jax.Array, k_BxKVxLxE: jax.Array, v_BxKVxLxE: jax.Array,
-                     chunk: int | None = None, *, window: int | jax.Array | None = None,
-                     softcap: float | None = None) -> jax.Array:
+def causal_attention(
+    q_BxKVxLxGxE: jax.Array,
+    k_BxKVxLxE: jax.Array,
+    v_BxKVxLxE: jax.Array,
+    chunk: int | None = None,
+    *,
+    window: int | jax.Array | None = None,
+    softcap: float | None = None,
+) -> jax.Array:
     """Exact causal grouped-query attention, o[..., i, :] = softmax(q_i k_{<=i}^T) v_{<=i}.
 
     q is already scaled (E^-1/2 or the family's scale); query head (kv, g) reads kv head kv.
@@ -52,8 +58,9 @@ def causal_attention(q_BxKVxLxGxE: jax.Array, k_BxKVxLxE: jax.Array, v_BxKVxLxE:
         c = stop - start
         lo = max(0, start - window + 1) if static_window else 0  # first key any row here sees
         q_BxKVxCGxE = q_BxKVxLxGxE[:, :, start:stop].reshape(b, kh, c * g, e)
-        s_BxKVxCGxM = jnp.einsum("bkqe,bkme->bkqm", q_BxKVxCGxE, k_BxKVxLxE[:, :, lo:stop],
-                                 preferred_element_type=jnp.float32)
+        s_BxKVxCGxM = jnp.einsum(
+            "bkqe,bkme->bkqm", q_BxKVxCGxE, k_BxKVxLxE[:, :, lo:stop], preferred_element_type=jnp.float32
+        )
         s_BxKVxCxGxM = s_BxKVxCGxM.reshape(b, kh, c, g, stop - lo)
         if softcap is not None:
             s_BxKVxCxGxM = jnp.tanh(s_BxKVxCxGxM / softcap) * softcap
@@ -63,8 +70,9 @@ def causal_attention(q_BxKVxLxGxE: jax.Array, k_BxKVxLxE: jax.Array, v_BxKVxLxE:
             visible_CxM = visible_CxM & (key_M[None, :] > query_C[:, None] - window)
         s_BxKVxCxGxM = jnp.where(visible_CxM[:, None, :], s_BxKVxCxGxM, jnp.finfo(jnp.float32).min)
         p_BxKVxCGxM = jax.nn.softmax(s_BxKVxCxGxM, axis=-1).astype(q_BxKVxLxGxE.dtype)
-        o_BxKVxCGxE = jnp.einsum("bkqm,bkme->bkqe", p_BxKVxCGxM.reshape(b, kh, c * g, stop - lo),
-                                 v_BxKVxLxE[:, :, lo:stop])
+        o_BxKVxCGxE = jnp.einsum(
+            "bkqm,bkme->bkqe", p_BxKVxCGxM.reshape(b, kh, c * g, stop - lo), v_BxKVxLxE[:, :, lo:stop]
+        )
         outs.append(o_BxKVxCGxE.reshape(b, kh, c, g, e))
     return jnp.concatenate(outs, axis=2)
 
@@ -85,14 +93,17 @@ def resolve_attention(kind: str, softcap: float | None = None, backend: str | No
     if kind == "auto":
         kind = "chunked" if (backend or jax.default_backend()) == "cpu" else "xla"
     if kind == "xla" and softcap is not None:
-        _log.warning("attention: attention logit soft-capping is not supported by "
-                     "jax.nn.dot_product_attention; using the chunked path")
+        _log.warning(
+            "attention: attention logit soft-capping is not supported by "
+            "jax.nn.dot_product_attention; using the chunked path"
+        )
         kind = "chunked"
     return kind
 
 
-def xla_attention(q_BxKVxLxGxE: jax.Array, k_BxKVxLxE: jax.Array, v_BxKVxLxE: jax.Array, *,
-                  window: int | jax.Array | None = None) -> jax.Array:
+def xla_attention(
+    q_BxKVxLxGxE: jax.Array, k_BxKVxLxE: jax.Array, v_BxKVxLxE: jax.Array, *, window: int | jax.Array | None = None
+) -> jax.Array:
     """causal_attention through jax.nn.dot_product_attention (same arguments, same result).
 
     A static window becomes local_window_size=(W - 1, 0); a traced one (mixed layer kinds)
@@ -107,13 +118,21 @@ def xla_attention(q_BxKVxLxGxE: jax.Array, k_BxKVxLxE: jax.Array, v_BxKVxLxE: ja
     elif window is not None:
         i, m = jnp.arange(l)[:, None], jnp.arange(l)[None, :]
         mask = (m > i - window)[None, None]
-    o_BxLxHxE = jax.nn.dot_product_attention(q_BxLxHxE, k_BxLxKVxE, v_BxLxKVxE, mask=mask,
-                                             scale=1.0, is_causal=True, local_window_size=local)
+    o_BxLxHxE = jax.nn.dot_product_attention(
+        q_BxLxHxE, k_BxLxKVxE, v_BxLxKVxE, mask=mask, scale=1.0, is_causal=True, local_window_size=local
+    )
     return jnp.moveaxis(o_BxLxHxE.reshape(b, l, kh, g, e), 1, 2)
 
 
-def attention(kind: str, q_BxKVxLxGxE: jax.Array, k_BxKVxLxE: jax.Array, v_BxKVxLxE: jax.Array,
-              *, window: int | jax.Array | None = None, softcap: float | None = None) -> jax.Array:
+def attention(
+    kind: str,
+    q_BxKVxLxGxE: jax.Array,
+    k_BxKVxLxE: jax.Array,
+    v_BxKVxLxE: jax.Array,
+    *,
+    window: int | jax.Array | None = None,
+    softcap: float | None = None,
+) -> jax.Array:
     """Causal attention by implementation kind (see resolve_attention); [B, KV, L, G, E] out."""
     if resolve_attention(kind, softcap) == "xla":
         return xla_attention(q_BxKVxLxGxE, k_BxKVxLxE, v_BxKVxLxE, window=window)

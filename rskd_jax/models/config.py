@@ -22,9 +22,18 @@ FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text")
 # Fields added after turn 2: left out of to_dict() at their defaults, so the config (and the
 # fingerprint) of every Llama / Qwen2 model stays what it was.
 _VARIATION_DEFAULTS = dict(
-    qk_norm=False, sliding_window=None, layer_types=None, rope_local_theta=None,
-    hidden_act="silu", norm_plus_one=False, sandwich_norms=False, embed_scale=False,
-    query_pre_attn_scalar=None, attn_softcap=None, final_softcap=None, family=None,
+    qk_norm=False,
+    sliding_window=None,
+    layer_types=None,
+    rope_local_theta=None,
+    hidden_act="silu",
+    norm_plus_one=False,
+    sandwich_norms=False,
+    embed_scale=False,
+    query_pre_attn_scalar=None,
+    attn_softcap=None,
+    final_softcap=None,
+    family=None,
     attention="auto",
 )
 
@@ -79,9 +88,7 @@ class LlamaConfig:
                 )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
-            )
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
         for name in ("dtype", "param_dtype"):
@@ -111,8 +118,10 @@ class LlamaConfig:
             if "sliding_attention" not in kinds:
                 kinds = None
             elif not self.sliding_window or self.sliding_window < 1:
-                raise ValueError("layer_types has sliding_attention layers but sliding_window is "
-                                 f"{self.sliding_window!r}; set a positive window")
+                raise ValueError(
+                    "layer_types has sliding_attention layers but sliding_window is "
+                    f"{self.sliding_window!r}; set a positive window"
+                )
         object.__setattr__(self, "layer_types", kinds)
         if kinds is None:
             object.__setattr__(self, "sliding_window", None)
@@ -130,7 +139,7 @@ class LlamaConfig:
             d["layer_types"] = list(d["layer_types"])
         return d
 
-    def replace(self, **changes) -> "LlamaConfig":
+    def replace(self, **changes) -> LlamaConfig:
         return dataclasses.replace(self, **changes)
 
     @property
@@ -140,15 +149,15 @@ class LlamaConfig:
         return tuple(k == "sliding_attention" for k in kinds)
 
     @classmethod
-    def from_hf(cls, hf: dict, **overrides) -> "LlamaConfig":
+    def from_hf(cls, hf: dict, **overrides) -> LlamaConfig:
         """From a Hugging Face config.json dict (see models.hf_config.ARCHS for the families)."""
-        from rskd_jax.models.hf_config import config_from_hf  # noqa: PLC0415 (import cycle)
+        from rskd_jax.models.hf_config import config_from_hf
 
         return config_from_hf(hf, **overrides)
 
     def to_hf(self, arch: str | None = None) -> dict:
         """To a Hugging Face config.json dict; arch defaults by family (else Qwen2 / Llama)."""
-        from rskd_jax.models.hf_config import config_to_hf  # noqa: PLC0415
+        from rskd_jax.models.hf_config import config_to_hf
 
         return config_to_hf(self, arch)
 

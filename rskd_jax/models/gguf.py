@@ -27,7 +27,7 @@ _GGUF_TO_HF = {  # per-layer GGUF name -> HF name
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",          # qwen2
+    "attn_q.bias": "self_attn.q_proj.bias",  # qwen2
     "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.bias": "self_attn.v_proj.bias",
     "attn_q_norm.weight": "self_attn.q_norm.weight",  # qwen3
@@ -44,8 +44,7 @@ def unpermute_qk(w_OxI: np.ndarray, num_heads: int) -> np.ndarray:
     """Undo llama.cpp's q/k row permutation: rows (head, E/2, 2) -> (head, 2, E/2)."""
     o = w_OxI.shape[0]
     e = o // num_heads
-    return (w_OxI.reshape(num_heads, e // 2, 2, *w_OxI.shape[1:])
-            .swapaxes(1, 2).reshape(w_OxI.shape))
+    return w_OxI.reshape(num_heads, e // 2, 2, *w_OxI.shape[1:]).swapaxes(1, 2).reshape(w_OxI.shape)
 
 
 def _field(reader, key, default=None):
@@ -54,7 +53,7 @@ def _field(reader, key, default=None):
 
 
 def _reader(path):
-    import gguf  # noqa: PLC0415
+    import gguf
 
     class Reader(gguf.GGUFReader):
         # PERF: GGUFReader parses ~100k tokenizer strings by slicing an np.memmap, whose
@@ -73,8 +72,11 @@ def _reader(path):
 
 # GGUF architecture -> (HF architecture, q/k rows permuted by llama.cpp's converter). Qwen
 # models use llama.cpp's NEOX RoPE, which is HF's rotate-half: their rows are stored as is.
-GGUF_ARCHS = {"llama": ("LlamaForCausalLM", True), "qwen2": ("Qwen2ForCausalLM", False),
-              "qwen3": ("Qwen3ForCausalLM", False)}
+GGUF_ARCHS = {
+    "llama": ("LlamaForCausalLM", True),
+    "qwen2": ("Qwen2ForCausalLM", False),
+    "qwen3": ("Qwen3ForCausalLM", False),
+}
 
 
 def llama3_from_rope_freqs(rope_freqs: np.ndarray, head_dim: int, theta: float) -> dict:
@@ -82,32 +84,34 @@ def llama3_from_rope_freqs(rope_freqs: np.ndarray, head_dim: int, theta: float) 
     convert_hf_to_gguf.py writes for Llama 3.1+). Searched over the factor (the largest
     divisor) and a grid of low/high frequency factors and original context lengths; an
     exact match or a ValueError naming rope_freqs."""
-    from rskd_jax.models.rope import rope_inv_freq  # noqa: PLC0415
+    from rskd_jax.models.rope import rope_inv_freq
 
     base, _ = rope_inv_freq(head_dim, theta)
     want = base / rope_freqs.astype(np.float32)
     # (old, low, high) and (c old, c low, c high) give the same frequencies: prefer low = 1.
     for low in (1.0, 0.5, 2.0):
         for high in (4.0, 2.0, 8.0):
-            for old in (2 ** k for k in range(4, 21)):
-                cand = {"rope_type": "llama3", "factor": float(rope_freqs.max()),
-                        "low_freq_factor": low, "high_freq_factor": high,
-                        "original_max_position_embeddings": old}
+            for old in (2**k for k in range(4, 21)):
+                cand = {
+                    "rope_type": "llama3",
+                    "factor": float(rope_freqs.max()),
+                    "low_freq_factor": low,
+                    "high_freq_factor": high,
+                    "original_max_position_embeddings": old,
+                }
                 if np.allclose(rope_inv_freq(head_dim, theta, cand)[0], want, rtol=1e-5, atol=0):
                     return cand
-    raise ValueError("GGUF rope_freqs do not match a llama3 RoPE scaling; other frequency "
-                     "factors are not implemented")
+    raise ValueError("GGUF rope_freqs do not match a llama3 RoPE scaling; other frequency factors are not implemented")
 
 
 def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     """(HF config dict, HF-named float32 tensors) from a llama, qwen2 or qwen3 GGUF file."""
-    import gguf  # noqa: PLC0415
+    import gguf
 
     reader = _reader(path)
     arch = _field(reader, "general.architecture")
     if arch not in GGUF_ARCHS:
-        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported "
-                         f"(only {sorted(GGUF_ARCHS)})")
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (only {sorted(GGUF_ARCHS)})")
     hf_arch, permuted = GGUF_ARCHS[arch]
 
     def meta(key, default=None):
@@ -125,8 +129,9 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     head_dim = int(_field(reader, f"{arch}.attention.key_length", hidden // heads))
     rot_dim = int(_field(reader, f"{arch}.rope.dimension_count", head_dim))
     if rot_dim != head_dim:
-        raise ValueError(f"{path}: partial RoPE (rope.dimension_count {rot_dim} != head dim "
-                         f"{head_dim}) is not supported")
+        raise ValueError(
+            f"{path}: partial RoPE (rope.dimension_count {rot_dim} != head dim {head_dim}) is not supported"
+        )
     hf = dict(
         architectures=[hf_arch],
         model_type=arch,

@@ -47,9 +47,12 @@ _LAYER_NAMES = {  # our stacked name -> HF per-layer name
 }
 # Gemma 2/3 name their four norms after their place: post_attention_layernorm is the norm of
 # the attention output, not the MLP input.
-_SANDWICH_NAMES = {**_LAYER_NAMES, "post_attn_norm": "post_attention_layernorm.weight",
-                   "mlp_norm": "pre_feedforward_layernorm.weight",
-                   "post_mlp_norm": "post_feedforward_layernorm.weight"}
+_SANDWICH_NAMES = {
+    **_LAYER_NAMES,
+    "post_attn_norm": "post_attention_layernorm.weight",
+    "mlp_norm": "pre_feedforward_layernorm.weight",
+    "post_mlp_norm": "post_feedforward_layernorm.weight",
+}
 
 
 def layer_names(config: LlamaConfig) -> dict[str, str]:
@@ -60,8 +63,15 @@ def layer_names(config: LlamaConfig) -> dict[str, str]:
 def _to_ours(name: str, w: np.ndarray, c: LlamaConfig) -> np.ndarray:
     """One layer's HF tensor -> our per-layer layout (a reshape: both are [out, in])."""
     h, k, e = c.num_heads, c.num_kv_heads, c.head_dim
-    shapes = {"q_proj": (h, e, -1), "k_proj": (k, e, -1), "v_proj": (k, e, -1),
-              "o_proj": (-1, h, e), "q_bias": (h, e), "k_bias": (k, e), "v_bias": (k, e)}
+    shapes = {
+        "q_proj": (h, e, -1),
+        "k_proj": (k, e, -1),
+        "v_proj": (k, e, -1),
+        "o_proj": (-1, h, e),
+        "q_bias": (h, e),
+        "k_bias": (k, e),
+        "v_bias": (k, e),
+    }
     return w.reshape(shapes[name]) if name in shapes else w
 
 
@@ -83,8 +93,7 @@ def _set(var: nnx.Param, value: np.ndarray, name: str, dtype) -> None:
     var.set_value(jnp.asarray(np.ascontiguousarray(value), dtype=dtype))
 
 
-def model_from_hf_tensors(config: LlamaConfig, tensors: Mapping[str, np.ndarray],
-                          fingerprint: str) -> Llama:
+def model_from_hf_tensors(config: LlamaConfig, tensors: Mapping[str, np.ndarray], fingerprint: str) -> Llama:
     """Build a Llama from HF-named numpy tensors without a random init (one copy to jax)."""
     c = config
     pd = _DTYPES[c.param_dtype]
@@ -106,21 +115,23 @@ def model_from_hf_tensors(config: LlamaConfig, tensors: Mapping[str, np.ndarray]
     for ours, theirs in layer_names(c).items():
         if not hasattr(model.layers, ours):
             continue
-        stacked = np.stack([_to_ours(ours, get(f"model.layers.{i}.{theirs}"), c)
-                            for i in range(c.num_layers)])
+        stacked = np.stack([_to_ours(ours, get(f"model.layers.{i}.{theirs}"), c) for i in range(c.num_layers)])
         _set(getattr(model.layers, ours), stacked, f"model.layers.*.{theirs}", pd)
     extra = sorted(n for n in tensors if n not in used and not n.endswith(_IGNORED_TENSOR_SUFFIXES))
     if extra:
-        raise ValueError(f"checkpoint has tensors this architecture does not use: {extra[:8]}"
-                         f"{' ...' if len(extra) > 8 else ''}")
+        raise ValueError(
+            f"checkpoint has tensors this architecture does not use: {extra[:8]}{' ...' if len(extra) > 8 else ''}"
+        )
     return model
 
 
 def hf_tensors(model: Llama) -> dict[str, np.ndarray]:
     """The model's weights as HF-named numpy arrays in HF layout (param dtype)."""
     c = model.config
-    out = {"model.embed_tokens.weight": np.asarray(model.embed[...]),
-           "model.norm.weight": np.asarray(model.final_norm[...])}
+    out = {
+        "model.embed_tokens.weight": np.asarray(model.embed[...]),
+        "model.norm.weight": np.asarray(model.final_norm[...]),
+    }
     if not c.tie_embeddings:
         out["lm_head.weight"] = np.asarray(model.lm_head[...])
     for ours, theirs in layer_names(c).items():
@@ -142,12 +153,14 @@ def _safetensors_files(path: Path) -> list[Path]:
         return [path / f for f in sorted(set(weight_map.values()))]
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{path} has no *.safetensors files (pytorch_model.bin is not "
-                                "supported; re-save with safe_serialization=True)")
+        raise FileNotFoundError(
+            f"{path} has no *.safetensors files (pytorch_model.bin is not "
+            "supported; re-save with safe_serialization=True)"
+        )
     return files
 
 
-def _sha256_files(files: list[Path], h=None) -> "hashlib._Hash":
+def _sha256_files(files: list[Path], h=None) -> hashlib._Hash:
     h = h or hashlib.sha256()
     for f in files:
         h.update(f.name.encode() + b"\0")
@@ -168,7 +181,7 @@ def load_hf_dir(path: str | os.PathLike, **overrides) -> Llama:
 
     overrides: LlamaConfig fields (dtype, param_dtype, remat) applied on top of config.json.
     """
-    from safetensors import safe_open  # noqa: PLC0415
+    from safetensors import safe_open
 
     path = Path(path)
     hf = json.loads((path / "config.json").read_text())
@@ -185,7 +198,7 @@ def load_hf_dir(path: str | os.PathLike, **overrides) -> Llama:
 
 def save_pretrained(model: Llama, out_dir: str | os.PathLike, *, arch: str | None = None) -> None:
     """Write config.json + model.safetensors that transformers' from_pretrained loads."""
-    from safetensors.numpy import save_file  # noqa: PLC0415
+    from safetensors.numpy import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

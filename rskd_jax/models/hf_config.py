@@ -15,9 +15,14 @@ from __future__ import annotations
 from rskd_jax.models.config import LlamaConfig
 from rskd_jax.models.rope import canonical_scaling
 
-ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
-         "MistralForCausalLM": "mistral", "Gemma2ForCausalLM": "gemma2",
-         "Gemma3ForCausalLM": "gemma3_text"}
+ARCHS = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "MistralForCausalLM": "mistral",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3_text",
+}
 FAMILY_ARCH = {family: arch for arch, family in ARCHS.items()}
 _GEMMA = dict(norm_plus_one=True, sandwich_norms=True, embed_scale=True)
 FAMILY_FEATURES = {
@@ -78,8 +83,10 @@ def _ropes(hf: dict, family: str) -> dict:
         theta, scaling = _rope(full, hf, 1e6)
         local_theta, local_scaling = _rope(local, hf, 1e4)
         if local_scaling is not None:
-            raise _unsupported(f"rope_parameters.sliding_attention type "
-                               f"{local_scaling['rope_type']!r} (the local RoPE must be default)")
+            raise _unsupported(
+                f"rope_parameters.sliding_attention type "
+                f"{local_scaling['rope_type']!r} (the local RoPE must be default)"
+            )
         return dict(rope_theta=theta, rope_scaling=scaling, rope_local_theta=local_theta)
     if not params:
         params = dict(hf.get("rope_scaling") or {}, rope_theta=hf.get("rope_theta", 10000.0))
@@ -105,8 +112,10 @@ def _layer_types(hf: dict, family: str, n: int) -> tuple[list[str] | None, int |
             kinds = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
     elif family == "mistral":
         if kinds is not None and window is not None:
-            raise _unsupported("layer_types in a MistralForCausalLM config (transformers ignores "
-                               "them and slides every layer; convert to Ministral)")
+            raise _unsupported(
+                "layer_types in a MistralForCausalLM config (transformers ignores "
+                "them and slides every layer; convert to Ministral)"
+            )
         kinds = None
     elif family == "gemma2" and kinds is None:
         kinds = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
@@ -128,20 +137,21 @@ def config_from_hf(hf: dict, **overrides) -> LlamaConfig:
     if hf.get("mlp_bias"):
         raise _unsupported("mlp_bias=True (biases on the MLP projections)")
     if family != "qwen2" and hf.get("attention_bias"):
-        raise _unsupported("attention_bias=True (a bias on o_proj too; only q/k/v biases, as "
-                           "in Qwen2, are implemented)")
+        raise _unsupported(
+            "attention_bias=True (a bias on o_proj too; only q/k/v biases, as in Qwen2, are implemented)"
+        )
     if hf.get("use_bidirectional_attention"):
         raise _unsupported("use_bidirectional_attention=True (only causal attention)")
     if family == "gemma3_text" and hf.get("attn_logit_softcapping") is not None:
-        raise _unsupported("attn_logit_softcapping in a Gemma 3 config (transformers' Gemma 3 "
-                           "does not apply it; drop the field)")
+        raise _unsupported(
+            "attn_logit_softcapping in a Gemma 3 config (transformers' Gemma 3 does not apply it; drop the field)"
+        )
     if not gemma and (hf.get("attn_logit_softcapping") or hf.get("final_logit_softcapping")):
         raise _unsupported("attn_logit_softcapping / final_logit_softcapping outside Gemma")
     n = hf["num_hidden_layers"]
     kinds, window = _layer_types(hf, family, n)
     if kinds is not None and set(kinds) - {"full_attention", "sliding_attention"}:
-        raise _unsupported(f"layer_types {sorted(set(kinds))} (only full_attention and "
-                           "sliding_attention)")
+        raise _unsupported(f"layer_types {sorted(set(kinds))} (only full_attention and sliding_attention)")
     heads = hf["num_attention_heads"]
     fields = dict(
         vocab_size=hf["vocab_size"],
@@ -163,9 +173,11 @@ def config_from_hf(hf: dict, **overrides) -> LlamaConfig:
     if family == "mistral" and window is not None:
         fields["layer_types"] = ("sliding_attention",) * n
     if gemma:
-        fields.update(query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256),
-                      attn_softcap=hf.get("attn_logit_softcapping"),
-                      final_softcap=hf.get("final_logit_softcapping"))
+        fields.update(
+            query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256),
+            attn_softcap=hf.get("attn_logit_softcapping"),
+            final_softcap=hf.get("final_logit_softcapping"),
+        )
     if family not in ("llama", "qwen2"):  # those two keep the turn-2 config (and fingerprint)
         fields["family"] = family
     fields.update(overrides)
@@ -179,10 +191,8 @@ def _check_exportable(c: LlamaConfig, family: str) -> None:
     for name in fixed:
         default = LlamaConfig.__dataclass_fields__[name].default
         if getattr(c, name) != want.get(name, default):
-            raise _unsupported(f"{name}={getattr(c, name)!r} cannot be exported as "
-                               f"{FAMILY_ARCH[family]}")
-    if not family.startswith("gemma") and (c.attn_softcap or c.final_softcap
-                                           or c.query_pre_attn_scalar):
+            raise _unsupported(f"{name}={getattr(c, name)!r} cannot be exported as {FAMILY_ARCH[family]}")
+    if not family.startswith("gemma") and (c.attn_softcap or c.final_softcap or c.query_pre_attn_scalar):
         raise _unsupported(f"soft-caps / query_pre_attn_scalar cannot be exported as {FAMILY_ARCH[family]}")
     if c.rope_local_theta is not None and family != "gemma3_text":
         raise _unsupported(f"rope_local_theta cannot be exported as {FAMILY_ARCH[family]}")
@@ -195,16 +205,14 @@ def _int_if_whole(x: float) -> int | float:  # transformers' config types it int
 
 
 def _rope_params(theta: float, scaling: dict | None) -> dict:
-    return {"rope_type": "default", "rope_theta": theta} if scaling is None else {
-        **scaling, "rope_theta": theta}
+    return {"rope_type": "default", "rope_theta": theta} if scaling is None else {**scaling, "rope_theta": theta}
 
 
 def config_to_hf(config: LlamaConfig, arch: str | None = None) -> dict:
     """HF config.json dict. arch: one of ARCHS (default: the config's family, else Qwen2 when
     qkv_bias, else Llama)."""
     c = config
-    arch = arch or FAMILY_ARCH.get(c.family) or ("Qwen2ForCausalLM" if c.qkv_bias
-                                                 else "LlamaForCausalLM")
+    arch = arch or FAMILY_ARCH.get(c.family) or ("Qwen2ForCausalLM" if c.qkv_bias else "LlamaForCausalLM")
     if arch not in ARCHS:
         raise _unsupported(f"export architecture {arch!r}; supported: {sorted(ARCHS)}")
     family = ARCHS[arch]
@@ -241,24 +249,32 @@ def config_to_hf(config: LlamaConfig, arch: str | None = None) -> dict:
             raise _unsupported("sliding-window layers cannot be exported as LlamaForCausalLM")
     elif family in ("qwen2", "qwen3"):
         sliding = kinds is not None
-        hf.update(use_sliding_window=sliding, sliding_window=c.sliding_window,
-                  layer_types=kinds or ["full_attention"] * c.num_layers,
-                  max_window_layers=c.sliding_layers.index(True) if sliding else c.num_layers)
+        hf.update(
+            use_sliding_window=sliding,
+            sliding_window=c.sliding_window,
+            layer_types=kinds or ["full_attention"] * c.num_layers,
+            max_window_layers=c.sliding_layers.index(True) if sliding else c.num_layers,
+        )
         if family == "qwen3":
             hf.update(attention_bias=False)
     elif family == "mistral":
         hf.update(sliding_window=c.sliding_window)
     else:  # gemma2, gemma3_text
-        hf.update(hidden_activation=hf.pop("hidden_act"), attention_bias=False,
-                  query_pre_attn_scalar=_int_if_whole(c.query_pre_attn_scalar or c.head_dim),
-                  sliding_window=c.sliding_window or c.max_position_embeddings,
-                  layer_types=kinds or ["full_attention"] * c.num_layers,
-                  final_logit_softcapping=c.final_softcap, attn_logit_softcapping=c.attn_softcap,
-                  use_bidirectional_attention=False)
+        hf.update(
+            hidden_activation=hf.pop("hidden_act"),
+            attention_bias=False,
+            query_pre_attn_scalar=_int_if_whole(c.query_pre_attn_scalar or c.head_dim),
+            sliding_window=c.sliding_window or c.max_position_embeddings,
+            layer_types=kinds or ["full_attention"] * c.num_layers,
+            final_logit_softcapping=c.final_softcap,
+            attn_logit_softcapping=c.attn_softcap,
+            use_bidirectional_attention=False,
+        )
         if family == "gemma3_text":
             local = c.rope_local_theta if c.rope_local_theta is not None else c.rope_theta
-            hf.update(rope_parameters={"full_attention": rope_parameters,
-                                       "sliding_attention": _rope_params(local, None)},
-                      rope_local_base_freq=local)
+            hf.update(
+                rope_parameters={"full_attention": rope_parameters, "sliding_attention": _rope_params(local, None)},
+                rope_local_base_freq=local,
+            )
             hf.pop("rope_theta")
     return hf

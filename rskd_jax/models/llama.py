@@ -70,11 +70,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rskd_jax.models.attention import attention
-from rskd_jax.models.attention import attention_chunk, causal_attention  # noqa: F401 (re-export)
-from rskd_jax.models.config import (  # noqa: F401 (re-exported: models.llama was their home)
-    _DTYPES, FAMILIES, HIDDEN_ACTS, LAYER_TYPES, LlamaConfig, rope_inv_freq)
+from rskd_jax.models.attention import attention, attention_chunk, causal_attention  # noqa: F401 (re-export)
+from rskd_jax.models.config import _DTYPES, FAMILIES, HIDDEN_ACTS, LAYER_TYPES, LlamaConfig, rope_inv_freq  # noqa: F401 (re-exported: models.llama was their home)
 from rskd_jax.models.rope import apply_rope, rope_tables
+
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float, plus_one: bool = False) -> jax.Array:
     """x / rms(x) * scale (or * (1 + scale), Gemma), in float32, returned in x's dtype."""
@@ -95,8 +94,7 @@ class LlamaLayers(nnx.Module):
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         c = config
-        n, d, h, k, e, f = (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads,
-                            c.head_dim, c.intermediate_size)
+        n, d, h, k, e, f = (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size)
         pd = _DTYPES[c.param_dtype]
         normal = nnx.initializers.normal(0.02)
         norm_init = jnp.zeros if c.norm_plus_one else jnp.ones  # both mean "scale 1"
@@ -127,15 +125,35 @@ class LlamaLayers(nnx.Module):
 
     def weights(self) -> dict[str, jax.Array]:
         """The stacked arrays by name (what the scan iterates over)."""
-        names = ["attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_norm",
-                 "gate_proj", "up_proj", "down_proj", "q_bias", "k_bias", "v_bias",
-                 "q_norm", "k_norm", "post_attn_norm", "post_mlp_norm"]
+        names = [
+            "attn_norm",
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "mlp_norm",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+            "q_bias",
+            "k_bias",
+            "v_bias",
+            "q_norm",
+            "k_norm",
+            "post_attn_norm",
+            "post_mlp_norm",
+        ]
         return {name: getattr(self, name)[...] for name in names if hasattr(self, name)}
 
 
-def decoder_layer(config: LlamaConfig, x_BxLxD: jax.Array, w: dict[str, jax.Array],
-                  cos_LxE2: jax.Array, sin_LxE2: jax.Array,
-                  window: int | jax.Array | None = None) -> jax.Array:
+def decoder_layer(
+    config: LlamaConfig,
+    x_BxLxD: jax.Array,
+    w: dict[str, jax.Array],
+    cos_LxE2: jax.Array,
+    sin_LxE2: jax.Array,
+    window: int | jax.Array | None = None,
+) -> jax.Array:
     """One pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(.)). w: one layer's weights.
 
     With sandwich_norms the attention and MLP outputs are normed too before the residual add.
@@ -162,8 +180,7 @@ def decoder_layer(config: LlamaConfig, x_BxLxD: jax.Array, w: dict[str, jax.Arra
     scale = (c.query_pre_attn_scalar or e) ** -0.5
     q_BxKVxLxGxE = apply_rope(q * jnp.asarray(scale, dt), cos_LxE2[:, None], sin_LxE2[:, None])
     k_BxKVxLxE = apply_rope(kk, cos_LxE2, sin_LxE2)
-    o_BxKVxLxGxE = attention(c.attention, q_BxKVxLxGxE, k_BxKVxLxE, v, window=window,
-                             softcap=c.attn_softcap)
+    o_BxKVxLxGxE = attention(c.attention, q_BxKVxLxGxE, k_BxKVxLxE, v, window=window, softcap=c.attn_softcap)
     wo_DxKVxGxE = w["o_proj"].astype(dt).reshape(-1, k, g, e)
     attn_BxLxD = jnp.einsum("bklge,dkge->bld", o_BxKVxLxGxE, wo_DxKVxGxE)
     if c.sandwich_norms:
@@ -203,14 +220,12 @@ class Llama(nnx.Module):
         self.config = c
         # Identifies the source weights + config (sha256 hex); not updated by training.
         self.fingerprint = fingerprint
-        self.embed = _param(normal(rngs.params(), (c.vocab_size, c.hidden_size), pd),
-                            ("vocab", "embed"))
+        self.embed = _param(normal(rngs.params(), (c.vocab_size, c.hidden_size), pd), ("vocab", "embed"))
         self.layers = LlamaLayers(c, rngs=rngs)
         norm_init = jnp.zeros if c.norm_plus_one else jnp.ones
         self.final_norm = _param(norm_init((c.hidden_size,), pd), ("norm",))
         if not c.tie_embeddings:
-            self.lm_head = _param(normal(rngs.params(), (c.vocab_size, c.hidden_size), pd),
-                                  ("vocab", "embed"))
+            self.lm_head = _param(normal(rngs.params(), (c.vocab_size, c.hidden_size), pd), ("vocab", "embed"))
 
     def hidden_states(self, tokens_BxL: jax.Array) -> jax.Array:
         """Final-norm hidden states [B, L, D] in config.dtype."""
@@ -275,8 +290,7 @@ class Llama(nnx.Module):
 
 def random_fingerprint(config: LlamaConfig, seed: int) -> str:
     """sha256 of the config and seed of a random initialisation."""
-    blob = json.dumps({"init": "normal(0.02)", "seed": int(seed), "config": config.to_dict()},
-                      sort_keys=True)
+    blob = json.dumps({"init": "normal(0.02)", "seed": int(seed), "config": config.to_dict()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -17,11 +17,11 @@ import numpy as np
 # rope_type -> (required keys, optional keys). Types not listed are refused by name.
 SCALING_KEYS = {
     "linear": (("factor",), ()),
-    "llama3": (("factor", "low_freq_factor", "high_freq_factor",
-                "original_max_position_embeddings"), ()),
-    "yarn": (("factor", "original_max_position_embeddings"),
-             ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
-              "truncate")),
+    "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"), ()),
+    "yarn": (
+        ("factor", "original_max_position_embeddings"),
+        ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
+    ),
 }
 
 
@@ -35,14 +35,18 @@ def canonical_scaling(scaling: dict | None) -> dict | None:
     if scaling is None or rope_type in ("default", None):
         return None
     if rope_type not in SCALING_KEYS:
-        raise ValueError(f"unsupported rope_scaling type {rope_type!r}: only "
-                         f"{sorted(SCALING_KEYS)} (or default) are implemented")
+        raise ValueError(
+            f"unsupported rope_scaling type {rope_type!r}: only {sorted(SCALING_KEYS)} (or default) are implemented"
+        )
     required, optional = SCALING_KEYS[rope_type]
     missing = [k for k in required if rs.get(k) is None]
     if missing:
         raise ValueError(f"rope_scaling of type {rope_type} lacks {missing}")
-    return {"rope_type": rope_type, **{k: rs[k] for k in required},
-            **{k: rs[k] for k in optional if rs.get(k) is not None}}
+    return {
+        "rope_type": rope_type,
+        **{k: rs[k] for k in required},
+        **{k: rs[k] for k in optional if rs.get(k) is not None},
+    }
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -78,8 +82,7 @@ def _yarn(inv_freq: np.ndarray, theta: float, dim: int, rs: dict) -> tuple[np.nd
     return out.astype(np.float32), float(attention)
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None
-                  ) -> tuple[np.ndarray, float]:
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> tuple[np.ndarray, float]:
     """(inverse frequencies [E/2] float32, cos/sin multiplier), as transformers computes them."""
     e = head_dim
     inv_freq = (1.0 / (np.float32(theta) ** (np.arange(0, e, 2, dtype=np.float32) / e))).astype(np.float32)
@@ -100,8 +103,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None
     return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
 
 
-def rope_tables(length: int, head_dim: int, theta: float, scaling: dict | None = None
-                ) -> tuple[jax.Array, jax.Array]:
+def rope_tables(length: int, head_dim: int, theta: float, scaling: dict | None = None) -> tuple[jax.Array, jax.Array]:
     """(cos, sin) [L, E/2] float32 for positions 0..L-1 (YaRN's multiplier folded in)."""
     inv_freq, mult = rope_inv_freq(head_dim, theta, scaling)
     angles_LxE2 = jnp.arange(length, dtype=jnp.float32)[:, None] * jnp.asarray(inv_freq)

@@ -42,16 +42,16 @@ def store_url(path: str) -> str:
 def local_path(url: str) -> str | None:
     """The local directory behind a `file://` URL, else None."""
     url = store_url(url)
-    return url[len("file://"):] if url.startswith("file://") else None
+    return url[len("file://") :] if url.startswith("file://") else None
 
 
-def _kvstore(url: str) -> ts.KvStore:
+def kvstore(url: str) -> ts.KvStore:
     return ts.KvStore.open(store_url(url)).result()
 
 
 def read_json(url: str, key: str = MANIFEST) -> dict[str, Any] | None:
     """Reads a JSON object stored under `key`; None if the key is absent."""
-    result = _kvstore(url).read(key).result()
+    result = kvstore(url).read(key).result()
     if result.state == "missing":
         return None
     try:
@@ -63,7 +63,7 @@ def read_json(url: str, key: str = MANIFEST) -> dict[str, Any] | None:
 def write_json(url: str, obj: dict[str, Any], key: str = MANIFEST) -> None:
     """Writes `obj` as indented JSON under `key` (the file driver replaces it atomically)."""
     data = json.dumps(obj, indent=2, sort_keys=True).encode("utf-8")
-    _kvstore(url).write(key, data).result()
+    kvstore(url).write(key, data).result()
 
 
 def fingerprint(obj: Any) -> str:
@@ -109,10 +109,8 @@ def bytes_on_disk(url: str, prefix: str = "") -> int:
     root = local_path(url)
     if root is not None:
         top = os.path.join(root, prefix)
-        return sum(
-            os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(top) for f in files
-        )
-    kv = _kvstore(url)
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(top) for f in files)
+    kv = kvstore(url)
     keys = kv.list().result()
     return sum(len(kv.read(k).result().value) for k in keys if k.decode().startswith(prefix))
 
@@ -120,9 +118,13 @@ def bytes_on_disk(url: str, prefix: str = "") -> int:
 def warn_unchecked(url: str, kind: str, layout_version: int, checked_from: int) -> None:
     """Logs once per open that a store predates per-chunk checksums."""
     if layout_version < checked_from:
-        log.warning("%s is a %s store of layout_version %d: its chunks carry no checksums, so "
-                    "corruption may read back silently. Re-create it to get checked chunks.",
-                    store_url(url), kind, layout_version)
+        log.warning(
+            "%s is a %s store of layout_version %d: its chunks carry no checksums, so "
+            "corruption may read back silently. Re-create it to get checked chunks.",
+            store_url(url),
+            kind,
+            layout_version,
+        )
 
 
 def corrupt_rows(arr: ts.TensorStore, rows: np.ndarray) -> list[int]:
@@ -130,14 +132,15 @@ def corrupt_rows(arr: ts.TensorStore, rows: np.ndarray) -> list[int]:
     bad = []
     for r in np.unique(np.asarray(rows, np.int64)):
         try:
-            arr[int(r):int(r) + 1].read().result()
+            arr[int(r) : int(r) + 1].read().result()
         except ValueError:
             bad.append(int(r))
     return bad
 
 
-def read_rows_checked(arrays: dict[str, ts.TensorStore], rows: np.ndarray, *, url: str,
-                      prefix: str = "") -> dict[str, np.ndarray]:
+def read_rows_checked(
+    arrays: dict[str, ts.TensorStore], rows: np.ndarray, *, url: str, prefix: str = ""
+) -> dict[str, np.ndarray]:
     """Reads rows `rows` of every array (one batched read each, all in flight together).
 
     A chunk that fails its checksum or cannot be decoded raises a StoreError naming the store,
@@ -152,14 +155,16 @@ def read_rows_checked(arrays: dict[str, ts.TensorStore], rows: np.ndarray, *, ur
             failed.append((name, err))
     if failed:
         parts = []
-        for name, err in failed:
+        for name, error in failed:
             bad = corrupt_rows(arrays[name], rows)
-            parts.append(f"{prefix}{name} rows {bad[:10]}{' ...' if len(bad) > 10 else ''}"
-                         if bad else f"{prefix}{name} ({err})")
-        raise StoreError(f"{store_url(url)} is corrupt or truncated: {'; '.join(parts)} failed their "
-                         f"checksum, are missing or could not be decoded (first error: {failed[0][1]}). Nothing of this "
-                         "batch was used. Re-create the store (overwrite=true), or for a teacher "
-                         "store re-run the cache for these rows.")
+            more = " ..." if len(bad) > 10 else ""
+            parts.append(f"{prefix}{name} rows {bad[:10]}{more}" if bad else f"{prefix}{name} ({error})")
+        raise StoreError(
+            f"{store_url(url)} is corrupt or truncated: {'; '.join(parts)} failed their "
+            f"checksum, are missing or could not be decoded (first error: {failed[0][1]}). Nothing of this "
+            "batch was used. Re-create the store (overwrite=true), or for a teacher "
+            "store re-run the cache for these rows."
+        )
     return out
 
 
@@ -168,7 +173,7 @@ def scan_array(arr: ts.TensorStore, rows: np.ndarray | None = None, block_rows: 
     rows = np.arange(int(arr.shape[0])) if rows is None else np.asarray(rows, np.int64)
     bad: list[int] = []
     for start in range(0, len(rows), block_rows):
-        block = rows[start:start + block_rows]
+        block = rows[start : start + block_rows]
         try:
             arr[block].read().result()
         except ValueError:

@@ -61,14 +61,16 @@ def ragged(rows: dict[str, np.ndarray], *, bucket: int = 1024) -> dict[str, np.n
     ids_BxLxK = rows["ids"]
     b, length, k = ids_BxLxK.shape
     valid_BxLxK = np.arange(k) < rows["num_ids"][..., None]  # entries are a prefix of the slots
-    pos_BxLxK = np.broadcast_to(np.arange(b * length, dtype=np.int32).reshape(b, length, 1),
-                                ids_BxLxK.shape)
+    pos_BxLxK = np.broadcast_to(np.arange(b * length, dtype=np.int32).reshape(b, length, 1), ids_BxLxK.shape)
     e = int(valid_BxLxK.sum())
     size = _round_up(max(e, 1), bucket)
     out = {name: x for name, x in rows.items() if name not in SLOT_FIELDS}
-    for name, src, dtype in (("entry_pos", pos_BxLxK, np.int32), ("entry_ids", ids_BxLxK, np.int32),
-                             ("entry_weights", rows["weights"], np.float32),
-                             ("entry_counts", rows.get("counts"), np.int32)):
+    for name, src, dtype in (
+        ("entry_pos", pos_BxLxK, np.int32),
+        ("entry_ids", ids_BxLxK, np.int32),
+        ("entry_weights", rows["weights"], np.float32),
+        ("entry_counts", rows.get("counts"), np.int32),
+    ):
         if src is None:
             continue
         flat = np.zeros(size, dtype)

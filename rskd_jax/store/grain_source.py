@@ -52,24 +52,28 @@ class TeacherSource:
     record carries (default: ids, weights, num_ids and counts where the store has them).
     """
 
-    def __init__(self, tokens: Any, teacher: Any, split: str, *,
-                 fields: Sequence[str] | None = None):
+    def __init__(self, tokens: Any, teacher: Any, split: str, *, fields: Sequence[str] | None = None):
         self.tokens = open_token_store(tokens) if isinstance(tokens, str) else tokens
         self.teacher = open_teacher_store(teacher) if isinstance(teacher, str) else teacher
         self.split = split
         self._check_manifests()
         have = set(self.teacher.arrays(split))
         have |= {"weights"} if "counts" in have or "weights" in have else set()
-        self.fields = tuple(fields) if fields is not None else tuple(
-            f for f in ("ids", "weights", "num_ids", "counts") if f in have)
+        self.fields = (
+            tuple(fields)
+            if fields is not None
+            else tuple(f for f in ("ids", "weights", "num_ids", "counts") if f in have)
+        )
         unknown = [f for f in self.fields if f not in TARGET_FIELDS]
         if unknown:
             raise StoreError(f"fields {unknown} are not teacher fields; choose from {TARGET_FIELDS}")
         self._hashed = "token_hash" in have
         self._len = self.teacher.num_rows(split)
         if self._len > self.tokens.num_rows(split):
-            raise TokenMismatch(f"teacher store {self.teacher.url} has {self._len} {split} rows, the "
-                                f"token store {self.tokens.url} only {self.tokens.num_rows(split)}")
+            raise TokenMismatch(
+                f"teacher store {self.teacher.url} has {self._len} {split} rows, the "
+                f"token store {self.tokens.url} only {self.tokens.num_rows(split)}"
+            )
 
     def _check_manifests(self) -> None:
         theirs = (self.teacher.manifest.get("tokens") or {}).get("fingerprint")
@@ -78,7 +82,8 @@ class TeacherSource:
                 f"teacher store {self.teacher.url} was computed on token store fingerprint {theirs!r} "
                 f"(seq_len {self.teacher.seq_len}), not on {self.tokens.url} "
                 f"({self.tokens.fingerprint!r}, seq_len {self.tokens.seq_len}); re-run the cache "
-                "program on this token store")
+                "program on this token store"
+            )
 
     def __len__(self) -> int:
         return self._len
@@ -95,8 +100,10 @@ class TeacherSource:
         """The records of `indices` stacked: tokens [b, L], index [b] and the fields [b, ...]."""
         idx = np.asarray(indices, np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= self._len):
-            raise IndexError(f"rows {idx[(idx < 0) | (idx >= self._len)][:5].tolist()} outside "
-                             f"[0, {self._len}) of split {self.split!r}")
+            raise IndexError(
+                f"rows {idx[(idx < 0) | (idx >= self._len)][:5].tolist()} outside "
+                f"[0, {self._len}) of split {self.split!r}"
+            )
         tokens = np.asarray(self.tokens.read(self.split, idx), np.int32)
         rows = self.teacher.read_rows(self.split, idx)
         if self._hashed:
@@ -105,11 +112,14 @@ class TeacherSource:
                 raise TokenMismatch(
                     f"{self.split} row {int(idx[bad[0]])}: its tokens differ from the ones the teacher "
                     f"store {self.teacher.url} was computed on ({bad.size} of {idx.size} rows); the token "
-                    "store changed after caching. Re-run the data and cache programs")
-        out = {"tokens": tokens, "index": idx}
+                    "store changed after caching. Re-run the data and cache programs"
+                )
+        out: dict[str, np.ndarray] = {"tokens": tokens, "index": idx}
         out.update({f: rows[f] for f in self.fields})
         return out
 
     def __repr__(self) -> str:  # grain checkpoints name the source by its repr
-        return (f"TeacherSource(tokens={self.tokens.url!r}, teacher={self.teacher.url!r}, "
-                f"split={self.split!r}, fields={self.fields})")
+        return (
+            f"TeacherSource(tokens={self.tokens.url!r}, teacher={self.teacher.url!r}, "
+            f"split={self.split!r}, fields={self.fields})"
+        )

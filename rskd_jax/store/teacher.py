@@ -32,9 +32,10 @@ stored as 0 and restored as N - sum(others). Every array is a zarr3 shard of `ch
 with one inner chunk per row (a random row read decodes just that row), blosc(zstd, byte
 shuffle), then a crc32c of the chunk's bytes (layout_version 2; every other chunk, `done`,
 `token_hash` and `rank_to_id` included, carries one too): a flipped bit raises a StoreError
-naming the store, the array and the rows, never decodes to other targets. Measured on real SmolLM2 draws at N = 50: stdlib source (11.8 unique ids per
-position) 20.1 B/token for ids + counts + num_ids = 1.70 B/entry; Python docs (15.3 ids)
-25.0 B/token = 1.64 B/entry; the float16 diagnostics add 4.2 B/token (raw int32: 400 B/token).
+naming the store, the array and the rows, never decodes to other targets. Measured on real
+SmolLM2 draws at N = 50: stdlib source (11.8 unique ids per position) 20.1 B/token for ids +
+counts + num_ids = 1.70 B/entry; Python docs (15.3 ids) 25.0 B/token = 1.64 B/entry; the
+float16 diagnostics add 4.2 B/token (raw int32: 400 B/token).
 
 Token check: a store created with token_hash=True takes each block's `tokens` [b, L] in
 write_rows and keeps token_hash(tokens) per row; read_rows returns it, so a reader (the
@@ -127,12 +128,12 @@ def _layout_arrays(layout: dict[str, Any], split: str) -> dict[str, _Array]:
     s, length, k, v = layout["num_rows"][split], layout["seq_len"], layout["k"], layout["vocab_size"]
     cr, method = layout["chunk_rows"], layout["method"]
     arrays = {"done": _Array((s,), np.dtype(np.uint8), (cr,), False)}
-    per_pos = lambda dt: _Array((s, length), np.dtype(dt), (cr, length), True)  # noqa: E731
+    per_pos = lambda dt: _Array((s, length), np.dtype(dt), (cr, length), True)
     if method == "full":
         lc = max(1, min(length, _FULL_CHUNK_BYTES // (cr * v * 2)))
         arrays["logprobs"] = _Array((s, length, v), np.dtype(np.float16), (cr, lc, v), False)
     else:
-        packed = lambda dt: _Array((s, length * k), np.dtype(dt), (cr, length * k), True)  # noqa: E731
+        packed = lambda dt: _Array((s, length * k), np.dtype(dt), (cr, length * k), True)
         arrays["num_ids"] = per_pos(_uint_for(k))
         arrays["ids"] = packed(_uint_for(v - 1))
         if method == "sample":
@@ -150,34 +151,57 @@ def _layout_arrays(layout: dict[str, Any], split: str) -> dict[str, _Array]:
 
 def _codecs(level: int, itemsize: int, inner: tuple[int, ...] | None) -> list[dict[str, Any]]:
     raw = {"name": "bytes", "configuration": {"endian": "little"}}
-    blosc = {"name": "blosc", "configuration": {
-        "cname": "zstd", "clevel": level, "shuffle": "shuffle" if itemsize > 1 else "noshuffle",
-        "typesize": itemsize, "blocksize": 0}}
+    blosc = {
+        "name": "blosc",
+        "configuration": {
+            "cname": "zstd",
+            "clevel": level,
+            "shuffle": "shuffle" if itemsize > 1 else "noshuffle",
+            "typesize": itemsize,
+            "blocksize": 0,
+        },
+    }
     if inner is None:
         return [raw, blosc, common.CHECKSUM]
-    return [{"name": "sharding_indexed", "configuration": {
-        "chunk_shape": list(inner), "codecs": [raw, blosc, common.CHECKSUM],
-        "index_codecs": [raw, {"name": "crc32c"}], "index_location": "end"}}]
+    return [
+        {
+            "name": "sharding_indexed",
+            "configuration": {
+                "chunk_shape": list(inner),
+                "codecs": [raw, blosc, common.CHECKSUM],
+                "index_codecs": [raw, {"name": "crc32c"}],
+                "index_location": "end",
+            },
+        }
+    ]
 
 
 def _open(url: str, name: str, *, write: bool, missing_ok: bool) -> ts.TensorStore:
     """Opens an existing array. Data arrays (missing_ok=False) raise on a missing chunk instead
     of reading fill values, and write every chunk even if it equals the fill value."""
-    spec = {"driver": "zarr3", "kvstore": common.store_url(url) + name + "/",
-            "fill_missing_data_reads": missing_ok, "store_data_equal_to_fill_value": True}
+    spec = {
+        "driver": "zarr3",
+        "kvstore": common.store_url(url) + name + "/",
+        "fill_missing_data_reads": missing_ok,
+        "store_data_equal_to_fill_value": True,
+    }
     try:
         return ts.open(spec, open=True, read=True, write=write).result()
     except ValueError as err:
-        raise StoreError(f"cannot open array {name!r} in {common.store_url(url)}: {err}. "
-                         "The store is corrupt or truncated; re-create it with overwrite=true.") from err
+        raise StoreError(
+            f"cannot open array {name!r} in {common.store_url(url)}: {err}. "
+            "The store is corrupt or truncated; re-create it with overwrite=true."
+        ) from err
 
 
 def _rank_table(id_frequencies: np.ndarray, vocab_size: int) -> np.ndarray:
     """rank -> id, most frequent first; ties by id (a stable sort, so it is deterministic)."""
     freq = np.asarray(id_frequencies)
     if freq.shape != (vocab_size,) or not np.all(np.isfinite(freq)) or np.any(freq < 0):
-        raise StoreError(f"id_frequencies must be {vocab_size} finite non-negative numbers "
-                         f"(e.g. np.bincount(tokens.ravel(), minlength={vocab_size})), got shape {freq.shape}")
+        raise StoreError(
+            f"id_frequencies must be {vocab_size} finite non-negative numbers "
+            f"(e.g. np.bincount(tokens.ravel(), minlength={vocab_size})), got shape {freq.shape}"
+        )
     return np.argsort(-freq.astype(np.float64), kind="stable").astype(np.int32)
 
 
@@ -210,13 +234,16 @@ class TeacherStore:
                     raise StoreError(
                         f"{self.url}{split}/{name} is {tuple(arr.shape)} {arr.dtype.name}, the manifest "
                         f"implies {spec.shape} {spec.dtype.name}: the store is corrupt or truncated. "
-                        "Re-create it with overwrite=true.")
+                        "Re-create it with overwrite=true."
+                    )
                 self._arrays[split][name] = arr
         self._rank_to_id = self._id_to_rank = None
         if layout["rank_table"] is not None:
             table = common.read_rows_checked(
                 {"rank_to_id": _open(self.url, "rank_to_id", write=False, missing_ok=False)},
-                np.arange(self.vocab_size), url=self.url)["rank_to_id"]
+                np.arange(self.vocab_size),
+                url=self.url,
+            )["rank_to_id"]
             if table.shape != (self.vocab_size,) or common.fingerprint(table.tolist()) != layout["rank_table"]:
                 raise StoreError(f"{self.url}rank_to_id does not match the manifest: the store is corrupt")
             self._rank_to_id = table.astype(np.int32)
@@ -239,8 +266,9 @@ class TeacherStore:
     def done_mask(self, split: str) -> np.ndarray:
         """bool [S]: rows whose data is completely written."""
         done = self._split(split)["done"]
-        return common.read_rows_checked({f"{split}/done": done}, np.arange(done.shape[0]),
-                                        url=self.url)[f"{split}/done"].astype(bool)
+        return common.read_rows_checked({f"{split}/done": done}, np.arange(done.shape[0]), url=self.url)[
+            f"{split}/done"
+        ].astype(bool)
 
     def scan(self) -> dict[str, dict[str, list[int]]]:
         """Reads every chunk of every done row (and every `done` chunk): {split: {array: rows
@@ -282,10 +310,13 @@ class TeacherStore:
         b = _block_rows(rows)
         stop = start_row + b
         if start_row < 0 or stop > s or start_row % self.chunk_rows or (stop % self.chunk_rows and stop != s):
-            raise StoreError(f"write_rows({split!r}, {start_row}, b={b}): blocks must be whole chunks of "
-                             f"chunk_rows={self.chunk_rows} rows inside [0, {s}) (the last may end at {s})")
+            raise StoreError(
+                f"write_rows({split!r}, {start_row}, b={b}): blocks must be whole chunks of "
+                f"chunk_rows={self.chunk_rows} rows inside [0, {s}) (the last may end at {s})"
+            )
         encoded = self._encode(split, start_row, b, rows)
         futures = [arrays[name][start_row:stop].write(value) for name, value in encoded.items()]
+        assert self._pool is not None  # writable stores have one
         return self._pool.submit(self._commit, split, start_row, stop, futures)
 
     def _commit(self, split: str, start: int, stop: int, futures: list) -> None:
@@ -301,12 +332,17 @@ class TeacherStore:
         if self.layout.get("token_hash", False):
             want.add("tokens")
         if set(rows) != want:
-            raise StoreError(f"write_rows for method {self.method!r} (diagnostics="
-                             f"{self.layout['diagnostics']}, token_hash={self.layout.get('token_hash', False)}) "
-                             f"takes keys {sorted(want)}, got {sorted(rows)}")
+            raise StoreError(
+                f"write_rows for method {self.method!r} (diagnostics="
+                f"{self.layout['diagnostics']}, token_hash={self.layout.get('token_hash', False)}) "
+                f"takes keys {sorted(want)}, got {sorted(rows)}"
+            )
         length, k = self.seq_len, self.k
-        where = lambda idx: f"split {split!r} row {start + idx[0]}" + (  # noqa: E731
-            f" position {idx[1]}" if len(idx) > 1 else "") + (f" slot {idx[2]}" if len(idx) > 2 else "")
+        where = lambda idx: (
+            f"split {split!r} row {start + idx[0]}"
+            + (f" position {idx[1]}" if len(idx) > 1 else "")
+            + (f" slot {idx[2]}" if len(idx) > 2 else "")
+        )
         out: dict[str, np.ndarray] = {}
         if "tokens" in rows:
             out["token_hash"] = token_hash(_as(rows, "tokens", (b, length), np.integer))
@@ -342,14 +378,15 @@ class TeacherStore:
             raise StoreError(f"{where(bad)}: id {ids[bad]} outside [0, {self.vocab_size})")
         # Sort each position's entries by rank, absent slots (key = V) last.
         key_t = np.int64 if self.vocab_size >= 2**31 - 1 else np.int32
-        key = np.where(present, ids if self._id_to_rank is None else self._id_to_rank[np.where(present, ids, 0)],
-                       self.vocab_size).astype(key_t)
+        key = np.where(
+            present, ids if self._id_to_rank is None else self._id_to_rank[np.where(present, ids, 0)], self.vocab_size
+        ).astype(key_t)
         order = np.argsort(key, axis=-1, kind="stable")
         key = np.take_along_axis(key, order, -1)
         num = present.sum(-1)
         present = np.arange(k) < num[..., None]  # sorted: a prefix of each position
-        gaps = key.copy()
-        gaps[..., 1:] -= key[..., :-1] + 1
+        gaps: np.ndarray = key.copy()
+        gaps[..., 1:] = gaps[..., 1:] - (key[..., :-1] + 1)
         if (bad := _first_bad(present[..., 1:] & (gaps[..., 1:] < 0))) is not None:
             raise StoreError(f"{where(bad)}: id {np.take_along_axis(ids, order, -1)[bad]} appears twice")
         used = np.arange(length * k) < num.sum(-1)[:, None]
@@ -361,7 +398,7 @@ class TeacherStore:
             c[..., 0] = 0  # restored on read as N - sum(others)
             out["counts"] = _pack(c, present, used, dtypes["counts"])
         if "weights" in rows:
-            out["weights"] = _pack(np.take_along_axis(weights, order, -1), present, used, np.float32)
+            out["weights"] = _pack(np.take_along_axis(weights, order, -1), present, used, np.dtype(np.float32))
         return out
 
     # ------------------------------------------------------------------------------ reading
@@ -380,22 +417,25 @@ class TeacherStore:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         s = self.num_rows(split)
         if idx.size and (idx.min() < 0 or idx.max() >= s):
-            raise StoreError(f"row indices {idx[(idx < 0) | (idx >= s)][:5].tolist()} out of range "
-                             f"for split {split!r} with {s} rows")
+            raise StoreError(
+                f"row indices {idx[(idx < 0) | (idx >= s)][:5].tolist()} out of range for split {split!r} with {s} rows"
+            )
         raw: dict[str, np.ndarray] = {}
         if idx.size:
             done = common.read_rows_checked({f"{split}/done": arrays["done"]}, idx, url=self.url)[f"{split}/done"]
             if not done.all():
                 bad = idx[done == 0][:5].tolist()
-                raise StoreError(f"rows {bad} of split {split!r} in {self.url} are not done (not written "
-                                 "yet, or their write was interrupted); finish the cache run first")
+                raise StoreError(
+                    f"rows {bad} of split {split!r} in {self.url} are not done (not written "
+                    "yet, or their write was interrupted); finish the cache run first"
+                )
             data = {f"{split}/{name}": arr for name, arr in arrays.items() if name != "done"}
-            raw = {name.split("/", 1)[1]: x for name, x in
-                   common.read_rows_checked(data, idx, url=self.url).items()}
+            raw = {name.split("/", 1)[1]: x for name, x in common.read_rows_checked(data, idx, url=self.url).items()}
         return self._decode(raw, idx.size, split)
 
-    def read_rows_as(self, split: str, indices: np.ndarray, form: str = "trimmed", *,
-                     bucket: int | None = None) -> dict[str, np.ndarray]:
+    def read_rows_as(
+        self, split: str, indices: np.ndarray, form: str = "trimmed", *, bucket: int | None = None
+    ) -> dict[str, np.ndarray]:
         """read_rows in a compact form: "dense", "trimmed" or "ragged" (see store/forms.py)."""
         from rskd_jax.store import forms
 
@@ -427,7 +467,7 @@ class TeacherStore:
         used = np.arange(length * k) < n.sum(1, dtype=np.int64)[:, None]
 
         def unpack(x: np.ndarray, dtype: type) -> np.ndarray:
-            dense = np.zeros((b, length, k), dtype)
+            dense: np.ndarray = np.zeros((b, length, k), dtype)
             dense[valid] = x[used]
             return dense
 
@@ -467,27 +507,37 @@ class TeacherStore:
                 rows = rows[np.linspace(0, rows.size - 1, sample_rows).round().astype(np.int64)]
             mean = None
             if rows.size and "num_ids" in self._arrays[split]:
-                n = common.read_rows_checked({f"{split}/num_ids": self._arrays[split]["num_ids"]}, rows,
-                                             url=self.url)[f"{split}/num_ids"]
+                n = common.read_rows_checked({f"{split}/num_ids": self._arrays[split]["num_ids"]}, rows, url=self.url)[
+                    f"{split}/num_ids"
+                ]
                 uniq_sum, uniq_n, mean = uniq_sum + float(n.sum()), uniq_n + n.size, float(n.mean())
             for name in self._arrays[split]:
                 array_bytes[name] = array_bytes.get(name, 0) + common.bytes_on_disk(self.url, f"{split}/{name}/")
-            splits[split] = {"num_sequences": int(done.size), "rows_done": int(done.sum()),
-                             "positions_done": int(done.sum()) * self.seq_len, "mean_unique_ids": mean}
+            splits[split] = {
+                "num_sequences": int(done.size),
+                "rows_done": int(done.sum()),
+                "positions_done": int(done.sum()) * self.seq_len,
+                "mean_unique_ids": mean,
+            }
             total_done += int(done.sum()) * self.seq_len
         total = common.bytes_on_disk(self.url)
-        per_tok = lambda x: x / total_done if total_done else None  # noqa: E731
+        per_tok = lambda x: x / total_done if total_done else None
         mean_unique = uniq_sum / uniq_n if uniq_n else None
         entry_bytes = sum(array_bytes.get(a, 0) for a in ("num_ids", "ids", "counts", "weights"))
         return {
-            "kind": KIND, "method": self.method, "k": self.k, "vocab_size": self.vocab_size,
+            "kind": KIND,
+            "method": self.method,
+            "k": self.k,
+            "vocab_size": self.vocab_size,
             "num_sequences": sum(v["num_sequences"] for v in splits.values()),
-            "seq_len": self.seq_len, "chunk_rows": self.chunk_rows,
-            "positions_done": total_done, "bytes_on_disk": total, "bytes_per_token": per_tok(total),
+            "seq_len": self.seq_len,
+            "chunk_rows": self.chunk_rows,
+            "positions_done": total_done,
+            "bytes_on_disk": total,
+            "bytes_per_token": per_tok(total),
             "bytes_per_token_by_array": {a: per_tok(v) for a, v in sorted(array_bytes.items())},
             "mean_unique_ids": mean_unique,
-            "bytes_per_entry": (entry_bytes / (mean_unique * total_done)
-                                if mean_unique and total_done else None),
+            "bytes_per_entry": (entry_bytes / (mean_unique * total_done) if mean_unique and total_done else None),
             "splits": splits,
         }
 
@@ -504,7 +554,7 @@ def _block_rows(rows: dict[str, np.ndarray]) -> int:
     sizes = {name: np.shape(x)[0] if np.ndim(x) else None for name, x in rows.items()}
     if not rows or len(set(sizes.values())) != 1 or None in sizes.values() or not next(iter(sizes.values())):
         raise StoreError(f"write_rows needs arrays with one non-zero leading row count, got {sizes}")
-    return int(next(iter(sizes.values())))
+    return int(next(iter(sizes.values())) or 0)
 
 
 def _as(rows: dict[str, np.ndarray], name: str, shape: tuple[int, ...], kind: type) -> np.ndarray:
@@ -565,8 +615,10 @@ def create_teacher_store(
     if method not in METHODS:
         raise StoreError(f"method must be one of {METHODS}, got {method!r}")
     if min(seq_len, k, vocab_size, chunk_rows) < 1 or vocab_size > 2**31:
-        raise StoreError(f"need seq_len, k, chunk_rows >= 1 and 1 <= vocab_size <= 2**31; got seq_len={seq_len}, "
-                         f"k={k}, vocab_size={vocab_size}, chunk_rows={chunk_rows}")
+        raise StoreError(
+            f"need seq_len, k, chunk_rows >= 1 and 1 <= vocab_size <= 2**31; got seq_len={seq_len}, "
+            f"k={k}, vocab_size={vocab_size}, chunk_rows={chunk_rows}"
+        )
     if not num_rows or any(int(n) != n or n < 0 for n in num_rows.values()):
         raise StoreError(f"num_rows must map split names to row counts >= 0, got {num_rows}")
     if method == "full" and (k != vocab_size or id_frequencies is not None):
@@ -578,14 +630,19 @@ def create_teacher_store(
     if method == "sample" and k > 2**16:
         raise StoreError(f"sample: N = k = {k} draws is more than 65536")
     table = None if id_frequencies is None else _rank_table(id_frequencies, vocab_size)
-    layout = {
-        "method": method, "k": int(k), "vocab_size": int(vocab_size), "seq_len": int(seq_len),
-        "chunk_rows": int(chunk_rows), "num_rows": {str(s): int(n) for s, n in num_rows.items()},
-        "diagnostics": bool(diagnostics), "temperature": float(temperature),
+    layout: dict[str, Any] = {
+        "method": method,
+        "k": int(k),
+        "vocab_size": int(vocab_size),
+        "seq_len": int(seq_len),
+        "chunk_rows": int(chunk_rows),
+        "num_rows": {str(s): int(n) for s, n in num_rows.items()},
+        "diagnostics": bool(diagnostics),
+        "temperature": float(temperature),
         "rank_table": None if table is None else common.fingerprint(table.tolist()),
         "compression": {"codec": "blosc", "cname": "zstd", "clevel": int(compression_level), "shuffle": "byte"},
         "encoding": "per position: entries sorted by frequency rank, gaps (first: rank; then rank - prev - 1), "
-                    "packed per row, num_ids per position; counts c - 1 with the first restored as N - sum",
+        "packed per row, num_ids per position; counts c - 1 with the first restored as N - sum",
     }
     if token_hash:  # only when set, so stores made before the option keep their manifest
         layout["token_hash"] = True
@@ -598,23 +655,29 @@ def create_teacher_store(
             raise StoreError(f"manifest[{key!r}] = {manifest[key]!r} disagrees with the store's {value!r}")
     where = common.store_url(url)
     existing = common.read_json(url)
-    kv = common._kvstore(url)  # pylint: disable=protected-access
-    identity = lambda m: {k: v for k, v in m.items() if k != PROVENANCE}  # noqa: E731
+    kv = common.kvstore(url)
+    identity = lambda m: {k: v for k, v in m.items() if k != PROVENANCE}
     if existing is not None and existing.get(CREATING) and existing.get("kind") == KIND:
         existing = None  # a create that was interrupted: it holds no rows, make it again
         kv.delete_range(ts.KvStore.KeyRange()).result()
     if existing is not None and identity(existing) == identity(final):
         return TeacherStore(url, existing, writable=True)
     if existing is not None and not overwrite:
-        raise StoreError(f"{where} already holds a different {existing.get('kind', '?')} store (differs in: "
-                         f"{', '.join(_diff(identity(existing), identity(final)))}); it was left untouched. Set overwrite=true "
-                         "to replace it, or choose another output.")
+        raise StoreError(
+            f"{where} already holds a different {existing.get('kind', '?')} store (differs in: "
+            f"{', '.join(_diff(identity(existing), identity(final)))}); it was left untouched. Set overwrite=true "
+            "to replace it, or choose another output."
+        )
     if existing is not None and existing.get("kind") != KIND:
-        raise StoreError(f"{where} holds a {existing.get('kind')!r} store, not a teacher store; "
-                         "refusing to overwrite it. Choose another output.")
+        raise StoreError(
+            f"{where} holds a {existing.get('kind')!r} store, not a teacher store; "
+            "refusing to overwrite it. Choose another output."
+        )
     if existing is None and kv.list().result() and not overwrite:
-        raise StoreError(f"{where} is not empty and has no {common.MANIFEST} (not a store, or an interrupted "
-                         "create); refusing to write there. Set overwrite=true or choose another output.")
+        raise StoreError(
+            f"{where} is not empty and has no {common.MANIFEST} (not a store, or an interrupted "
+            "create); refusing to write there. Set overwrite=true or choose another output."
+        )
     kv.delete_range(ts.KvStore.KeyRange()).result()
     # crash safety: the manifest is written first marked CREATING (a re-run knows the arrays may
     # be half made and re-creates them), and rewritten without the mark once every array exists
@@ -623,11 +686,25 @@ def create_teacher_store(
     for split in sorted(layout["num_rows"]):
         for name, spec in _layout_arrays(layout, split).items():
             inner = (1, *spec.chunk[1:]) if spec.per_row else None
-            common.create_array(url, f"{split}/{name}", shape=spec.shape, dtype=spec.dtype, chunk_shape=spec.chunk,
-                                codecs=_codecs(level, spec.dtype.itemsize, inner), fill_value=0)
+            common.create_array(
+                url,
+                f"{split}/{name}",
+                shape=spec.shape,
+                dtype=spec.dtype,
+                chunk_shape=spec.chunk,
+                codecs=_codecs(level, spec.dtype.itemsize, inner),
+                fill_value=0,
+            )
     if table is not None:
-        common.create_array(url, "rank_to_id", shape=table.shape, dtype=np.int32, chunk_shape=table.shape,
-                            codecs=_codecs(level, 4, None), fill_value=0)
+        common.create_array(
+            url,
+            "rank_to_id",
+            shape=table.shape,
+            dtype=np.dtype(np.int32),
+            chunk_shape=table.shape,
+            codecs=_codecs(level, 4, None),
+            fill_value=0,
+        )
         _open(url, "rank_to_id", write=True, missing_ok=False).write(table).result()
     common.write_json(url, final)  # last: the CREATING mark goes
     return TeacherStore(url, final, writable=True)
@@ -638,16 +715,22 @@ def open_teacher_store(url: str) -> TeacherStore:
     where = common.store_url(url)
     manifest = common.read_json(url)
     if manifest is None:
-        raise StoreError(f"no teacher store at {where} (no {common.MANIFEST}; a missing path, or a create "
-                         "that was interrupted). Run the cache program to create it.")
+        raise StoreError(
+            f"no teacher store at {where} (no {common.MANIFEST}; a missing path, or a create "
+            "that was interrupted). Run the cache program to create it."
+        )
     if manifest.get("kind") != KIND:
         raise StoreError(f"{where} is a {manifest.get('kind')!r} store, not a teacher store")
     if manifest.get(CREATING):
-        raise StoreError(f"{where} is a store whose creation was interrupted (it holds no rows); re-run the "
-                         "cache program to create it")
+        raise StoreError(
+            f"{where} is a store whose creation was interrupted (it holds no rows); re-run the "
+            "cache program to create it"
+        )
     if manifest.get("layout_version", 0) > LAYOUT_VERSION:
-        raise StoreError(f"{where} has layout_version {manifest['layout_version']}; this rskd_jax reads up "
-                         f"to {LAYOUT_VERSION}. Upgrade rskd_jax.")
+        raise StoreError(
+            f"{where} has layout_version {manifest['layout_version']}; this rskd_jax reads up "
+            f"to {LAYOUT_VERSION}. Upgrade rskd_jax."
+        )
     common.warn_unchecked(url, KIND, int(manifest.get("layout_version", 1)), CHECKED_FROM)
     try:
         return TeacherStore(url, manifest, writable=False)

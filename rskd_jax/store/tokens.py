@@ -48,11 +48,16 @@ def _layout(seq_len: int) -> tuple[tuple[int, int], list[dict[str, Any]]]:
     inner = max(1, _INNER_BYTES // (4 * seq_len))
     shard = max(inner, (_SHARD_BYTES // (4 * seq_len)) // inner * inner)
     raw = {"name": "bytes", "configuration": {"endian": "little"}}
-    codecs = [{"name": "sharding_indexed", "configuration": {
-        "chunk_shape": [inner, seq_len],
-        "codecs": [raw, {"name": "zstd", "configuration": {"level": 3}}, common.CHECKSUM],
-        "index_codecs": [raw, {"name": "crc32c"}],
-    }}]
+    codecs = [
+        {
+            "name": "sharding_indexed",
+            "configuration": {
+                "chunk_shape": [inner, seq_len],
+                "codecs": [raw, {"name": "zstd", "configuration": {"level": 3}}, common.CHECKSUM],
+                "index_codecs": [raw, {"name": "crc32c"}],
+            },
+        }
+    ]
     return (shard, seq_len), codecs
 
 
@@ -71,14 +76,15 @@ def _diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 
 def _has_keys(url: str) -> bool:
-    return bool(common._kvstore(url).list().result())  # pylint: disable=protected-access
+    return bool(common.kvstore(url).list().result())
 
 
 _MAX_ROWS = 1 << 40  # arrays grow as rows stream in; `finish` resizes them to the rows written
 
 
-def begin_token_store(url: str, header: dict[str, Any], *, overwrite: bool = False,
-                      result_keys: tuple[str, ...] = ()) -> str:
+def begin_token_store(
+    url: str, header: dict[str, Any], *, overwrite: bool = False, result_keys: tuple[str, ...] = ()
+) -> str:
     """Decides what a write of a store described by `header` does at `url`:
 
     'complete'  a complete store with the same header is there: nothing to do;
@@ -92,8 +98,10 @@ def begin_token_store(url: str, header: dict[str, Any], *, overwrite: bool = Fal
     header = json.loads(json.dumps(header))  # compare as it reads back
     existing = common.read_json(url)
     if existing is None and _has_keys(url) and not overwrite:
-        raise StoreError(f"{common.store_url(url)} is not empty and has no {common.MANIFEST}; "
-                         "refusing to write there. Choose another output or set overwrite=true.")
+        raise StoreError(
+            f"{common.store_url(url)} is not empty and has no {common.MANIFEST}; "
+            "refusing to write there. Choose another output or set overwrite=true."
+        )
     if existing is not None:
         theirs = {k: v for k, v in existing.items() if k not in result_keys and k != "complete"}
         complete = existing.get("complete") is True
@@ -103,11 +111,14 @@ def begin_token_store(url: str, header: dict[str, Any], *, overwrite: bool = Fal
             raise StoreError(
                 f"{common.store_url(url)} already holds a different {existing.get('kind', '?')} store "
                 f"(differs in: {', '.join(_diff(theirs, header))}); it was left untouched. "
-                "Set overwrite=true (data.overwrite=true) to replace it, or choose another output.")
+                "Set overwrite=true (data.overwrite=true) to replace it, or choose another output."
+            )
         if not complete and existing.get("kind") != KIND and not overwrite:
-            raise StoreError(f"{common.store_url(url)} holds an incomplete {existing.get('kind')!r} store; "
-                             "refusing to replace it. Set overwrite=true or choose another output.")
-    kv = common._kvstore(url)  # pylint: disable=protected-access
+            raise StoreError(
+                f"{common.store_url(url)} holds an incomplete {existing.get('kind')!r} store; "
+                "refusing to replace it. Set overwrite=true or choose another output."
+            )
+    kv = common.kvstore(url)
     kv.delete_range(ts.KvStore.KeyRange()).result()
     common.write_json(url, dict(header, complete=False))
     return "fresh"
@@ -135,8 +146,15 @@ class TokenStoreWriter:
             for array, dtype, fill in (("tokens", "int32", -1), ("doc_starts", "uint8", 255)):
                 key = f"{name}/{array}"
                 if create:
-                    arr = common.create_array(url, key, shape=(_MAX_ROWS, seq_len), dtype=dtype,
-                                              chunk_shape=shard, codecs=codecs, fill_value=fill)
+                    arr = common.create_array(
+                        url,
+                        key,
+                        shape=(_MAX_ROWS, seq_len),
+                        dtype=dtype,
+                        chunk_shape=shard,
+                        codecs=codecs,
+                        fill_value=fill,
+                    )
                 else:
                     arr = common.open_array(url, key, write=True)
                 self._arrays[name, array] = arr
@@ -146,16 +164,19 @@ class TokenStoreWriter:
         if row % self.block_rows or len(tokens_RxL) > self.block_rows:
             raise ValueError(f"write at row {row} of {len(tokens_RxL)} rows is not one block of {self.block_rows}")
         n = len(tokens_RxL)
-        futures = [self._arrays[split, "tokens"][row: row + n].write(np.ascontiguousarray(tokens_RxL, np.int32)),
-                   self._arrays[split, "doc_starts"][row: row + n].write(np.ascontiguousarray(starts_RxL, np.uint8))]
+        futures = [
+            self._arrays[split, "tokens"][row : row + n].write(np.ascontiguousarray(tokens_RxL, np.int32)),
+            self._arrays[split, "doc_starts"][row : row + n].write(np.ascontiguousarray(starts_RxL, np.uint8)),
+        ]
         for f in futures:
             f.result()
 
     def finish(self, rows: dict[str, int], header: dict[str, Any]) -> dict[str, Any]:
         """Resizes to `rows`, writes the manifest (header + counts + hashes, complete=true LAST)."""
         for (name, _), arr in self._arrays.items():
-            self._arrays[name, _] = arr.resize(exclusive_max=[rows[name], self.seq_len],
-                                               resize_metadata_only=True).result()
+            self._arrays[name, _] = arr.resize(
+                exclusive_max=[rows[name], self.seq_len], resize_metadata_only=True
+            ).result()
         h, hs = hashlib.sha256(), hashlib.sha256()
         for name in self.splits:  # content_hash() of the whole arrays, read back block by block
             h.update(f"{name}:{[rows[name], self.seq_len]};".encode())
@@ -164,11 +185,24 @@ class TokenStoreWriter:
                 hi = min(lo + self.block_rows, rows[name])
                 h.update(np.ascontiguousarray(self._arrays[name, "tokens"][lo:hi].read().result(), "<i4").tobytes())
                 hs.update(self._arrays[name, "doc_starts"][lo:hi].read().result().tobytes())
-        final = dict(header, kind=KIND, layout_version=LAYOUT_VERSION, seq_len=self.seq_len,
-                     content_hash=h.hexdigest()[:16], doc_starts_hash=hs.hexdigest()[:16], complete=True,
-                     splits={name: {"num_sequences": int(rows[name]), "num_tokens": int(rows[name]) * self.seq_len,
-                                    "array": f"{name}/tokens", "doc_starts": f"{name}/doc_starts"}
-                             for name in self.splits})
+        final = dict(
+            header,
+            kind=KIND,
+            layout_version=LAYOUT_VERSION,
+            seq_len=self.seq_len,
+            content_hash=h.hexdigest()[:16],
+            doc_starts_hash=hs.hexdigest()[:16],
+            complete=True,
+            splits={
+                name: {
+                    "num_sequences": int(rows[name]),
+                    "num_tokens": int(rows[name]) * self.seq_len,
+                    "array": f"{name}/tokens",
+                    "doc_starts": f"{name}/doc_starts",
+                }
+                for name in self.splits
+            },
+        )
         final = json.loads(json.dumps(final))
         common.write_json(self.url, final)  # complete=true, last
         return final
@@ -189,8 +223,14 @@ def doc_starts_of(tokens_SxL: np.ndarray, eos_id: int | None) -> np.ndarray:
 RESULT_KEYS = ("content_hash", "doc_starts_hash", "splits", "seq_len", "kind", "layout_version")
 
 
-def write_token_store(url: str, splits: dict[str, np.ndarray], manifest: dict[str, Any], *,
-                      overwrite: bool = False, doc_starts: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+def write_token_store(
+    url: str,
+    splits: dict[str, np.ndarray],
+    manifest: dict[str, Any],
+    *,
+    overwrite: bool = False,
+    doc_starts: dict[str, np.ndarray] | None = None,
+) -> dict[str, Any]:
     """Writes `splits` ({name: int32 [S, L]}) and the manifest; returns the final manifest.
 
     `manifest` holds the caller's facts (tokenizer, sources, skipped files, ...); this adds
@@ -202,31 +242,48 @@ def write_token_store(url: str, splits: dict[str, np.ndarray], manifest: dict[st
     """
     seq_lens = {a.shape[1] for a in splits.values() if a.ndim == 2}
     if len(seq_lens) != 1 or any(a.ndim != 2 for a in splits.values()):
-        raise ValueError(f"splits must be 2-D [S, L] arrays with one L, got "
-                         f"{ {k: v.shape for k, v in splits.items()} }")
+        raise ValueError(
+            f"splits must be 2-D [S, L] arrays with one L, got { {k: v.shape for k, v in splits.items()} }"
+        )
     seq_len = seq_lens.pop()
     starts = {k: doc_starts_of(v, manifest.get("eos_id")) for k, v in splits.items()}
     starts.update(doc_starts or {})
-    header = dict(manifest, kind=KIND, layout_version=LAYOUT_VERSION, seq_len=seq_len,
-                  content_hash=content_hash(splits),
-                  splits={name: {"num_sequences": int(a.shape[0]), "num_tokens": int(a.size),
-                                 "array": f"{name}/tokens", "doc_starts": f"{name}/doc_starts"}
-                          for name, a in sorted(splits.items())})
+    header = dict(
+        manifest,
+        kind=KIND,
+        layout_version=LAYOUT_VERSION,
+        seq_len=seq_len,
+        content_hash=content_hash(splits),
+        splits={
+            name: {
+                "num_sequences": int(a.shape[0]),
+                "num_tokens": int(a.size),
+                "array": f"{name}/tokens",
+                "doc_starts": f"{name}/doc_starts",
+            }
+            for name, a in sorted(splits.items())
+        },
+    )
     status = begin_token_store(url, header, overwrite=overwrite, result_keys=("doc_starts_hash",))
     if status == "complete":
         return common.read_json(url)  # type: ignore[return-value]  # already holds exactly this data
     writer = TokenStoreWriter(url, seq_len, tuple(splits), create=True)
     for name, arr in splits.items():
         for lo in range(0, arr.shape[0], writer.block_rows):
-            writer.write(name, lo, arr[lo: lo + writer.block_rows], starts[name][lo: lo + writer.block_rows])
+            writer.write(name, lo, arr[lo : lo + writer.block_rows], starts[name][lo : lo + writer.block_rows])
     return writer.finish({k: int(v.shape[0]) for k, v in splits.items()}, header)
 
 
 class TokenStore:
     """A complete, checked token store. Reads are batched TensorStore reads."""
 
-    def __init__(self, url: str, manifest: dict[str, Any], arrays: dict[str, ts.TensorStore],
-                 starts: dict[str, ts.TensorStore] | None = None):
+    def __init__(
+        self,
+        url: str,
+        manifest: dict[str, Any],
+        arrays: dict[str, ts.TensorStore],
+        starts: dict[str, ts.TensorStore] | None = None,
+    ):
         self.url, self.manifest, self._arrays = common.store_url(url), manifest, arrays
         self._starts = starts or {}
         self.has_doc_starts = bool(self._starts)
@@ -268,9 +325,11 @@ class TokenStore:
         """bool [b, L]: True where a document starts in rows `indices` of `split`."""
         self._array(split)
         if split not in self._starts:
-            raise StoreError(f"{self.url} has no document starts (layout_version "
-                             f"{self.manifest.get('layout_version', 1)}); re-run `python -m rskd_jax.data` "
-                             "with data.overwrite=true to record them")
+            raise StoreError(
+                f"{self.url} has no document starts (layout_version "
+                f"{self.manifest.get('layout_version', 1)}); re-run `python -m rskd_jax.data` "
+                "with data.overwrite=true to record them"
+            )
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         n = self.num_rows(split)
         if idx.size and (idx.min() < 0 or idx.max() >= n):
@@ -298,45 +357,61 @@ def open_token_store(url: str) -> TokenStore:
     manifest = common.read_json(url)
     if manifest is None:
         if _has_keys(url):
-            raise StoreError(f"{where} has no {common.MANIFEST}: not a token store, or a write that "
-                             "crashed at its start. Re-run `python -m rskd_jax.data` with data.overwrite=true.")
-        raise StoreError(f"no token store at {where}; create it with `python -m rskd_jax.data "
-                         f"--config configs/tiny/data.yaml data.output={url}`")
+            raise StoreError(
+                f"{where} has no {common.MANIFEST}: not a token store, or a write that "
+                "crashed at its start. Re-run `python -m rskd_jax.data` with data.overwrite=true."
+            )
+        raise StoreError(
+            f"no token store at {where}; create it with `python -m rskd_jax.data "
+            f"--config configs/tiny/data.yaml data.output={url}`"
+        )
     if manifest.get("kind") != KIND:
         raise StoreError(f"{where} is a {manifest.get('kind')!r} store, not a token store")
     if manifest.get("complete") is not True:
-        raise StoreError(f"{where} is incomplete (its write was interrupted: no complete=true in the "
-                         "manifest). Re-run `python -m rskd_jax.data` with the same config to finish it.")
+        raise StoreError(
+            f"{where} is incomplete (its write was interrupted: no complete=true in the "
+            "manifest). Re-run `python -m rskd_jax.data` with the same config to finish it."
+        )
     if manifest.get("layout_version", 0) > LAYOUT_VERSION:
-        raise StoreError(f"{where} has layout_version {manifest['layout_version']}; this rskd_jax "
-                         f"reads up to {LAYOUT_VERSION}. Upgrade rskd_jax.")
+        raise StoreError(
+            f"{where} has layout_version {manifest['layout_version']}; this rskd_jax "
+            f"reads up to {LAYOUT_VERSION}. Upgrade rskd_jax."
+        )
     common.warn_unchecked(url, KIND, int(manifest.get("layout_version", 1)), CHECKED_FROM)
     seq_len, arrays, starts = int(manifest["seq_len"]), {}, {}
     for name, info in manifest["splits"].items():
         arr = common.open_array(url, info["array"])
         want = (int(info["num_sequences"]), seq_len)
         if tuple(arr.shape) != want or arr.dtype != ts.int32:
-            raise StoreError(f"{where}{info['array']} is {tuple(arr.shape)} {arr.dtype.name}, the manifest "
-                             f"says {want} int32: the store is corrupt. Re-run the data program with "
-                             "data.overwrite=true.")
+            raise StoreError(
+                f"{where}{info['array']} is {tuple(arr.shape)} {arr.dtype.name}, the manifest "
+                f"says {want} int32: the store is corrupt. Re-run the data program with "
+                "data.overwrite=true."
+            )
         _check_shards(url, info["array"], arr)
         arrays[name] = arr
         if info.get("doc_starts"):
             starts[name] = common.open_array(url, info["doc_starts"])
             if tuple(starts[name].shape) != want:
-                raise StoreError(f"{where}{info['doc_starts']} is {tuple(starts[name].shape)}, the manifest "
-                                 f"says {want}: the store is corrupt. Re-run the data program with "
-                                 "data.overwrite=true.")
+                raise StoreError(
+                    f"{where}{info['doc_starts']} is {tuple(starts[name].shape)}, the manifest "
+                    f"says {want}: the store is corrupt. Re-run the data program with "
+                    "data.overwrite=true."
+                )
             _check_shards(url, info["doc_starts"], starts[name])
     return TokenStore(url, manifest, arrays, starts)
 
 
 def _check_shards(url: str, name: str, arr: ts.TensorStore) -> None:
     """Every shard file must exist: a missing one would silently read as fill values."""
-    rows, shard = arr.shape[0], arr.chunk_layout.write_chunk.shape[0]
+    chunk = arr.chunk_layout.write_chunk.shape
+    assert chunk is not None and chunk[0] is not None
+    rows, shard = int(arr.shape[0]), int(chunk[0])
     want = {f"{name}/c/{i}/0".encode() for i in range(-(-rows // shard))}
-    have = set(common._kvstore(url).list(ts.KvStore.KeyRange(f"{name}/c/", f"{name}/c0")).result())  # pylint: disable=protected-access
+    have = set(common.kvstore(url).list(ts.KvStore.KeyRange(f"{name}/c/", f"{name}/c0")).result())
     if want - have:
         missing = sorted(k.decode() for k in want - have)[:3]
-        raise StoreError(f"{common.store_url(url)} is missing chunk files {missing}: the store is "
-                         "truncated or corrupt. Re-run the data program with data.overwrite=true.")
+        raise StoreError(
+            f"{common.store_url(url)} is missing chunk files {missing}: the store is "
+            "truncated or corrupt. Re-run the data program with data.overwrite=true."
+        )
