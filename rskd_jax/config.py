@@ -160,7 +160,12 @@ class DataRun:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """Where a model comes from and, for `source: random`, its architecture."""
+    """Where a model comes from and, for `source: random`, its architecture.
+
+    Every key but `source` and `seed` is a LlamaConfig field of the same name (kept flat, so
+    the YAML keys stay; `model_spec.build_model` passes them through, tests/test_model_spec.py
+    checks they agree). Not imported from models: this module must not pull in jax.
+    """
 
     source: str = opt("random", "'smollm2', a .gguf file, an HF directory, or 'random'")
     dtype: str = opt("float32", "compute dtype: float32 or bfloat16")
