@@ -13,7 +13,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from rskd_jax.config import ConfigError, ModelSpec
+
+# ModelSpec fields that are not LlamaConfig fields: where the model comes from, its init seed.
+NOT_ARCHITECTURE = ("source", "seed")
 
 
 def build_model(spec: ModelSpec, vocab_size: int):
@@ -22,22 +27,13 @@ def build_model(spec: ModelSpec, vocab_size: int):
     from rskd_jax import models  # flax and friends only where a model is built
 
     if spec.source == "random":
-        config = models.LlamaConfig(
-            vocab_size=spec.vocab_size or vocab_size,
-            hidden_size=spec.hidden_size,
-            intermediate_size=spec.intermediate_size,
-            num_layers=spec.num_layers,
-            num_heads=spec.num_heads,
-            num_kv_heads=spec.num_kv_heads,
-            head_dim=spec.head_dim or spec.hidden_size // spec.num_heads,
-            rope_theta=spec.rope_theta,
-            tie_embeddings=spec.tie_embeddings,
-            max_position_embeddings=spec.max_position_embeddings,
-            dtype=spec.dtype,
-            param_dtype=spec.param_dtype,
-            remat=spec.remat,
-            attention=spec.attention,
+        # Every other ModelSpec key is a LlamaConfig field of the same name (a new one that is
+        # not fails here, and in tests/test_attention.py), so the config is derived, not re-listed.
+        arch = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name not in NOT_ARCHITECTURE}
+        arch.update(
+            vocab_size=spec.vocab_size or vocab_size, head_dim=spec.head_dim or spec.hidden_size // spec.num_heads
         )
+        config = models.LlamaConfig(**arch)
         model = models.init_model(config, spec.seed)
     else:
         path = models.smollm2_path() if spec.source == "smollm2" else spec.source

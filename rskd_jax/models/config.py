@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rskd_jax.models import hf_config
 from rskd_jax.models.attention import ATTENTION_KINDS
 from rskd_jax.models.rope import canonical_scaling
 from rskd_jax.models.rope import rope_inv_freq as _rope_inv_freq
@@ -151,15 +152,16 @@ class LlamaConfig:
     @classmethod
     def from_hf(cls, hf: dict, **overrides) -> LlamaConfig:
         """From a Hugging Face config.json dict (see models.hf_config.ARCHS for the families)."""
-        from rskd_jax.models.hf_config import config_from_hf
-
         return config_from_hf(hf, **overrides)
 
     def to_hf(self, arch: str | None = None) -> dict:
         """To a Hugging Face config.json dict; arch defaults by family (else Qwen2 / Llama)."""
-        from rskd_jax.models.hf_config import config_to_hf
+        return hf_config.config_to_hf(self, arch)
 
-        return config_to_hf(self, arch)
+
+def config_from_hf(hf: dict, **overrides) -> LlamaConfig:
+    """LlamaConfig from an HF config.json dict; overrides (dtype=..., remat=...) win."""
+    return LlamaConfig(**{**hf_config.fields_from_hf(hf), **overrides})
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:

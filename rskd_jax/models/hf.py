@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rskd_jax.models.hf_config import ARCHS, config_from_hf, config_to_hf  # noqa: F401 (API)
+from rskd_jax.models.config import config_from_hf
+from rskd_jax.models.hf_config import ARCHS, config_to_hf  # noqa: F401 (API)
 from rskd_jax.models.llama import _DTYPES, Llama, LlamaConfig
 
 _IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)

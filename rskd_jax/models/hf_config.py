@@ -1,4 +1,7 @@
-"""Hugging Face config.json <-> LlamaConfig, per family.
+"""Hugging Face config.json <-> LlamaConfig's fields, per family.
+
+Imports go one way: models.config (LlamaConfig, `config_from_hf`) imports this module, which
+works on plain field dicts and on any LlamaConfig it is handed, and never imports it back.
 
 ARCHS lists the architectures read and written. Each family's fixed variations (q/k norm,
 Gemma's norms and scales) come from FAMILY_FEATURES; the configurable ones (sliding window,
@@ -12,7 +15,8 @@ and 4.x (`rope_theta` / `rope_scaling`, Gemma 3's `rope_local_base_freq` and
 
 from __future__ import annotations
 
-from rskd_jax.models.config import LlamaConfig
+from typing import Any
+
 from rskd_jax.models.rope import canonical_scaling
 
 ARCHS = {
@@ -127,8 +131,9 @@ def _layer_types(hf: dict, family: str, n: int) -> tuple[list[str] | None, int |
     return kinds, window
 
 
-def config_from_hf(hf: dict, **overrides) -> LlamaConfig:
-    """LlamaConfig from an HF config.json dict; overrides (dtype=..., remat=...) win."""
+def fields_from_hf(hf: dict) -> dict[str, Any]:
+    """LlamaConfig's fields from an HF config.json dict (`models.config.config_from_hf` makes
+    the config; its overrides win)."""
     family = _family(hf)
     gemma = family.startswith("gemma")
     act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
@@ -180,16 +185,15 @@ def config_from_hf(hf: dict, **overrides) -> LlamaConfig:
         )
     if family not in ("llama", "qwen2"):  # those two keep the turn-2 config (and fingerprint)
         fields["family"] = family
-    fields.update(overrides)
-    return LlamaConfig(**fields)
+    return fields
 
 
-def _check_exportable(c: LlamaConfig, family: str) -> None:
+def _check_exportable(c: Any, family: str) -> None:
     """Refuse an export whose config.json could not express the model's math."""
     want = {k: v for k, v in FAMILY_FEATURES[family].items()}
     fixed = ("qkv_bias", "qk_norm", "norm_plus_one", "sandwich_norms", "embed_scale")
     for name in fixed:
-        default = LlamaConfig.__dataclass_fields__[name].default
+        default = type(c).__dataclass_fields__[name].default
         if getattr(c, name) != want.get(name, default):
             raise _unsupported(f"{name}={getattr(c, name)!r} cannot be exported as {FAMILY_ARCH[family]}")
     if not family.startswith("gemma") and (c.attn_softcap or c.final_softcap or c.query_pre_attn_scalar):
@@ -208,9 +212,9 @@ def _rope_params(theta: float, scaling: dict | None) -> dict:
     return {"rope_type": "default", "rope_theta": theta} if scaling is None else {**scaling, "rope_theta": theta}
 
 
-def config_to_hf(config: LlamaConfig, arch: str | None = None) -> dict:
-    """HF config.json dict. arch: one of ARCHS (default: the config's family, else Qwen2 when
-    qkv_bias, else Llama)."""
+def config_to_hf(config: Any, arch: str | None = None) -> dict:
+    """HF config.json dict of a LlamaConfig (typed Any: models.config imports this module).
+    arch: one of ARCHS (default: the config's family, else Qwen2 when qkv_bias, else Llama)."""
     c = config
     arch = arch or FAMILY_ARCH.get(c.family) or ("Qwen2ForCausalLM" if c.qkv_bias else "LlamaForCausalLM")
     if arch not in ARCHS:

@@ -23,19 +23,20 @@ Layout (one store = one method; arrays per split; chunks of `chunk_rows` rows, s
     {split}/token_hash     uint64 [S], chunks [chunk_rows]  (if token_hash: `token_hash` of the
                            row's tokens as the teacher saw them, written with the row's data)
 
-Entry encoding (lossless, chosen by measurement: tools/bench_store_codec.py): the entries of a
-position are sorted by frequency rank (rank_to_id; identity if no table) and stored as gaps:
-the first as its rank, the next ones as rank - previous rank - 1 (>= 0). Each row's positions
-are concatenated ("packed") at the front of its L*K slots, the rest is 0; num_ids says where a
-position's entries start. Counts are stored as c - 1, except the first entry of each position,
-stored as 0 and restored as N - sum(others). Every array is a zarr3 shard of `chunk_rows` rows
-with one inner chunk per row (a random row read decodes just that row), blosc(zstd, byte
-shuffle), then a crc32c of the chunk's bytes (layout_version 2; every other chunk, `done`,
-`token_hash` and `rank_to_id` included, carries one too): a flipped bit raises a StoreError
-naming the store, the array and the rows, never decodes to other targets. Measured on real
-SmolLM2 draws at N = 50: stdlib source (11.8 unique ids per position) 20.1 B/token for ids +
-counts + num_ids = 1.70 B/entry; Python docs (15.3 ids) 25.0 B/token = 1.64 B/entry; the
-float16 diagnostics add 4.2 B/token (raw int32: 400 B/token).
+Entry encoding (the pure-numpy codec in store/entries.py; lossless, chosen by measurement:
+tools/bench_store_codec.py): the entries of a position are sorted by frequency rank
+(rank_to_id; identity if no table) and stored as gaps: the first as its rank, the next ones as
+rank - previous rank - 1 (>= 0). Each row's positions are concatenated ("packed") at the front
+of its L*K slots, the rest is 0; num_ids says where a position's entries start. Counts are
+stored as c - 1, except the first entry of each position, stored as 0 and restored as N -
+sum(others). Every array is a zarr3 shard of `chunk_rows` rows with one inner chunk per row (a
+random row read decodes just that row), blosc(zstd, byte shuffle), then a crc32c of the chunk's
+bytes (layout_version 2; every other chunk, `done`, `token_hash` and `rank_to_id` included,
+carries one too): a flipped bit raises a StoreError naming the store, the array and the rows,
+never decodes to other targets. Measured on real SmolLM2 draws at N = 50: stdlib source (11.8
+unique ids per position) 20.1 B/token for ids + counts + num_ids = 1.70 B/entry; Python docs
+(15.3 ids) 25.0 B/token = 1.64 B/entry; the float16 diagnostics add 4.2 B/token (raw int32: 400
+B/token).
 
 Token check: a store created with token_hash=True takes each block's `tokens` [b, L] in
 write_rows and keeps token_hash(tokens) per row; read_rows returns it, so a reader (the
@@ -64,8 +65,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import tensorstore as ts
 
-from rskd_jax.store import common
+from rskd_jax.store import common, entries
 from rskd_jax.store.common import StoreError
+from rskd_jax.store.entries import token_hash as token_hash  # re-exported: the store's public hash
+from rskd_jax.store.entries import uint_for as _uint_for
 
 KIND = "teacher"
 LAYOUT_VERSION = 2  # 2: a crc32c on every chunk, the rank table's too (1: none; read with a warning)
@@ -83,44 +86,6 @@ class _Array(NamedTuple):
     dtype: np.dtype
     chunk: tuple[int, ...]  # rows are always chunk_rows; one shard (file) per chunk
     per_row: bool  # inner chunks of one row (sharding) for row-granular reads
-
-
-_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-
-
-def _mix64(z: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser (a bijection of uint64 with full avalanche), elementwise."""
-    z = (z ^ (z >> np.uint64(30))) * _MIX1
-    z = (z ^ (z >> np.uint64(27))) * _MIX2
-    return z ^ (z >> np.uint64(31))
-
-
-def token_hash(tokens_BxL: np.ndarray) -> np.ndarray:
-    """A 64-bit hash of each row of tokens: int [B, L] -> uint64 [B] (ids taken as int32).
-
-    h = mix(L xor sum_i mix(i << 32 | uint32(token_i)) mod 2^64), mix = splitmix64's
-    finaliser: every (position, token) pair is hashed on its own, so any change of a token,
-    of the order or of the length changes h except with probability ~2^-64. Vectorised
-    numpy (wrapping uint64 arithmetic), ~10 passes over the tokens.
-
-    >>> h = token_hash(np.array([[1, 2, 3], [1, 2, 3], [3, 2, 1]]))
-    >>> h.dtype.name, bool(h[0] == h[1]), bool(h[0] == h[2])
-    ('uint64', True, False)
-    """
-    x = np.asarray(tokens_BxL)
-    if x.ndim != 2 or not np.issubdtype(x.dtype, np.integer):
-        raise ValueError(f"token_hash takes integer tokens [B, L], got {x.dtype} {list(x.shape)}")
-    length = x.shape[1]
-    token = x.astype(np.int64).astype(np.uint64) & np.uint64(0xFFFFFFFF)  # int32 bits as uint32
-    v_BxL = _mix64(token | (np.arange(length, dtype=np.uint64) << np.uint64(32)))
-    return _mix64(v_BxL.sum(axis=1, dtype=np.uint64) ^ np.uint64(length))
-
-
-def _uint_for(max_value: int) -> np.dtype:
-    for dt in (np.uint8, np.uint16, np.uint32):
-        if max_value <= np.iinfo(dt).max:
-            return np.dtype(dt)
-    raise StoreError(f"value range {max_value} does not fit in uint32")
 
 
 def _layout_arrays(layout: dict[str, Any], split: str) -> dict[str, _Array]:
@@ -194,22 +159,6 @@ def _open(url: str, name: str, *, write: bool, missing_ok: bool) -> ts.TensorSto
         ) from err
 
 
-def _rank_table(id_frequencies: np.ndarray, vocab_size: int) -> np.ndarray:
-    """rank -> id, most frequent first; ties by id (a stable sort, so it is deterministic)."""
-    freq = np.asarray(id_frequencies)
-    if freq.shape != (vocab_size,) or not np.all(np.isfinite(freq)) or np.any(freq < 0):
-        raise StoreError(
-            f"id_frequencies must be {vocab_size} finite non-negative numbers "
-            f"(e.g. np.bincount(tokens.ravel(), minlength={vocab_size})), got shape {freq.shape}"
-        )
-    return np.argsort(-freq.astype(np.float64), kind="stable").astype(np.int32)
-
-
-def _first_bad(bad: np.ndarray) -> tuple[int, ...] | None:
-    hits = np.argwhere(bad)
-    return tuple(int(i) for i in hits[0]) if len(hits) else None
-
-
 class TeacherStore:
     """An open teacher store. Made by `create_teacher_store` (writable) or `open_teacher_store`."""
 
@@ -247,8 +196,7 @@ class TeacherStore:
             if table.shape != (self.vocab_size,) or common.fingerprint(table.tolist()) != layout["rank_table"]:
                 raise StoreError(f"{self.url}rank_to_id does not match the manifest: the store is corrupt")
             self._rank_to_id = table.astype(np.int32)
-            self._id_to_rank = np.empty(self.vocab_size, np.int64)
-            self._id_to_rank[self._rank_to_id] = np.arange(self.vocab_size)
+            self._id_to_rank = entries.invert_rank_table(self._rank_to_id)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2) if writable else None
 
     def num_rows(self, split: str) -> int:
@@ -338,67 +286,34 @@ class TeacherStore:
                 f"takes keys {sorted(want)}, got {sorted(rows)}"
             )
         length, k = self.seq_len, self.k
-        where = lambda idx: (
-            f"split {split!r} row {start + idx[0]}"
-            + (f" position {idx[1]}" if len(idx) > 1 else "")
-            + (f" slot {idx[2]}" if len(idx) > 2 else "")
-        )
+        where = lambda idx: entries.locate(split, start, idx)
         out: dict[str, np.ndarray] = {}
         if "tokens" in rows:
             out["token_hash"] = token_hash(_as(rows, "tokens", (b, length), np.integer))
         for name in set(rows) & {"tail_mass", *DIAGNOSTICS}:
             x = _as(rows, name, (b, length), np.floating)
-            if name == "tail_mass" and (bad := _first_bad(~np.isfinite(x) | (x < 0))) is not None:
+            if name == "tail_mass" and (bad := entries.first_bad(~np.isfinite(x) | (x < 0))) is not None:
                 raise StoreError(f"{where(bad)}: tail_mass {x[bad]} is not finite and >= 0")
             out[name] = x.astype(np.float32 if name == "tail_mass" else np.float16)
         if self.method == "full":
             x = _as(rows, "logprobs", (b, length, self.vocab_size), np.floating)
-            if (bad := _first_bad(np.isnan(x) | (x == np.inf))) is not None:
+            if (bad := entries.first_bad(np.isnan(x) | (x == np.inf))) is not None:
                 raise StoreError(f"{where(bad)}: log-prob {x[bad]} is NaN or +inf")
             out["logprobs"] = x.astype(np.float16)
             return out
-        ids = _as(rows, "ids", (b, length, k), np.integer).astype(np.int64)
-        if "counts" in rows:
-            counts = _as(rows, "counts", (b, length, k), np.integer).astype(np.int64)
-            if (bad := _first_bad(counts < 0)) is not None:
-                raise StoreError(f"{where(bad)}: negative count {counts[bad]}")
-            if (bad := _first_bad(counts.sum(-1) != k)) is not None:
-                raise StoreError(f"{where(bad)}: counts sum to {counts[bad].sum()}, expected N = {k}")
-            present = counts > 0
-        if "weights" in rows:
-            weights = _as(rows, "weights", (b, length, k), np.floating).astype(np.float32)
-            if (bad := _first_bad(~np.isfinite(weights) | (weights < 0))) is not None:
-                raise StoreError(f"{where(bad)}: weight {weights[bad]} is not finite and >= 0")
-            if "counts" in rows:
-                if (bad := _first_bad((weights > 0) & ~present)) is not None:
-                    raise StoreError(f"{where(bad)}: weight {weights[bad]} > 0 on a slot with count 0")
-            else:
-                present = weights > 0
-        if (bad := _first_bad(present & ((ids < 0) | (ids >= self.vocab_size)))) is not None:
-            raise StoreError(f"{where(bad)}: id {ids[bad]} outside [0, {self.vocab_size})")
-        # Sort each position's entries by rank, absent slots (key = V) last.
-        key_t = np.int64 if self.vocab_size >= 2**31 - 1 else np.int32
-        key = np.where(
-            present, ids if self._id_to_rank is None else self._id_to_rank[np.where(present, ids, 0)], self.vocab_size
-        ).astype(key_t)
-        order = np.argsort(key, axis=-1, kind="stable")
-        key = np.take_along_axis(key, order, -1)
-        num = present.sum(-1)
-        present = np.arange(k) < num[..., None]  # sorted: a prefix of each position
-        gaps: np.ndarray = key.copy()
-        gaps[..., 1:] = gaps[..., 1:] - (key[..., :-1] + 1)
-        if (bad := _first_bad(present[..., 1:] & (gaps[..., 1:] < 0))) is not None:
-            raise StoreError(f"{where(bad)}: id {np.take_along_axis(ids, order, -1)[bad]} appears twice")
-        used = np.arange(length * k) < num.sum(-1)[:, None]
         dtypes = {name: arr.dtype.numpy_dtype for name, arr in self._arrays[split].items()}
-        out["num_ids"] = num.astype(dtypes["num_ids"])
-        out["ids"] = _pack(gaps, present, used, dtypes["ids"])
-        if "counts" in rows:
-            c = np.take_along_axis(counts, order, -1) - 1
-            c[..., 0] = 0  # restored on read as N - sum(others)
-            out["counts"] = _pack(c, present, used, dtypes["counts"])
-        if "weights" in rows:
-            out["weights"] = _pack(np.take_along_axis(weights, order, -1), present, used, np.dtype(np.float32))
+        out.update(
+            entries.encode(
+                _as(rows, "ids", (b, length, k), np.integer),
+                _as(rows, "counts", (b, length, k), np.integer) if "counts" in rows else None,
+                _as(rows, "weights", (b, length, k), np.floating) if "weights" in rows else None,
+                vocab_size=self.vocab_size,
+                id_to_rank=self._id_to_rank,
+                split=split,
+                start_row=start,
+                dtypes=dtypes,
+            )
+        )
         return out
 
     # ------------------------------------------------------------------------------ reading
@@ -452,44 +367,19 @@ class TeacherStore:
             out["token_hash"] = raw["token_hash"].astype(np.uint64) if b else np.zeros(0, np.uint64)
         if self.method == "full":
             return out
-        if not b:
-            z = np.zeros((0, length, k))
-            out.update(ids=z.astype(np.int32), weights=z.astype(np.float32), num_ids=np.zeros((0, length), np.int32))
-            if self.method == "sample":
-                out["counts"] = z.astype(np.int32)
-            return out
-        n = raw["num_ids"]
-        if n.max() > k or (self.method == "sample" and n.min() < 1):
-            raise StoreError(f"{self.url}{split}: num_ids outside [1, {k}]: the store is corrupt")
-        # Packed order is row-major [L, K] order of the present slots, so two boolean masks
-        # move entries between the packed [b, L*K] and the dense [b, L, K] layout.
-        valid = np.arange(k) < n[..., None]
-        used = np.arange(length * k) < n.sum(1, dtype=np.int64)[:, None]
-
-        def unpack(x: np.ndarray, dtype: type) -> np.ndarray:
-            dense: np.ndarray = np.zeros((b, length, k), dtype)
-            dense[valid] = x[used]
-            return dense
-
-        int_t = np.int64 if self.vocab_size > 2**30 else np.int32
-        gaps = unpack(raw["ids"], int_t)
-        gaps[..., 1:] += valid[..., 1:]
-        ranks = np.cumsum(gaps, axis=-1, dtype=int_t)  # non-decreasing: max is the largest valid rank
-        if ranks.max() >= self.vocab_size:
-            raise StoreError(f"{self.url}{split}: decoded id outside [0, {self.vocab_size}): the store is corrupt")
-        ids = ranks if self._rank_to_id is None else self._rank_to_id[ranks]
-        out["ids"] = (ids * valid).astype(np.int32)
-        out["num_ids"] = n.astype(np.int32)
-        if self.method == "sample":
-            counts = unpack(raw["counts"], np.int32) + valid
-            counts[..., 0] = k - counts[..., 1:].sum(-1)
-            if counts[..., 0].min() < 1:
-                raise StoreError(f"{self.url}{split}: counts exceed N = {k}: the store is corrupt")
-            out["counts"] = counts
-            if "weights" not in raw:
-                out["weights"] = counts.astype(np.float32) / np.float32(k)
-        if "weights" in raw:
-            out["weights"] = unpack(raw["weights"], np.float32)
+        empty = np.zeros((b, length * k), np.int64)  # only used when b = 0 (nothing was read)
+        out.update(
+            entries.decode(
+                raw.get("num_ids", np.zeros((b, length), np.int64)),
+                raw.get("ids", empty),
+                raw.get("counts", empty) if self.method == "sample" else None,
+                raw.get("weights"),
+                k=k,
+                vocab_size=self.vocab_size,
+                rank_to_id=self._rank_to_id,
+                where=f"{self.url}{split}",
+            )
+        )
         return out
 
     # ------------------------------------------------------------------------------ summary
@@ -564,14 +454,6 @@ def _as(rows: dict[str, np.ndarray], name: str, shape: tuple[int, ...], kind: ty
     return x
 
 
-def _pack(values_BxLxK: np.ndarray, present_BxLxK: np.ndarray, used_BxC: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Each row's present entries (a prefix of every position), in row-major [L, K] order, at
-    the front of its L*K slots (used_BxC marks them); the rest is 0. [b, L, K] -> [b, L*K]."""
-    out_BxC = np.zeros(used_BxC.shape, dtype)
-    out_BxC[used_BxC] = values_BxLxK[present_BxLxK]
-    return out_BxC
-
-
 def _diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
@@ -629,7 +511,7 @@ def create_teacher_store(
         raise StoreError(f"temperature must be > 0, got {temperature}")
     if method == "sample" and k > 2**16:
         raise StoreError(f"sample: N = k = {k} draws is more than 65536")
-    table = None if id_frequencies is None else _rank_table(id_frequencies, vocab_size)
+    table = None if id_frequencies is None else entries.rank_table(id_frequencies, vocab_size)
     layout: dict[str, Any] = {
         "method": method,
         "k": int(k),
