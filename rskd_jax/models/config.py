@@ -16,7 +16,7 @@ from rskd_jax.models.attention import ATTENTION_KINDS
 from rskd_jax.models.rope import canonical_scaling
 from rskd_jax.models.rope import rope_inv_freq as _rope_inv_freq
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 LAYER_TYPES = ("full_attention", "sliding_attention")
 HIDDEN_ACTS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text")
@@ -93,8 +93,8 @@ class LlamaConfig:
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
         for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in _DTYPES:
-                raise ValueError(f"{name}={getattr(self, name)!r}; use one of {sorted(_DTYPES)}")
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"{name}={getattr(self, name)!r}; use one of {sorted(DTYPES)}")
         object.__setattr__(self, "rope_scaling", canonical_scaling(self.rope_scaling))
         if self.hidden_act not in HIDDEN_ACTS:
             raise ValueError(f"hidden_act={self.hidden_act!r}; use one of {sorted(HIDDEN_ACTS)}")

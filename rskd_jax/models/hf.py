@@ -23,7 +23,7 @@ from flax import nnx
 
 from rskd_jax.models.config import config_from_hf
 from rskd_jax.models.hf_config import ARCHS, config_to_hf  # noqa: F401 (API)
-from rskd_jax.models.llama import _DTYPES, Llama, LlamaConfig
+from rskd_jax.models.llama import DTYPES, Llama, LlamaConfig
 
 _IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -97,7 +97,7 @@ def _set(var: nnx.Param, value: np.ndarray, name: str, dtype) -> None:
 def model_from_hf_tensors(config: LlamaConfig, tensors: Mapping[str, np.ndarray], fingerprint: str) -> Llama:
     """Build a Llama from HF-named numpy tensors without a random init (one copy to jax)."""
     c = config
-    pd = _DTYPES[c.param_dtype]
+    pd = DTYPES[c.param_dtype]
     model = nnx.eval_shape(lambda: Llama(c, rngs=nnx.Rngs(0), fingerprint=fingerprint))
     used = set()
 

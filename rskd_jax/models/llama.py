@@ -71,7 +71,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rskd_jax.models.attention import attention, attention_chunk, causal_attention  # noqa: F401 (re-export)
-from rskd_jax.models.config import _DTYPES, FAMILIES, HIDDEN_ACTS, LAYER_TYPES, LlamaConfig, rope_inv_freq  # noqa: F401 (re-exported: models.llama was their home)
+from rskd_jax.models.config import DTYPES, FAMILIES, HIDDEN_ACTS, LAYER_TYPES, LlamaConfig, rope_inv_freq  # noqa: F401 (re-exported: models.llama was their home)
 from rskd_jax.models.rope import apply_rope, rope_tables
 
 
@@ -95,7 +95,7 @@ class LlamaLayers(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         c = config
         n, d, h, k, e, f = (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size)
-        pd = _DTYPES[c.param_dtype]
+        pd = DTYPES[c.param_dtype]
         normal = nnx.initializers.normal(0.02)
         norm_init = jnp.zeros if c.norm_plus_one else jnp.ones  # both mean "scale 1"
 
@@ -160,7 +160,7 @@ def decoder_layer(
     window: this layer's sliding window (None: full causal attention).
     """
     c = config
-    dt = _DTYPES[c.dtype]
+    dt = DTYPES[c.dtype]
     k, g, e = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
     p1 = c.norm_plus_one
 
@@ -215,7 +215,7 @@ class Llama(nnx.Module):
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, fingerprint: str = ""):
         c = config
-        pd = _DTYPES[c.param_dtype]
+        pd = DTYPES[c.param_dtype]
         normal = nnx.initializers.normal(0.02)
         self.config = c
         # Identifies the source weights + config (sha256 hex); not updated by training.
@@ -230,7 +230,7 @@ class Llama(nnx.Module):
     def hidden_states(self, tokens_BxL: jax.Array) -> jax.Array:
         """Final-norm hidden states [B, L, D] in config.dtype."""
         c = self.config
-        dt = _DTYPES[c.dtype]
+        dt = DTYPES[c.dtype]
         l = tokens_BxL.shape[1]
         x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0)
         if c.embed_scale:  # in the parameter dtype, as transformers' Gemma scales it
@@ -274,7 +274,7 @@ class Llama(nnx.Module):
         copying.
         """
         w_VxD = self.embed[...] if self.config.tie_embeddings else self.lm_head[...]
-        return w_VxD.astype(_DTYPES[self.config.dtype]).T
+        return w_VxD.astype(DTYPES[self.config.dtype]).T
 
     def logits_from_hidden(self, h_BxCxD: jax.Array, w_DxV: jax.Array) -> jax.Array:
         """Logits [B, C, V'] float32 of hidden states and (a vocabulary slice of) lm_head_weight:
