@@ -140,38 +140,25 @@ def main(argv=None) -> None:
     forward, chunk = make_forward(cacher)
     import jax
 
-    from rskd_jax.cache import plan_blocks
-
-    cr = cfg.cache.chunk_rows
     L = cacher.tokens.seq_len
 
     def next_batches():
         """The rows of the next `steps` unfinished batches: what cache_split will do next."""
-        blocks = plan_blocks(cacher.done_mask("train"), cr)[: args.steps * cacher.blocks_per_step]
-        rows = np.concatenate([np.arange(b * cr, (b + 1) * cr) for b in blocks])
-        return rows.reshape(args.steps, args.batch)
-
-    def device_batch(rows_B):
-        return cacher._global(
-            {
-                "tokens": cacher._read_tokens("train", rows_B),
-                "rows": rows_B.astype(np.int32),
-            }
-        )
+        return np.stack(cacher.plan("train", max_steps=args.steps).local_rows)
 
     def run_forward(batches):
         t = time.perf_counter()
         for rows_B in batches:
-            jax.block_until_ready(forward(cacher.state, device_batch(rows_B)["tokens"]))
+            tokens_BxL, _ = cacher.global_batch(cacher.read_tokens("train", rows_B), rows_B)
+            jax.block_until_ready(forward(cacher.state, tokens_BxL))
         return time.perf_counter() - t
 
-    code = cacher._replicated_scalar(0)
+    code = cacher.split_code("train")
 
     def run_step(batches):  # the dump's compute and device->host fetch, no writes
         t = time.perf_counter()
         for rows_B in batches:
-            b = device_batch(rows_B)
-            cacher._local(cacher.step(cacher.state, b["tokens"], b["rows"], code))
+            cacher.fetch(cacher.dispatch("train", rows_B, code)[1])
         return time.perf_counter() - t
 
     def run_dump(batches):
