@@ -6,7 +6,7 @@ The teacher is sharded over a ("data", "fsdp", "tensor") mesh; each jitted step 
 forward, masks padded vocabulary rows, and draws every configured output from the same
 logits (`cache_step`). Work is assigned in blocks of `cache.chunk_rows` rows, the store's
 chunk size, so no two processes ever write the same chunk. Each process writes only its own
-rows, from a background writer that overlaps with the next step; a row's `done` flag is
+rows, from a background writer (`cache_writer`) that overlaps with the next step; a row's `done` flag is
 written after its data, and with it a hash of the row's tokens (`store.teacher.token_hash`)
 that the trainer checks its batches against. A re-run skips finished blocks and, since every
 row's randomness is fold_in(seed, split, row), rewrites unfinished ones byte for byte.
@@ -22,13 +22,16 @@ valid a sample, but not the same bytes: both are in the manifest, and a resume w
 values is refused.
 All processes plan each split from process 0's done mask (broadcast, which is also a
 barrier), so a block finished by a fast process never shifts a slow one's plan.
+
+Layers: `cache_step` (the jitted teacher step), `cache_writer` (the stores: manifest,
+create / reopen, the background writer), this module (config checks, planning, the loop that
+overlaps dispatch, fetch and writes, the program).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -37,38 +40,13 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from rskd_jax import cache_step, sharding
-from rskd_jax.cache_writer import CacheError, StoreWriter
-from rskd_jax.config import CacheRun, ConfigError, config_to_dict, parse_cli, save_config
+from rskd_jax.cache_writer import CacheError, StoreWriter, open_stores, recorded_device_batches
+from rskd_jax.config import CacheRun, ConfigError, parse_cli, save_config
 from rskd_jax.store.common import StoreError
 
 log = logging.getLogger("rskd_jax.cache")
 DRY_RUN_STEPS = 3
 FREQ_ROWS = 4096
-
-
-def store_manifest(run: CacheRun, out, model, tokens, *, device_batch: int, mesh_shape: dict) -> dict[str, Any]:
-    """What a teacher store's bytes depend on; a re-run must match it to resume. Identity is
-    by content: the teacher's fingerprint (its weights and resolved config, dtypes included)
-    and the token store's. Where they were found (the teacher spec with its source path, the
-    token store URL) goes to "provenance", which a resume does not compare: the same teacher
-    or tokens reached by another path, or moved, still resume. `tools/inspect_store.py
-    --verify` rebuilds the teacher and finds the tokens from it."""
-    spec = config_to_dict(run.teacher)
-    if spec["source"] not in ("random", "smollm2"):
-        spec["source"] = os.path.realpath(spec["source"])
-    return {
-        "method": out.method,
-        "params": {k: v for k, v in config_to_dict(out).items() if k not in ("name", "method")},
-        "seed": run.cache.seed,
-        "teacher": {"fingerprint": model.fingerprint, "vocab_size": model.config.vocab_size},
-        "tokenizer": tokens.manifest["tokenizer"],
-        "tokens": {"fingerprint": tokens.fingerprint, "seq_len": tokens.seq_len},
-        "key_rule": cache_step.KEY_RULE,
-        # what the teacher forward's rounding depends on (cache_step: fixed micro-batch shape)
-        "device_batch": int(device_batch),
-        "teacher_layout": {"fsdp": int(mesh_shape["fsdp"]), "tensor": int(mesh_shape["tensor"])},
-        "provenance": {"teacher_spec": spec, "tokens_url": tokens.url},
-    }
 
 
 def plan_blocks(done_R: np.ndarray, chunk_rows: int) -> list[int]:
@@ -180,16 +158,9 @@ class Cacher:
         """cache.device_batch, or (0) the value recorded by existing stores, or the rows per
         device; refuses a value that differs from the stores being resumed, or that does not
         divide the rows per device."""
-        from rskd_jax.store.common import read_json
-
         c = self.cfg
         per_device = c.batch_size // sharding.batch_shards(self.mesh)
-        recorded = {}
-        if not c.overwrite:
-            for o in c.outputs:
-                m = read_json(f"{prefix}/{o.name}")
-                if m is not None and m.get("kind") == "teacher" and "device_batch" in m:
-                    recorded[o.name] = int(m["device_batch"])
+        recorded = {} if c.overwrite else recorded_device_batches(prefix, [o.name for o in c.outputs])
         values = set(recorded.values())
         if len(values) > 1:
             raise CacheError(
@@ -213,47 +184,20 @@ class Cacher:
         return db
 
     def _open_stores(self, prefix: str) -> dict:
-        """Creates (or reopens, to resume) one store per output. Process 0 creates first and
-        the others reopen after a barrier, so no process deletes another's fresh arrays."""
-        from rskd_jax.store.teacher import create_teacher_store
-
-        c, freqs = self.cfg, self._id_frequencies()
-
-        def open_all():
-            return {
-                o.name: create_teacher_store(
-                    f"{prefix}/{o.name}",
-                    manifest=store_manifest(
-                        self.run,
-                        o,
-                        self.model,
-                        self.tokens,
-                        device_batch=self.device_batch,
-                        mesh_shape=dict(self.mesh.shape),
-                    ),
-                    num_rows=self.num_rows,
-                    seq_len=self.tokens.seq_len,
-                    method=o.method,
-                    k=self.vocab if o.method == "full" else o.num_draws,
-                    vocab_size=self.vocab,
-                    chunk_rows=c.chunk_rows,
-                    diagnostics=c.diagnostics,
-                    overwrite=c.overwrite,
-                    id_frequencies=None if o.method == "full" else freqs,
-                    token_hash=True,
-                    # only `sample` stores the proposal temperature; the others' weights carry it
-                    temperature=o.temperature if o.method == "sample" else 1.0,
-                )
-                for o in c.outputs
-            }
-
-        if self.P == 1:
-            return open_all()
-        from jax.experimental import multihost_utils
-
-        stores = open_all() if self.p == 0 else None
-        multihost_utils.sync_global_devices("rskd_jax.cache: stores created")
-        return stores if stores is not None else open_all()
+        freqs = self._id_frequencies()  # every process: refuses foreign token ids before any work
+        return open_stores(
+            prefix,
+            self.run,
+            self.model,
+            self.tokens,
+            vocab_size=self.vocab,
+            num_rows=self.num_rows,
+            id_frequencies=freqs,
+            device_batch=self.device_batch,
+            mesh_shape=dict(self.mesh.shape),
+            process_index=self.p,
+            process_count=self.P,
+        )
 
     def _id_frequencies(self) -> np.ndarray:
         """Unigram counts of the first FREQ_ROWS train rows: the store sorts and gap-codes ids
