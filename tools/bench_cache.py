@@ -11,7 +11,8 @@ with diagnostics into a tmp dir, and times, per repetition, on the same `--steps
             exactly as the cache step does (cache_step.position_chunk positions per row at a
             time), each chunk reduced to a sum so that every logit is computed, none kept;
   step      the cache step (forward + padded-vocab mask + sampling + diagnostics), fetched to
-            the host, nothing written (where the dump's time goes);
+            the host, nothing written (where the dump's time goes): `Cacher.dispatch` (the real
+            token reads, batch assembly and jitted step) then `Cacher.fetch`;
   dump      `Cacher.cache_split`: the step + the background writer into the real store,
             until the last block is durable (what `python -m rskd_jax.cache` does).
 
@@ -65,7 +66,8 @@ def _cpu_s() -> float:
 
 
 def make_forward(cacher):
-    """(state, tokens_BxL) -> scalar: the cache step's forward and chunked LM head, nothing else."""
+    """(state, tokens_BxL) -> scalar: the cache step's forward and chunked LM head, nothing else
+    (the baseline: no micro-batch loop, sampling or diagnostics)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -84,7 +86,7 @@ def make_forward(cacher):
         h_NxBxCxD = jnp.swapaxes(h_BxLxD.reshape(B, L // chunk, chunk, -1), 0, 1)
 
         def body(h_BxCxD):
-            logits_BxCxV = jnp.einsum("bcd,dv->bcv", h_BxCxD, w_DxV, preferred_element_type=jnp.float32)
+            logits_BxCxV = model.logits_from_hidden(h_BxCxD, w_DxV)  # the step's LM head (+ any soft-cap)
             return jnp.sum(cache_step.mask_padded_vocab(logits_BxCxV, vocab))
 
         return jnp.sum(jax.lax.map(body, h_NxBxCxD))
