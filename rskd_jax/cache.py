@@ -6,7 +6,7 @@ The teacher is sharded over a ("data", "fsdp", "tensor") mesh; each jitted step 
 forward, masks padded vocabulary rows, and draws every configured output from the same
 logits (`cache_step`). Work is assigned in blocks of `cache.chunk_rows` rows, the store's
 chunk size, so no two processes ever write the same chunk. Each process writes only its own
-rows, from a background writer that overlaps with the next step; a row's `done` flag is
+rows, from a background writer (`cache_writer`) that overlaps with the next step; a row's `done` flag is
 written after its data, and with it a hash of the row's tokens (`store.teacher.token_hash`)
 that the trainer checks its batches against. A re-run skips finished blocks and, since every
 row's randomness is fold_in(seed, split, row), rewrites unfinished ones byte for byte.
@@ -22,59 +22,31 @@ valid a sample, but not the same bytes: both are in the manifest, and a resume w
 values is refused.
 All processes plan each split from process 0's done mask (broadcast, which is also a
 barrier), so a block finished by a fast process never shifts a slow one's plan.
+
+Layers: `cache_step` (the jitted teacher step), `cache_writer` (the stores: manifest,
+create / reopen, the background writer), this module (config checks, planning, the loop that
+overlaps dispatch, fetch and writes, the program).
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
 import logging
-import os
 import sys
 import time
-from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from rskd_jax import cache_step, sharding
-from rskd_jax.config import CacheRun, ConfigError, config_to_dict, parse_cli, save_config
+from rskd_jax.cache_writer import CacheError, StoreWriter, open_stores, recorded_device_batches
+from rskd_jax.config import CacheRun, ConfigError, parse_cli, save_config
 from rskd_jax.store.common import StoreError
 
 log = logging.getLogger("rskd_jax.cache")
-MAX_WRITES_IN_FLIGHT = 4
 DRY_RUN_STEPS = 3
 FREQ_ROWS = 4096
-
-
-class CacheError(ValueError):
-    """Bad input to the cache program: it says what to change."""
-
-
-def store_manifest(run: CacheRun, out, model, tokens, *, device_batch: int, mesh_shape: dict) -> dict[str, Any]:
-    """What a teacher store's bytes depend on; a re-run must match it to resume. Identity is
-    by content: the teacher's fingerprint (its weights and resolved config, dtypes included)
-    and the token store's. Where they were found (the teacher spec with its source path, the
-    token store URL) goes to "provenance", which a resume does not compare: the same teacher
-    or tokens reached by another path, or moved, still resume. `tools/inspect_store.py
-    --verify` rebuilds the teacher and finds the tokens from it."""
-    spec = config_to_dict(run.teacher)
-    if spec["source"] not in ("random", "smollm2"):
-        spec["source"] = os.path.realpath(spec["source"])
-    return {
-        "method": out.method,
-        "params": {k: v for k, v in config_to_dict(out).items() if k not in ("name", "method")},
-        "seed": run.cache.seed,
-        "teacher": {"fingerprint": model.fingerprint, "vocab_size": model.config.vocab_size},
-        "tokenizer": tokens.manifest["tokenizer"],
-        "tokens": {"fingerprint": tokens.fingerprint, "seq_len": tokens.seq_len},
-        "key_rule": cache_step.KEY_RULE,
-        # what the teacher forward's rounding depends on (cache_step: fixed micro-batch shape)
-        "device_batch": int(device_batch),
-        "teacher_layout": {"fsdp": int(mesh_shape["fsdp"]), "tensor": int(mesh_shape["tensor"])},
-        "provenance": {"teacher_spec": spec, "tokens_url": tokens.url},
-    }
 
 
 def plan_blocks(done_R: np.ndarray, chunk_rows: int) -> list[int]:
@@ -102,8 +74,23 @@ def local_rows(
     return out
 
 
+class SplitPlan(NamedTuple):
+    """The steps that cache a split's unfinished blocks: per step, this process's rows
+    (`local_rows`, padded with -1 to the step's static length) and all processes' rows
+    (`rows`, the count)."""
+
+    local_rows: list[np.ndarray]
+    rows: list[int]
+
+
 class Cacher:
-    """Holds the teacher, mesh, jitted step and open stores for one cache run."""
+    """One cache run: the teacher, mesh, jitted step (`cache_step`) and open stores, the
+    store writer (`cache_writer.StoreWriter`), and the loop (`cache_split`).
+
+    The loop's pieces are public, for benchmarks: `plan` (which rows each step computes),
+    `read_tokens`, `global_batch` / `split_code` (the step's device inputs), `dispatch` (the
+    step, asynchronously), `fetch` (its outputs as this process's numpy rows), `writer`.
+    """
 
     def __init__(self, run: CacheRun, *, store_prefix: str | None = None, devices: Sequence[Any] | None = None):
         import jax
@@ -165,21 +152,15 @@ class Cacher:
             ),
         )
         self.stores = self._open_stores(prefix)
+        self.writer = StoreWriter(self.stores, chunk_rows=c.chunk_rows, diagnostics=c.diagnostics)
 
     def _device_batch(self, prefix: str) -> int:
         """cache.device_batch, or (0) the value recorded by existing stores, or the rows per
         device; refuses a value that differs from the stores being resumed, or that does not
         divide the rows per device."""
-        from rskd_jax.store.common import read_json
-
         c = self.cfg
         per_device = c.batch_size // sharding.batch_shards(self.mesh)
-        recorded = {}
-        if not c.overwrite:
-            for o in c.outputs:
-                m = read_json(f"{prefix}/{o.name}")
-                if m is not None and m.get("kind") == "teacher" and "device_batch" in m:
-                    recorded[o.name] = int(m["device_batch"])
+        recorded = {} if c.overwrite else recorded_device_batches(prefix, [o.name for o in c.outputs])
         values = set(recorded.values())
         if len(values) > 1:
             raise CacheError(
@@ -203,54 +184,27 @@ class Cacher:
         return db
 
     def _open_stores(self, prefix: str) -> dict:
-        """Creates (or reopens, to resume) one store per output. Process 0 creates first and
-        the others reopen after a barrier, so no process deletes another's fresh arrays."""
-        from rskd_jax.store.teacher import create_teacher_store
-
-        c, freqs = self.cfg, self._id_frequencies()
-
-        def open_all():
-            return {
-                o.name: create_teacher_store(
-                    f"{prefix}/{o.name}",
-                    manifest=store_manifest(
-                        self.run,
-                        o,
-                        self.model,
-                        self.tokens,
-                        device_batch=self.device_batch,
-                        mesh_shape=dict(self.mesh.shape),
-                    ),
-                    num_rows=self.num_rows,
-                    seq_len=self.tokens.seq_len,
-                    method=o.method,
-                    k=self.vocab if o.method == "full" else o.num_draws,
-                    vocab_size=self.vocab,
-                    chunk_rows=c.chunk_rows,
-                    diagnostics=c.diagnostics,
-                    overwrite=c.overwrite,
-                    id_frequencies=None if o.method == "full" else freqs,
-                    token_hash=True,
-                    # only `sample` stores the proposal temperature; the others' weights carry it
-                    temperature=o.temperature if o.method == "sample" else 1.0,
-                )
-                for o in c.outputs
-            }
-
-        if self.P == 1:
-            return open_all()
-        from jax.experimental import multihost_utils
-
-        stores = open_all() if self.p == 0 else None
-        multihost_utils.sync_global_devices("rskd_jax.cache: stores created")
-        return stores if stores is not None else open_all()
+        freqs = self._id_frequencies()  # every process: refuses foreign token ids before any work
+        return open_stores(
+            prefix,
+            self.run,
+            self.model,
+            self.tokens,
+            vocab_size=self.vocab,
+            num_rows=self.num_rows,
+            id_frequencies=freqs,
+            device_batch=self.device_batch,
+            mesh_shape=dict(self.mesh.shape),
+            process_index=self.p,
+            process_count=self.P,
+        )
 
     def _id_frequencies(self) -> np.ndarray:
         """Unigram counts of the first FREQ_ROWS train rows: the store sorts and gap-codes ids
         by this rank (ids + counts 22.5 -> 19.9 B/token on stdlib, tools/bench_store_codec.py)."""
         split = "train" if "train" in self.tokens.splits else self.tokens.splits[0]
         n = min(self.tokens.num_rows(split), FREQ_ROWS)
-        toks = self._read_tokens(split, np.arange(n))  # refuses foreign token ids before any work
+        toks = self.read_tokens(split, np.arange(n))  # refuses foreign token ids before any work
         return np.bincount(toks.reshape(-1), minlength=self.vocab)
 
     def _check_full_size(self) -> None:
@@ -283,23 +237,37 @@ class Cacher:
 
         return np.asarray(multihost_utils.broadcast_one_to_all(done.astype(np.uint8))).astype(bool)
 
-    def _replicated_scalar(self, value: int):
+    def split_code(self, split: str):
+        """The step's split argument: cache_step.split_code(split) as a replicated int32 scalar."""
         import jax
 
-        return jax.make_array_from_callback((), sharding.replicated(self.mesh), lambda _: np.int32(value))
+        code = np.int32(cache_step.split_code(split))
+        return jax.make_array_from_callback((), sharding.replicated(self.mesh), lambda _: code)
 
-    def _global(self, local: dict[str, np.ndarray]):
+    def global_batch(self, tokens_RxL: np.ndarray, rows_R: np.ndarray) -> tuple[Any, Any]:
+        """(tokens [B, L], rows [B]): the step's inputs as global arrays split over the batch
+        axes, from this process's rows (-1 padding rows become row 0; they are not written)."""
         from jax.experimental import multihost_utils
         from jax.sharding import PartitionSpec
 
-        return {
+        local = {"tokens": tokens_RxL, "rows": np.maximum(rows_R, 0).astype(np.int32)}
+        out = {
             k: multihost_utils.host_local_array_to_global_array(
                 v, self.mesh, PartitionSpec(sharding.BATCH_AXES, *([None] * (v.ndim - 1)))
             )
             for k, v in local.items()
         }
+        return out["tokens"], out["rows"]
 
-    def _local(self, out):
+    def dispatch(self, split: str, rows_R: np.ndarray, code=None) -> tuple[np.ndarray, Any]:
+        """(tokens_RxL, device outputs): reads this process's rows, runs the step on them (async
+        dispatch: the outputs are not waited for). `code`: split_code(split), made if None."""
+        tokens_RxL = self.read_tokens(split, rows_R)
+        tokens_BxL, rows_B = self.global_batch(tokens_RxL, rows_R)
+        code = self.split_code(split) if code is None else code
+        return tokens_RxL, self.step(self.state, tokens_BxL, rows_B, code)
+
+    def fetch(self, out) -> dict:
         """Device outputs -> this process's rows as numpy (nothing is all-gathered)."""
         import jax
         from jax.experimental import multihost_utils
@@ -316,7 +284,8 @@ class Cacher:
             out,
         )
 
-    def _read_tokens(self, split: str, rows_R: np.ndarray) -> np.ndarray:
+    def read_tokens(self, split: str, rows_R: np.ndarray) -> np.ndarray:
+        """tokens [R, L] int32 of rows_R (-1: zeros); refuses ids outside the teacher's vocabulary."""
         valid = rows_R >= 0
         toks = np.zeros((len(rows_R), self.tokens.seq_len), np.int32)
         toks[valid] = self.tokens.read(split, rows_R[valid])
@@ -330,80 +299,69 @@ class Cacher:
             )
         return toks
 
-    def _write(self, split: str, rows_R: np.ndarray, tokens_RxL: np.ndarray, out: dict) -> None:
-        """Writes this process's finished blocks of one step (runs on the writer thread)."""
-        if not out["finite"][rows_R >= 0].all():
-            r = int(rows_R[np.nonzero(~out["finite"] & (rows_R >= 0))[0][0]])
-            raise CacheError(
-                f"teacher logits are NaN/inf on {split} row {r}; nothing of its block "
-                "was written. Check the teacher weights and dtype (try teacher.dtype=float32)"
-            )
-        futures = []
-        cr = self.cfg.chunk_rows
-        for i in range(0, len(rows_R), cr):
-            block = rows_R[i : i + cr]
-            block = block[block >= 0]
-            if not len(block):
-                continue
-            n = len(block)
-            for name, store in self.stores.items():
-                rows = {k: v[i : i + n] for k, v in out[name].items()}
-                rows["tokens"] = tokens_RxL[i : i + n]  # stored as token_hash: the trainer's check
-                if self.cfg.diagnostics:
-                    rows.update({k: v[i : i + n] for k, v in out["diagnostics"].items()})
-                futures.append(store.write_rows(split, int(block[0]), rows))
-        for f in futures:
-            f.result()
-
-    def cache_split(self, split: str, *, max_steps: int | None = None, progress: bool = True) -> dict:
-        """Computes and writes every unfinished block of `split`; returns counts and timing."""
-        from tqdm import tqdm
-
+    def plan(self, split: str, *, max_steps: int | None = None) -> SplitPlan:
+        """The steps that compute every unfinished block of `split` (at most max_steps),
+        planned from process 0's done mask (a collective: every process must call it)."""
         blocks = plan_blocks(self._shared_done_mask(split), self.cfg.chunk_rows)
         steps = -(-len(blocks) // self.blocks_per_step)
         if max_steps is not None:
             steps = min(steps, max_steps)
-        cr, bps = self.cfg.chunk_rows, self.blocks_per_step
-        rows_of = lambda bs: sum(min((b + 1) * cr, self.num_rows[split]) - b * cr for b in bs)
-        todo_rows = rows_of(blocks[: steps * bps])
+        cr, bps, num_rows = self.cfg.chunk_rows, self.blocks_per_step, self.num_rows[split]
+        rows_of = lambda bs: sum(min((b + 1) * cr, num_rows) - b * cr for b in bs)
+        return SplitPlan(
+            local_rows=[
+                local_rows(
+                    blocks,
+                    step=i,
+                    blocks_per_step=bps,
+                    process_index=self.p,
+                    blocks_per_process=self.blocks_per_process,
+                    chunk_rows=cr,
+                    num_rows=num_rows,
+                )
+                for i in range(steps)
+            ],
+            rows=[rows_of(blocks[i * bps : (i + 1) * bps]) for i in range(steps)],
+        )
+
+    def cache_split(self, split: str, *, max_steps: int | None = None, progress: bool = True) -> dict:
+        """Computes and writes every unfinished block of `split`; returns counts and timing.
+
+        Step i + 1 is dispatched before step i's outputs are fetched, and the writer stores
+        step i on its thread while the teacher computes: the device never waits for the disk.
+        """
+        from tqdm import tqdm
+
+        plan = self.plan(split, max_steps=max_steps)
+        steps = len(plan.local_rows)
         L = self.tokens.seq_len
         bar = tqdm(
-            total=todo_rows, unit="row", desc=f"cache {split}", disable=not progress or self.p != 0, dynamic_ncols=True
+            total=sum(plan.rows),
+            unit="row",
+            desc=f"cache {split}",
+            disable=not progress or self.p != 0,
+            dynamic_ncols=True,
         )
-        code = self._replicated_scalar(cache_step.split_code(split))
-        pending: deque = deque()
+        code = self.split_code(split)
         step_times, done_rows, t0 = [], 0, time.perf_counter()
-        with cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer") as writer:
+        with self.writer as writer:
             prev = None
             for i in range(steps + 1):
                 if i < steps:
                     t_step = time.perf_counter()
-                    rows_R = local_rows(
-                        blocks,
-                        step=i,
-                        blocks_per_step=self.blocks_per_step,
-                        process_index=self.p,
-                        blocks_per_process=self.blocks_per_process,
-                        chunk_rows=self.cfg.chunk_rows,
-                        num_rows=self.num_rows[split],
-                    )
-                    tokens_RxL = self._read_tokens(split, rows_R)
-                    batch = self._global({"tokens": tokens_RxL, "rows": np.maximum(rows_R, 0).astype(np.int32)})
-                    out = self.step(self.state, batch["tokens"], batch["rows"], code)  # async dispatch
+                    rows_R = plan.local_rows[i]
+                    tokens_RxL, out = self.dispatch(split, rows_R, code)  # async dispatch
                 if prev is not None:  # fetch the previous step while this one computes
                     prev_rows, prev_tokens, prev_out, t_prev = prev
-                    local = self._local(prev_out)
+                    local = self.fetch(prev_out)
                     step_times.append(time.perf_counter() - t_prev)
-                    pending.append(writer.submit(self._write, split, prev_rows, prev_tokens, local))
-                    while len(pending) > MAX_WRITES_IN_FLIGHT or (pending and pending[0].done()):
-                        pending.popleft().result()  # raises a writer error here, never swallowed
-                    n = rows_of(blocks[(i - 1) * bps : i * bps])  # all processes' rows of that step
+                    writer.submit(split, prev_rows, prev_tokens, local)
+                    n = plan.rows[i - 1]  # all processes' rows of that step
                     done_rows += n
                     bar.update(n)
                     bar.set_postfix(tok_s=f"{done_rows * L / (time.perf_counter() - t0):,.0f}")
                 prev = (rows_R, tokens_RxL, out, t_step) if i < steps else None
-            while pending:
-                pending.popleft().result()
+            writer.drain()
         bar.close()
         seconds = time.perf_counter() - t0
         return {"rows": done_rows, "tokens": done_rows * L, "seconds": seconds, "step_times": step_times}

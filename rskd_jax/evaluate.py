@@ -28,7 +28,7 @@ from flax import nnx
 
 from rskd_jax import metrics, sharding
 from rskd_jax.config import EvaluateRun, TrainRun, load_config, parse_cli
-from rskd_jax.train_step import _fit_vocab, prepare_targets, sum_over_positions
+from rskd_jax.train_step import fit_vocab, prepare_targets, sum_over_positions
 
 log = logging.getLogger("rskd_jax.evaluate")
 
@@ -44,7 +44,7 @@ def make_eval_fn(graphdef, *, vocab_size: int | None, teacher_graphdef=None, chu
         logits_xV = metrics.mask_vocab(logits_xV, vocab_size)
         out = metrics.lm_sums(logits_xV, t["labels"], t["ce_where"])
         if teacher_logits_xV is not None:
-            teacher_xV = metrics.mask_vocab(_fit_vocab(teacher_logits_xV, logits_xV.shape[-1]), vocab_size)
+            teacher_xV = metrics.mask_vocab(fit_vocab(teacher_logits_xV, logits_xV.shape[-1]), vocab_size)
             out.update(metrics.teacher_sums(logits_xV, teacher_xV, t["kd_where"]))
         elif "entropy" in t and "ids" in t:
             out.update(metrics.sparse_teacher_sums(logits_xV, t["ids"], t["weights"], t["entropy"], t["kd_where"]))

@@ -97,7 +97,7 @@ def prepare_targets(batch: dict[str, jax.Array], method: str) -> dict[str, jax.A
     return t
 
 
-def _fit_vocab(logits_xV: jax.Array, v: int) -> jax.Array:
+def fit_vocab(logits_xV: jax.Array, v: int) -> jax.Array:
     """Teacher logits padded (with MASKED_LOGIT) or cut to the student's vocabulary size."""
     vt = logits_xV.shape[-1]
     if vt >= v:
@@ -131,7 +131,7 @@ def chunk_sums(logits_xV, t, teacher_logits_xV, spec: LossSpec) -> dict[str, tup
     elif spec.method == "ghost":
         kd_x = losses.ghost_kd_loss(logits_xV, t["ids"], t["weights"], t["tail_mass"], where=kdw)
     elif spec.method in ("full_online", "full_cached"):
-        teacher_xV = metrics.mask_vocab(_fit_vocab(teacher_logits_xV, logits_xV.shape[-1]), spec.vocab_size)
+        teacher_xV = metrics.mask_vocab(fit_vocab(teacher_logits_xV, logits_xV.shape[-1]), spec.vocab_size)
         kd_x = losses.full_kd_loss(logits_xV, teacher_xV, temperature=spec.kd_temperature, where=kdw)
     else:
         kd_x = jnp.zeros_like(ce_x)
@@ -205,6 +205,73 @@ def _to_micro(x_Bx: jax.Array, m: int) -> jax.Array:
     return jnp.moveaxis(x_Bx.reshape(x_Bx.shape[0] // m, m, *x_Bx.shape[1:]), 1, 0)
 
 
+def check_spec(spec: LossSpec, teacher_graphdef=None) -> None:
+    """Refuses an unknown loss method, or "full_online" without a teacher model."""
+    if spec.method not in METHODS:
+        raise ValueError(f"loss.method={spec.method!r}; choose one of {METHODS}")
+    if spec.method == "full_online" and teacher_graphdef is None:
+        raise ValueError("loss.method='full_online' needs a teacher model")
+
+
+def loss_and_grad(
+    params,
+    teacher_params,
+    batch: dict,
+    *,
+    graphdef,
+    spec: LossSpec,
+    teacher_graphdef=None,
+    micro_batches: int = 1,
+    mesh=None,
+) -> tuple[jax.Array, dict[str, jax.Array], Any]:
+    """(loss, aux, grads): the train loss of one global batch and its gradient w.r.t. params.
+
+    L = alpha * CE + (1 - alpha) * KD + z * Zloss (spec.method "ce": L = CE + z * Zloss), each
+    term a mean over the positions of the whole batch (counts from the masks up front, so the
+    `micro_batches` split, a lax.scan accumulating gradients, changes only float rounding).
+    `batch`: tokens [B, L], optional mask [B, L] and the method's fields (BATCH_KEYS);
+    `teacher_params` / `teacher_graphdef` only for "full_online" (frozen). `mesh`: keeps every
+    micro-batch spread over the batch axes. aux: ce, kd, z_loss (the terms' means), ce_tokens,
+    kd_tokens (the counts). Un-jitted; the train step applies exactly these gradients.
+    """
+    check_spec(spec, teacher_graphdef)
+    ce_w, kd_w = (1.0, 0.0) if spec.method == "ce" else (spec.alpha, 1.0 - spec.alpha)
+    sums_fn = functools.partial(loss_sums, graphdef=graphdef, teacher_graphdef=teacher_graphdef, spec=spec)
+    t = prepare_targets(batch, spec.method)
+    ce_n = jnp.maximum(jnp.sum(t["ce_where"].astype(jnp.float32)), 1.0)
+    kd_n = jnp.maximum(jnp.sum(t["kd_where"].astype(jnp.float32)), 1.0)
+
+    def objective(params, t_micro):
+        s = sums_fn(params, teacher_params, t_micro)
+        # L = alpha * CE + (1 - alpha) * KD + z * Z, means over the whole global batch.
+        loss = ce_w * s["ce"][0] / ce_n + kd_w * s["kd"][0] / kd_n + spec.z_loss * s["z"][0] / ce_n
+        return loss, s
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+    if micro_batches == 1:
+        (loss, sums), grads = grad_fn(params, t)
+    else:
+        t_micro = jax.tree.map(functools.partial(_to_micro, m=micro_batches), t)
+        if mesh is not None:  # keep every micro-batch spread over the batch axes
+            spread = NamedSharding(mesh, PartitionSpec(None, sharding.BATCH_AXES))
+            t_micro = jax.lax.with_sharding_constraint(t_micro, jax.tree.map(lambda _: spread, t_micro))
+        first = jax.tree.map(lambda x: x[0], t_micro)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_fn, params, first))
+
+        def accumulate(acc, tm):
+            return _tree_add(acc, grad_fn(params, tm)), None
+
+        ((loss, sums), grads), _ = jax.lax.scan(accumulate, zeros, t_micro)
+    aux = {
+        "ce": sums["ce"][0] / ce_n,
+        "kd": sums["kd"][0] / kd_n,
+        "z_loss": sums["z"][0] / ce_n,
+        "ce_tokens": ce_n,
+        "kd_tokens": kd_n,
+    }
+    return loss, aux, grads
+
+
 def make_train_step(
     graphdef,
     tx: optax.GradientTransformation,
@@ -217,54 +284,32 @@ def make_train_step(
 ) -> Callable:
     """`step(state, batch, teacher_params=None) -> (state, metrics)`, un-jitted (see jit_step).
 
-    metrics: loss, ce, kd, z_loss (means over the global batch), grad_norm (before clipping),
-    lr (of this update), ce_tokens, kd_tokens.
+    The update applies `loss_and_grad`'s gradients. metrics: loss, ce, kd, z_loss (means over
+    the global batch), grad_norm (before clipping), lr (of this update), ce_tokens, kd_tokens.
     """
-    if spec.method not in METHODS:
-        raise ValueError(f"loss.method={spec.method!r}; choose one of {METHODS}")
-    if spec.method == "full_online" and teacher_graphdef is None:
-        raise ValueError("loss.method='full_online' needs a teacher model")
-    ce_w, kd_w = (1.0, 0.0) if spec.method == "ce" else (spec.alpha, 1.0 - spec.alpha)
-    sums_fn = functools.partial(loss_sums, graphdef=graphdef, teacher_graphdef=teacher_graphdef, spec=spec)
+    check_spec(spec, teacher_graphdef)
+    grad_fn = functools.partial(
+        loss_and_grad,
+        graphdef=graphdef,
+        spec=spec,
+        teacher_graphdef=teacher_graphdef,
+        micro_batches=micro_batches,
+        mesh=mesh,
+    )
 
     def step(state: TrainState, batch: dict, teacher_params=None):
-        t = prepare_targets(batch, spec.method)
-        ce_n = jnp.maximum(jnp.sum(t["ce_where"].astype(jnp.float32)), 1.0)
-        kd_n = jnp.maximum(jnp.sum(t["kd_where"].astype(jnp.float32)), 1.0)
-
-        def objective(params, t_micro):
-            s = sums_fn(params, teacher_params, t_micro)
-            # L = alpha * CE + (1 - alpha) * KD + z * Z, means over the whole global batch.
-            loss = ce_w * s["ce"][0] / ce_n + kd_w * s["kd"][0] / kd_n + spec.z_loss * s["z"][0] / ce_n
-            return loss, s
-
-        grad_fn = jax.value_and_grad(objective, has_aux=True)
-        if micro_batches == 1:
-            (loss, sums), grads = grad_fn(state.params, t)
-        else:
-            t_micro = jax.tree.map(functools.partial(_to_micro, m=micro_batches), t)
-            if mesh is not None:  # keep every micro-batch spread over the batch axes
-                spread = NamedSharding(mesh, PartitionSpec(None, sharding.BATCH_AXES))
-                t_micro = jax.lax.with_sharding_constraint(t_micro, jax.tree.map(lambda _: spread, t_micro))
-            first = jax.tree.map(lambda x: x[0], t_micro)
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_fn, state.params, first))
-
-            def accumulate(acc, tm):
-                return _tree_add(acc, grad_fn(state.params, tm)), None
-
-            ((loss, sums), grads), _ = jax.lax.scan(accumulate, zeros, t_micro)
-
+        loss, aux, grads = grad_fn(state.params, teacher_params, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         out = {
             "loss": loss,
-            "ce": sums["ce"][0] / ce_n,
-            "kd": sums["kd"][0] / kd_n,
-            "z_loss": sums["z"][0] / ce_n,
+            "ce": aux["ce"],
+            "kd": aux["kd"],
+            "z_loss": aux["z_loss"],
             "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state.step),
-            "ce_tokens": ce_n,
-            "kd_tokens": kd_n,
+            "ce_tokens": aux["ce_tokens"],
+            "kd_tokens": aux["kd_tokens"],
         }
         return TrainState(params, opt_state, state.step + 1, state.rng), out
 

@@ -726,13 +726,15 @@ def test_refuses_unknown_config_keys(work, tokens, capsys):
 
 
 def run_inspect(*args: str) -> tuple[int, dict]:
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import inspect_store
-    finally:
-        sys.path.pop(0)
     import contextlib
+    import importlib.util
     import io
+
+    # tools/ is not a package: load the script by path (nothing goes on sys.path)
+    spec = importlib.util.spec_from_file_location("inspect_store", REPO / "tools" / "inspect_store.py")
+    assert spec is not None and spec.loader is not None
+    inspect_store = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(inspect_store)
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from rskd_jax.compare import CompareError, CompareRun, Comparison, loss_and_grad, report, sources
+from rskd_jax.compare import CompareError, CompareRun, Comparison, report, sources
 from rskd_jax.compare.plots import PLOTS
 from rskd_jax.compare.state import StageLog, fingerprint
 from rskd_jax.config import ConfigError, load_config
@@ -191,8 +191,10 @@ def test_loss_and_grad_is_the_train_steps_gradient(method, alpha, z, chunk):
     )
     state = optim.TrainState(params, capture.init(params), jnp.zeros((), jnp.int32), jax.random.PRNGKey(0))
     new_state, m = jax.jit(ts.make_train_step(graphdef, capture, lambda s: 0.0, spec))(state, batch)
-    loss, grads = jax.jit(lambda p, b: loss_and_grad(p, b, graphdef=graphdef, spec=spec))(params, batch)
+    loss, aux, grads = jax.jit(lambda p, b: ts.loss_and_grad(p, None, b, graphdef=graphdef, spec=spec))(params, batch)
     np.testing.assert_allclose(loss, m["loss"], rtol=1e-6)
+    for k in ("ce", "kd", "z_loss", "ce_tokens", "kd_tokens"):
+        np.testing.assert_allclose(aux[k], m[k], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(new_state.opt_state)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 0
@@ -208,7 +210,7 @@ def test_loss_and_grad_matches_a_hand_written_loss():
 
     graphdef, params, batch = _tiny_model_and_batch()
     spec = ts.LossSpec("sparse", vocab_size=64)
-    loss, grads = jax.jit(lambda p: loss_and_grad(p, batch, graphdef=graphdef, spec=spec))(params)
+    loss, _, grads = jax.jit(lambda p: ts.loss_and_grad(p, None, batch, graphdef=graphdef, spec=spec))(params)
 
     def direct(p):
         logits = nnx.merge(graphdef, p)(batch["tokens"])

@@ -11,7 +11,8 @@ with diagnostics into a tmp dir, and times, per repetition, on the same `--steps
             exactly as the cache step does (cache_step.position_chunk positions per row at a
             time), each chunk reduced to a sum so that every logit is computed, none kept;
   step      the cache step (forward + padded-vocab mask + sampling + diagnostics), fetched to
-            the host, nothing written (where the dump's time goes);
+            the host, nothing written (where the dump's time goes): `Cacher.dispatch` (the real
+            token reads, batch assembly and jitted step) then `Cacher.fetch`;
   dump      `Cacher.cache_split`: the step + the background writer into the real store,
             until the last block is durable (what `python -m rskd_jax.cache` does).
 
@@ -65,7 +66,8 @@ def _cpu_s() -> float:
 
 
 def make_forward(cacher):
-    """(state, tokens_BxL) -> scalar: the cache step's forward and chunked LM head, nothing else."""
+    """(state, tokens_BxL) -> scalar: the cache step's forward and chunked LM head, nothing else
+    (the baseline: no micro-batch loop, sampling or diagnostics)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -84,7 +86,7 @@ def make_forward(cacher):
         h_NxBxCxD = jnp.swapaxes(h_BxLxD.reshape(B, L // chunk, chunk, -1), 0, 1)
 
         def body(h_BxCxD):
-            logits_BxCxV = jnp.einsum("bcd,dv->bcv", h_BxCxD, w_DxV, preferred_element_type=jnp.float32)
+            logits_BxCxV = model.logits_from_hidden(h_BxCxD, w_DxV)  # the step's LM head (+ any soft-cap)
             return jnp.sum(cache_step.mask_padded_vocab(logits_BxCxV, vocab))
 
         return jnp.sum(jax.lax.map(body, h_NxBxCxD))
@@ -140,38 +142,25 @@ def main(argv=None) -> None:
     forward, chunk = make_forward(cacher)
     import jax
 
-    from rskd_jax.cache import plan_blocks
-
-    cr = cfg.cache.chunk_rows
     L = cacher.tokens.seq_len
 
     def next_batches():
         """The rows of the next `steps` unfinished batches: what cache_split will do next."""
-        blocks = plan_blocks(cacher.done_mask("train"), cr)[: args.steps * cacher.blocks_per_step]
-        rows = np.concatenate([np.arange(b * cr, (b + 1) * cr) for b in blocks])
-        return rows.reshape(args.steps, args.batch)
-
-    def device_batch(rows_B):
-        return cacher._global(
-            {
-                "tokens": cacher._read_tokens("train", rows_B),
-                "rows": rows_B.astype(np.int32),
-            }
-        )
+        return np.stack(cacher.plan("train", max_steps=args.steps).local_rows)
 
     def run_forward(batches):
         t = time.perf_counter()
         for rows_B in batches:
-            jax.block_until_ready(forward(cacher.state, device_batch(rows_B)["tokens"]))
+            tokens_BxL, _ = cacher.global_batch(cacher.read_tokens("train", rows_B), rows_B)
+            jax.block_until_ready(forward(cacher.state, tokens_BxL))
         return time.perf_counter() - t
 
-    code = cacher._replicated_scalar(0)
+    code = cacher.split_code("train")
 
     def run_step(batches):  # the dump's compute and device->host fetch, no writes
         t = time.perf_counter()
         for rows_B in batches:
-            b = device_batch(rows_B)
-            cacher._local(cacher.step(cacher.state, b["tokens"], b["rows"], code))
+            cacher.fetch(cacher.dispatch("train", rows_B, code)[1])
         return time.perf_counter() - t
 
     def run_dump(batches):

@@ -16,7 +16,6 @@ evaluation, gradcheck, timing, results (the results.json object), plots, report.
 """
 
 from rskd_jax.compare.config import CompareConfig, CompareRun, MethodConfig, PipelineRun, SourceConfig
-from rskd_jax.compare.gradcheck import loss_and_grad
 from rskd_jax.compare.stages import Comparison
 from rskd_jax.compare.state import CompareError
 
@@ -28,5 +27,4 @@ __all__ = [
     "MethodConfig",
     "PipelineRun",
     "SourceConfig",
-    "loss_and_grad",
 ]

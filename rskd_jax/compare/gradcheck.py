@@ -3,9 +3,9 @@
 At fixed params (the CE student's final ones, or the init), the gradient of each method's
 train loss w.r.t. the student parameters on fixed train rows, vs the full-KD gradient
 (teacher online) on the same rows: angle and norm ratio per batch, mean and std over
-reproduce.grad_batches batches. The gradients come from `loss_and_grad`, the train step's
-objective (rskd_jax.train_step's targets, loss composition, chunking and masks) without an
-optimizer.
+reproduce.grad_batches batches. The gradients come from `train_step.loss_and_grad`, the
+function whose gradients the train step applies (its targets, loss composition, chunking and
+masks), without an optimizer.
 """
 
 from __future__ import annotations
@@ -17,32 +17,6 @@ from typing import Any
 import numpy as np
 
 from rskd_jax.compare.runtime import build_teacher, loss_spec, method_rows, setup
-
-
-def loss_and_grad(params, batch: dict, teacher_params=None, *, graphdef, spec, teacher_graphdef=None):
-    """(loss, grads): the train step's loss on one global batch and its parameter gradient.
-
-    L = alpha * CE + (1 - alpha) * KD + z * Zloss (spec.method "ce": L = CE + z * Zloss),
-    each term a mean over the batch's positions, exactly as `train_step.make_train_step`
-    composes it with one micro-batch (tests/test_compare.py checks the two agree). `batch`
-    holds tokens [B, L], optional mask [B, L] and the method's fields (train_step.BATCH_KEYS);
-    `teacher_params` / `teacher_graphdef` only for spec.method "full_online". Un-jitted.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    from rskd_jax import train_step as ts
-
-    t = ts.prepare_targets(batch, spec.method)
-    ce_n = jnp.maximum(jnp.sum(t["ce_where"].astype(jnp.float32)), 1.0)
-    kd_n = jnp.maximum(jnp.sum(t["kd_where"].astype(jnp.float32)), 1.0)
-    ce_w, kd_w = (1.0, 0.0) if spec.method == "ce" else (spec.alpha, 1.0 - spec.alpha)
-
-    def objective(p):
-        s = ts.loss_sums(p, teacher_params, t, graphdef=graphdef, teacher_graphdef=teacher_graphdef, spec=spec)
-        return ce_w * s["ce"][0] / ce_n + kd_w * s["kd"][0] / kd_n + spec.z_loss * s["z"][0] / ce_n
-
-    return jax.value_and_grad(objective)(params)
 
 
 def gradient_check(cmp, runs: dict) -> dict[str, Any]:
@@ -70,7 +44,9 @@ def gradient_check(cmp, runs: dict) -> dict[str, Any]:
     def grad_fn(loss: str):
         spec = loss_spec(cmp, loss, vocab)
         tgd = tg if loss == "full_online" else None
-        return jax.jit(lambda p, b, tp: loss_and_grad(p, b, tp, graphdef=graphdef, spec=spec, teacher_graphdef=tgd)[1])
+        return jax.jit(
+            lambda p, b, tp: ts.loss_and_grad(p, tp, b, graphdef=graphdef, spec=spec, teacher_graphdef=tgd)[2]
+        )
 
     @jax.jit
     def compare(g, ref):
