@@ -27,6 +27,7 @@ from rskd_jax.configlib import load_config as load_config
 from rskd_jax.configlib import opt as opt
 from rskd_jax.configlib import parse_cli as parse_cli
 from rskd_jax.configlib import save_config as save_config
+from rskd_jax.methods import LOSS_METHODS, STORE_METHODS
 
 # ----------------------------------------------------------------------------- program configs
 
@@ -198,7 +199,7 @@ class ModelSpec:
 # ----------------------------------------------------------------------------- cache
 
 
-METHODS = ("sample", "sample_wor", "top_k", "ghost", "full")
+METHODS = STORE_METHODS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +207,7 @@ class OutputConfig:
     """One teacher store written by the cache pass (several share one teacher forward)."""
 
     name: str = opt("rskd_n50", "store name: written to <cache.output>/<name>")
-    method: Literal["sample", "sample_wor", "top_k", "ghost", "full"] = opt(
+    method: Literal[STORE_METHODS] = opt(
         "sample", "sample (with replacement, counts), sample_wor (Gumbel-top-k), top_k, ghost, full"
     )
     num_draws: int = opt(50, "sample: draws N; sample_wor / top_k / ghost: ids kept k")
@@ -312,7 +313,7 @@ class TrainConfig:
 class LossConfig:
     """L = alpha * CE + (1 - alpha) * KD (+ z_loss * (log Z)^2); method picks the KD term."""
 
-    method: Literal["ce", "sparse", "ghost", "full_online", "full_cached"] = opt(
+    method: Literal[LOSS_METHODS] = opt(
         "sparse",
         "ce | sparse (sampled, without-replacement or top-K store) | ghost | "
         "full_online (teacher runs in the step) | full_cached (store of full log-probs)",

@@ -24,26 +24,13 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from rskd_jax.corpus import DataError  # one error type for bad data arguments
+from rskd_jax.methods import BATCH_KEYS, STORE_LOSSES
 from rskd_jax.store.common import StoreError
 
 log = logging.getLogger("rskd_jax.train")
 
-# teacher-store method -> loss methods that can train from it
-STORE_LOSSES = {
-    "sample": ("sparse",),
-    "sample_wor": ("sparse",),
-    "top_k": ("sparse",),
-    "ghost": ("ghost", "sparse"),
-    "full": ("full_cached",),
-}
-# batch fields each loss method reads from the teacher store
-LOSS_FIELDS = {
-    "ce": (),
-    "full_online": (),
-    "sparse": ("ids", "weights"),
-    "ghost": ("ids", "weights", "tail_mass"),
-    "full_cached": ("logprobs",),
-}
+# the tables live in rskd_jax.methods; LOSS_FIELDS is the loss methods' batch fields
+LOSS_FIELDS = BATCH_KEYS
 
 
 class DataMismatch(StoreError):

@@ -34,16 +34,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rskd_jax import losses, metrics, sharding
+from rskd_jax.methods import BATCH_KEYS, LOSS_METHODS
 from rskd_jax.optim import TrainState
 
-METHODS = ("ce", "sparse", "ghost", "full_online", "full_cached")
-BATCH_KEYS = {
-    "ce": (),
-    "sparse": ("ids", "weights"),
-    "ghost": ("ids", "weights", "tail_mass"),
-    "full_cached": ("logprobs",),
-    "full_online": (),
-}
+METHODS = LOSS_METHODS
 
 
 class LossSpec(NamedTuple):

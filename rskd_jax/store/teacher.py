@@ -65,6 +65,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import tensorstore as ts
 
+from rskd_jax.methods import STORE_METHODS
 from rskd_jax.store import common, entries
 from rskd_jax.store.common import StoreError
 from rskd_jax.store.entries import token_hash as token_hash  # re-exported: the store's public hash
@@ -73,7 +74,7 @@ from rskd_jax.store.entries import uint_for as _uint_for
 KIND = "teacher"
 LAYOUT_VERSION = 2  # 2: a crc32c on every chunk, the rank table's too (1: none; read with a warning)
 CHECKED_FROM = 2
-METHODS = ("sample", "sample_wor", "top_k", "ghost", "full")
+METHODS = STORE_METHODS
 DIAGNOSTICS = ("gold_logprob", "entropy")
 PROVENANCE = "provenance"  # manifest section not compared on reopen (see create_teacher_store)
 CREATING = "creating"  # manifest mark while create_teacher_store makes the arrays
