@@ -27,6 +27,7 @@ from rskd_jax.configlib import load_config as load_config
 from rskd_jax.configlib import opt as opt
 from rskd_jax.configlib import parse_cli as parse_cli
 from rskd_jax.configlib import save_config as save_config
+from rskd_jax.corpus import CORPUS_EXTENSIONS, TEXT_EXTENSIONS
 from rskd_jax.methods import LOSS_METHODS, STORE_METHODS
 
 # ----------------------------------------------------------------------------- program configs
@@ -63,22 +64,7 @@ class DataConfig:
         "standard library source of the running interpreter without its test dirs",
     )
     extensions: tuple[str, ...] = opt(
-        (
-            ".py",
-            ".txt",
-            ".md",
-            ".rst",
-            ".txt.gz",
-            ".txt.zst",
-            ".jsonl",
-            ".jsonl.gz",
-            ".jsonl.zst",
-            ".ndjson",
-            ".json.gz",
-            ".json.zst",
-            ".parquet",
-            ".arrow",
-        ),
+        TEXT_EXTENSIONS + CORPUS_EXTENSIONS,
         "file suffixes kept when walking a directory",
     )
     exclude: tuple[str, ...] = opt((), "fnmatch patterns; matching file paths are skipped")

@@ -136,8 +136,8 @@ def run(cfg: EvaluateRun) -> dict[str, Any]:
     from rskd_jax.store.tokens import open_token_store
     from rskd_jax.train_data import (
         check_stores,
+        eval_batch_iterator,
         host_batch,
-        make_batch_iterator,
         split_rows,
         teacher_fields,
         tokenizer_vocab,
@@ -164,16 +164,7 @@ def run(cfg: EvaluateRun) -> dict[str, Any]:
     fn = make_eval_fn(graphdef, vocab_size=vocab, teacher_graphdef=teacher_graphdef, chunk_size=e.chunk_size)
     param_sh = jax.tree.map(lambda a: a.sharding, params)
     eval_fn = jit_eval_fn(fn, param_sh, mesh, teacher_sh)
-    it = make_batch_iterator(
-        rows,
-        global_batch_size=e.batch_size,
-        seed=0,
-        shuffle=False,
-        num_epochs=1,
-        drop_remainder=False,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+    it = eval_batch_iterator(rows, global_batch_size=e.batch_size)
     batches = (host_batch(b, fields) for b in it)
     out = evaluate_batches(eval_fn, params, batches, mesh, teacher_params=teacher_params, max_batches=e.max_batches)
     return {**out, "split": e.split, "teacher": e.teacher, **info}

@@ -174,7 +174,7 @@ def run(cfg: TrainRun) -> dict[str, Any]:
     from rskd_jax.model_spec import build_model
     from rskd_jax.store.teacher import open_teacher_store
     from rskd_jax.store.tokens import open_token_store
-    from rskd_jax.train_data import host_batch, make_batch_iterator, run_rows, tokenizer_vocab
+    from rskd_jax.train_data import eval_batch_iterator, host_batch, make_batch_iterator, run_rows, tokenizer_vocab
 
     t, lc, oc = cfg.train, cfg.loss, cfg.optim
     started = time.perf_counter()
@@ -256,16 +256,7 @@ def run(cfg: TrainRun) -> dict[str, Any]:
     def run_eval(step: int) -> dict[str, float]:
         if rows.val is None:
             return {}
-        val = make_batch_iterator(
-            rows.val,
-            global_batch_size=t.batch_size,
-            seed=0,
-            shuffle=False,
-            num_epochs=1,
-            drop_remainder=False,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
+        val = eval_batch_iterator(rows.val, global_batch_size=t.batch_size)
         out = evaluate.evaluate_batches(
             eval_fn,
             state.params,

@@ -284,3 +284,20 @@ def make_batch_iterator(
 
 def steps_per_epoch(num_rows: int, global_batch_size: int, drop_remainder: bool = True) -> int:
     return num_rows // global_batch_size if drop_remainder else -(-num_rows // global_batch_size)
+
+
+def eval_batch_iterator(source: Rows, *, global_batch_size: int):
+    """One ordered pass over `source` (no shuffle, last batch kept) for this process: the
+    evaluation pass the train and evaluate programs share."""
+    import jax
+
+    return make_batch_iterator(
+        source,
+        global_batch_size=global_batch_size,
+        seed=0,
+        shuffle=False,
+        num_epochs=1,
+        drop_remainder=False,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
