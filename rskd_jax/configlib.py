@@ -22,6 +22,7 @@ help comes from `field(metadata={"help": ...})` (see `opt`) and is printed by `-
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import sys
@@ -223,6 +224,19 @@ def load_config(cls: type[T], path: str | None = None, overrides: Sequence[str] 
         if path is None or path in str(err):
             raise
         raise ConfigError(f"{err} ({where.strip()})") from None
+
+
+def load_config_dict(cls: type[T], raw: dict[str, Any], overrides: Sequence[str] = ()) -> T:
+    """`load_config` from a nested dict instead of a file: overrides applied in order, validated.
+
+    >>> from rskd_jax.config import OptimConfig
+    >>> load_config_dict(OptimConfig, {"b2": 0.99}, ["clip_norm=0"]).clip_norm
+    0.0
+    """
+    raw = copy.deepcopy(raw)
+    for override in overrides:
+        _set_dotted(cls, raw, override)
+    return _build(cls, raw)
 
 
 def config_to_dict(cfg: Any) -> Any:

@@ -4,6 +4,7 @@ the tiny random teacher, five students): results.json fields, plots, the per-sou
 splits, resume (a second invocation does no work and writes the same bytes), the README
 section between the markers of a README copy."""
 
+import glob
 import json
 import os
 import subprocess
@@ -98,6 +99,30 @@ def test_stage_configs_are_wired_under_the_output(tmp_path):
     assert cmp.command() == "python -m rskd_jax.compare --config x.yaml"
 
 
+def test_method_overrides_change_only_that_student(tmp_path):
+    methods = (
+        "reproduce.methods=[{name: ce, loss: ce}, {name: a, loss: sparse, store: rskd_n50},"
+        " {name: b, loss: sparse, store: rskd_n50, set: ['optim.clip_norm=0', 'train.batch_size=16']}]"
+    )
+    cfg = load_config(CompareRun, TINY, [f"reproduce.output={tmp_path}/run", "reproduce.epochs=2.0", methods])
+    cmp = Comparison(cfg)
+    cmp.log.stages["data"] = {"result": {"mix": {"rows": {"train": 40}}}}  # what the data stage records
+    runs = cmp.train_runs()
+    assert runs["a"].optim == cfg.optim and runs["a"].train.batch_size == cfg.train.batch_size
+    assert runs["b"].optim.clip_norm == 0.0 and runs["b"].optim.b2 == cfg.optim.b2
+    assert runs["b"].train.batch_size == 16 and runs["b"].train.steps == 2 * 40 // 16
+    assert runs["a"].train.steps == 2 * 40 // cfg.train.batch_size
+    assert runs["b"].train.teacher_store == runs["a"].train.teacher_store
+    for bad, match in [
+        ("loss.method=ce", "other than"),
+        ("student.seed=3", "train, loss or optim"),
+        ("optim.clipnorm=0", "unknown key 'optim.clipnorm'"),
+        ("optim.clip_norm=-1", "clip_norm >= 0"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            load_config(CompareRun, TINY, [f"reproduce.methods=[{{name: ce, loss: ce, set: ['{bad}']}}]"])
+
+
 def test_configs():
     real = load_config(CompareRun, os.path.join(ROOT, "configs/reproduce.yaml"))
     names = [m.name for m in real.reproduce.methods]
@@ -129,6 +154,9 @@ def test_configs():
         load_config(CompareRun, TINY, ["reproduce.methods=[{name: a, loss: ce}]"])
     stdlib_only = load_config(CompareRun, os.path.join(ROOT, "configs/reproduce.yaml"), ["reproduce.docs=false"])
     assert [s.name for s in sources.active_sources(stdlib_only.reproduce)] == ["stdlib"]
+    for path in sorted(glob.glob(os.path.join(ROOT, "configs/diagnosis/*.yaml"))):  # issue 15's runs load
+        diag = load_config(CompareRun, path)
+        assert diag.reproduce.readme is None and diag.reproduce.results_dir.startswith("docs/results/diagnosis/")
     demo = load_config(CompareRun, os.path.join(ROOT, "configs/demo.yaml"))  # `make demo`
     assert [m.name for m in demo.reproduce.methods] == ["ce", "rskd_n50"] and demo.teacher.source == "smollm2"
     assert demo.reproduce.readme is None and not demo.reproduce.output.startswith("docs")

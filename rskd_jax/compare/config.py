@@ -22,10 +22,14 @@ from rskd_jax.config import (
     ModelSpec,
     OptimConfig,
     TrainConfig,
+    TrainRun,
     opt,
 )
+from rskd_jax.configlib import load_config_dict
 
 STAGES = ("data", "cache", "train", "eval", "grad", "timing", "report")
+# a student's keys that the comparison sets itself (MethodConfig.set may not change them)
+METHOD_FIXED = frozenset({"train.tokens", "train.teacher_store", "train.output", "loss.method"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +67,20 @@ class MethodConfig:
     name: str = opt("ce", "method name (run dir train/<name>, results row)")
     loss: Literal["ce", "sparse", "ghost", "full_online"] = opt("ce", "loss.method of its train run")
     store: str | None = opt(None, "cache output it trains from (sparse, ghost)")
+    set: tuple[str, ...] = opt(
+        (),
+        "overrides of this student's train/loss/optim sections, e.g. ['optim.clip_norm=0', "
+        "'train.batch_size=32', 'train.grad_accum=4'] (steps follow reproduce.epochs and the batch)",
+    )
 
     def __post_init__(self):
+        for override in self.set:
+            key = override.partition("=")[0].strip()
+            if key.split(".")[0] not in ("train", "loss", "optim") or key in METHOD_FIXED:
+                raise ConfigError(
+                    f"method {self.name!r}: set {override!r} must change a train, loss or optim key other than "
+                    f"{', '.join(sorted(METHOD_FIXED))} (those are the comparison's)"
+                )
         if (self.loss in ("sparse", "ghost")) != (self.store is not None):
             raise ConfigError(
                 f"method {self.name!r}: loss {self.loss!r} {'needs' if self.store is None else 'takes no'} a store"
@@ -119,6 +135,11 @@ class CompareRun(PipelineRun):
     def __post_init__(self):
         stores = {o.name for o in self.cache.outputs}
         for m in self.reproduce.methods:
+            if m.set:  # keys and values checked now, not when its stage starts
+                try:
+                    load_config_dict(TrainRun, {}, m.set)
+                except ConfigError as err:
+                    raise ConfigError(f"method {m.name!r}: {err}") from None
             if m.store is not None and m.store not in stores:
                 raise ConfigError(
                     f"method {m.name!r} trains from store {m.store!r}, which is not in cache.outputs ({sorted(stores)})"

@@ -26,6 +26,7 @@ from rskd_jax.compare import evaluation, gradcheck, report, results, sources, ti
 from rskd_jax.compare.config import CompareRun
 from rskd_jax.compare.state import StageLog, fingerprint, hardware
 from rskd_jax.config import CacheRun, DataRun, TrainRun, config_to_dict
+from rskd_jax.configlib import load_config_dict
 
 
 class Comparison:
@@ -62,27 +63,26 @@ class Comparison:
             mesh=self.cfg.mesh,
         )
 
-    def train_steps(self) -> int:
+    def train_steps(self, batch_size: int | None = None) -> int:
         c = self.cfg
         if c.reproduce.epochs is None:
             return c.train.steps
         rows = self.log.result("data")["mix"]["rows"]["train"]
-        return max(1, int(c.reproduce.epochs * rows // c.train.batch_size))
+        return max(1, int(c.reproduce.epochs * rows // (batch_size or c.train.batch_size)))
 
     def store_url(self, store: str | None) -> str | None:
         return None if store is None else f"{self.teacher_dir}/{store}"
 
     def train_runs(self) -> dict[str, TrainRun]:
-        c, steps = self.cfg, self.train_steps()
+        c = self.cfg
         runs = {}
         for m in c.reproduce.methods:
-            runs[m.name] = TrainRun(
+            tcfg = TrainRun(
                 train=dataclasses.replace(
                     c.train,
                     tokens=self.mix,
                     teacher_store=self.store_url(m.store),
                     output=f"{self.out}/train/{m.name}",
-                    steps=steps,
                 ),
                 loss=dataclasses.replace(c.loss, method=m.loss, alpha=1.0 if m.loss == "ce" else c.loss.alpha),
                 optim=c.optim,
@@ -90,6 +90,13 @@ class Comparison:
                 teacher=c.teacher,
                 mesh=c.mesh,
             )
+            if m.set:  # the method's own overrides, applied to the resolved sections
+                tcfg = load_config_dict(TrainRun, config_to_dict(tcfg), m.set)
+            if not any(o.partition("=")[0].strip() == "train.steps" for o in m.set):
+                tcfg = dataclasses.replace(
+                    tcfg, train=dataclasses.replace(tcfg.train, steps=self.train_steps(tcfg.train.batch_size))
+                )
+            runs[m.name] = tcfg
         return runs
 
     # ---- the program stages
