@@ -355,3 +355,22 @@ def test_plots_and_readme(tiny):
     section = text[i:j]
     assert "| method |" in section and all(f"`{m}`" in section for m in METHODS)
     assert "results/val_loss.png" in section and "python -m rskd_jax.compare --config" in section
+
+
+def test_reference_full_row_only_from_an_identical_run(tmp_path):
+    from rskd_jax.compare.results import reference_full_row
+
+    full = {"method": "full_kd", "loss": "full_online", "val_loss": 5.0, "val_loss_by_source": {"a": 4.9, "b": 5.1}}
+    ce = {"method": "ce", "loss": "ce", "val_loss": 6.0, "val_loss_by_source": {"a": 6.1, "b": 5.9}}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"methods": [ce, full]}))
+    here = {"all": 6.0, "val_a": 6.1, "val_b": 5.9}
+    row = reference_full_row(str(path), here, ["a", "b"])
+    assert row["val_loss"] == 5.0 and row["reference"] == str(path)
+    with pytest.raises(CompareError, match=r"val_b: 5\.900100 here vs 5\.9"):
+        reference_full_row(str(path), {**here, "val_b": 5.9001}, ["a", "b"])
+    path.write_text(json.dumps({"methods": [ce]}))
+    with pytest.raises(CompareError, match="no full_online row"):
+        reference_full_row(str(path), here, ["a", "b"])
+    with pytest.raises(CompareError, match="not a results.json"):
+        reference_full_row(str(tmp_path / "missing.json"), here, ["a", "b"])

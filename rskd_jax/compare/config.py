@@ -97,6 +97,11 @@ class CompareConfig:
     sources: tuple[SourceConfig, ...] = opt((SourceConfig(),), "text sources")
     methods: tuple[MethodConfig, ...] = opt((MethodConfig(),), "students")
     epochs: float | None = opt(1.0, "train steps = epochs * train rows / train.batch_size (null: train.steps)")
+    reference: str | None = opt(
+        None,
+        "results.json of an earlier run of the same data, student and eval whose full-KD row gives the gap's "
+        "end when no method here is full_online (its ce val losses must equal this run's)",
+    )
     eval_batch_size: int = opt(8, "rows per eval batch (teacher online)")
     eval_max_rows: int | None = opt(None, "val rows per source evaluated (null: all)")
     grad_at: Literal["ce_final", "init"] = opt("ce_final", "params of the gradient check")

@@ -4,13 +4,14 @@ val_loss.png      val loss during training (each run's metrics.jsonl eval record
 reliability.png   reliability diagrams (accuracy and mean confidence per confidence bin)
 unique_ids.png    mean unique ids per position vs draws N (our stores, the paper's points)
 ids_tradeoff.png  ECE and % of the CE -> full-KD gap closed vs ids stored per position
+gap_tokens.png    % of the CE -> full-KD gap closed vs training tokens (train-time eval records)
 """
 
 from __future__ import annotations
 
 from rskd_jax.compare.results import read_metrics
 
-PLOTS = ("val_loss.png", "reliability.png", "unique_ids.png", "ids_tradeoff.png")
+PLOTS = ("val_loss.png", "reliability.png", "unique_ids.png", "ids_tradeoff.png", "gap_tokens.png")
 STYLE = {
     "ce": ("k", "o"),
     "full": ("tab:green", "s"),
@@ -32,19 +33,36 @@ def _plt():
     return plt
 
 
+def _curves(results, runs) -> dict[str, tuple[list[float], list[float]]]:
+    """method -> (training tokens, train-time val loss), for the methods trained here."""
+    seq_len = results["setup"]["seq_len"]
+    out = {}
+    for row in results["methods"]:
+        run = runs.get(row["method"])
+        if run is None:  # a row taken from reproduce.reference
+            continue
+        recs = read_metrics(run.train.output, eval_records=True)
+        if recs:
+            out[row["method"]] = (
+                [x["step"] * run.train.batch_size * seq_len for x in recs],
+                [x["val_loss"] for x in recs],
+            )
+    return out
+
+
 def plot_val_loss(results, runs, path: str) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    tokens_per_step = results["setup"]["batch_size"] * results["setup"]["seq_len"]
+    curves = _curves(results, runs)
     for i, row in enumerate(results["methods"]):
-        recs = read_metrics(runs[row["method"]].train.output, eval_records=True)
-        if not recs:
+        if row["method"] not in curves:
             continue
+        tokens, losses = curves[row["method"]]
         color, marker = STYLE.get(row["family"], ("gray", "."))
         ls = ["-", "--", ":", "-."][i % 4]
         ax.plot(
-            [x["step"] * tokens_per_step / 1e6 for x in recs],
-            [x["val_loss"] for x in recs],
+            [t / 1e6 for t in tokens],
+            losses,
             color=color,
             marker=marker,
             markersize=3,
@@ -158,8 +176,54 @@ def plot_tradeoff(results, path: str) -> None:
     plt.close(fig)
 
 
+def gap_curves(results, runs) -> dict[str, tuple[list[float], list[float]]]:
+    """method -> (training tokens, % of the CE -> full-KD gap closed) along training: each train-time
+    eval against the CE and full-KD students' losses at the same tokens (linear interpolation),
+    where both were trained here."""
+    import numpy as np
+
+    curves = _curves(results, runs)
+    full = next((r["method"] for r in results["methods"] if r["loss"] == "full_online"), None)
+    if "ce" not in curves or full not in curves:
+        return {}
+    out = {}
+    for name, (tokens, losses) in curves.items():
+        ce = np.interp(tokens, *curves["ce"])
+        fk = np.interp(tokens, *curves[full])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            gap = np.where(np.abs(ce - fk) > 1e-9, 100.0 * (ce - np.asarray(losses)) / (ce - fk), np.nan)
+        out[name] = (list(tokens), [float(g) for g in gap])
+    return out
+
+
+def plot_gap_tokens(results, runs, path: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    families = {r["method"]: r["family"] for r in results["methods"]}
+    for i, (name, (tokens, gap)) in enumerate(gap_curves(results, runs).items()):
+        color, marker = STYLE.get(families[name], ("gray", "."))
+        ax.plot(
+            [t / 1e6 for t in tokens],
+            gap,
+            color=color,
+            marker=marker,
+            markersize=3,
+            linestyle=["-", "--", ":", "-."][i % 4],
+            label=name,
+        )
+    ax.set_xlabel("training tokens (M)")
+    ax.set_ylabel("% of CE -> full-KD gap closed (train-time eval)")
+    ax.set_ylim(-50, 150)
+    ax.set_title("Gap closed along training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_plots(results: dict, runs: dict, reliability, results_dir: str) -> list[str]:
-    """All four plots into results_dir; their paths."""
+    """Every plot of PLOTS into results_dir; their paths."""
     import os
 
     paths = [os.path.join(results_dir, p) for p in PLOTS]
@@ -167,4 +231,5 @@ def write_plots(results: dict, runs: dict, reliability, results_dir: str) -> lis
     plot_reliability(results, reliability, paths[1])
     plot_unique_ids(results, paths[2])
     plot_tradeoff(results, paths[3])
+    plot_gap_tokens(results, runs, paths[4])
     return paths

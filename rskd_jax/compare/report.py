@@ -46,17 +46,22 @@ def render_section(results: dict, readme_dir: str, results_dir: str) -> str:
     rel = os.path.relpath(results_dir, readme_dir or ".").replace(os.sep, "/")
     srcs = list(results["teacher"]["val_loss_by_source"])
     head = (
-        ["method", "targets", "ids/pos", "B/token", "val loss"]
+        ["method", "targets", "unbiased", "ids/pos", "B/token", "val loss"]
         + [f"val {s}" for s in srcs]
-        + ["gap closed %", "ECE %", "KL to teacher", "top-1 agr. %", "step / CE", "grad angle °", "grad norm ratio"]
+        + ["gap closed %"]
+        + ([f"gap {s} %" for s in srcs] if len(srcs) > 1 else [])
+        + ["ECE %", "KL to teacher", "top-1 agr. %", "step / CE", "grad angle °", "grad norm ratio"]
     )
     lines = [f"### {results['title']}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results["methods"]:
         bpt = "online" if r["loss"] == "full_online" else _f(r["bytes_per_token"], ".1f")
-        cells = [f"`{r['method']}`", r["targets"], _f(r["stored_ids"], ".1f"), bpt, _f(r["val_loss"], ".4f")]
+        name = f"`{r['method']}`" + (" (ref.)" if r.get("reference") else "")
+        flag = {True: "yes", False: "no"}.get(r.get("unbiased"), "-")
+        cells = [name, r["targets"], flag, _f(r["stored_ids"], ".1f"), bpt, _f(r["val_loss"], ".4f")]
         cells += [_f(r["val_loss_by_source"][s], ".4f") for s in srcs]
+        cells += [_f(r["gap_closed_pct"], ".0f")]
+        cells += [_f(r["gap_closed_pct_by_source"][s], ".0f") for s in srcs] if len(srcs) > 1 else []
         cells += [
-            _f(r["gap_closed_pct"], ".0f"),
             _f(r["ece"], ".2f", 100),
             _f(r["kl_to_teacher"], ".4f"),
             _f(r["top1_agreement"], ".1f", 100),
@@ -83,11 +88,21 @@ def render_section(results: dict, readme_dir: str, results_dir: str) -> str:
         f"- **step / CE**: {n['step_time']}"
         + ("; * from the runs' own median tokens/s (not interleaved)." if starred else "."),
         f"- **grad angle / norm ratio**: {n['gradient_check']}.",
+        f"- **unbiased**: {n['unbiased']}.",
+    ]
+    lines += [
+        f"- **(ref.)**: the row of `{r['reference']}`, an earlier run whose CE student evaluated to the same val "
+        "losses (same data, student, init, order and eval): the gap's full-KD end, not retrained here."
+        for r in results["methods"]
+        if r.get("reference")
+    ]
+    lines += [
         "",
         f"![val loss]({rel}/val_loss.png)",
         f"![reliability]({rel}/reliability.png)",
         f"![unique ids vs N]({rel}/unique_ids.png)",
         f"![ECE and gap closed vs stored ids]({rel}/ids_tradeoff.png)",
+        f"![gap closed vs training tokens]({rel}/gap_tokens.png)",
         "",
         f"Reproduce (resumable; every number above is in [`{rel}/results.json`]({rel}/results.json)):",
         "",

@@ -45,6 +45,19 @@ def describe(cmp, m) -> tuple[str, str]:
     return o.method, f"{o.method} K={o.num_draws}"
 
 
+# store methods whose stored weights are unbiased for the teacher's distribution (E[w_i] = t_i)
+UNBIASED_STORES = frozenset({"sample", "systematic", "head_tail"})
+
+
+def unbiased(cmp, m) -> bool:
+    """Whether the method's KD targets equal the teacher's distribution in expectation (CE: no
+    teacher targets; full KD: exactly; sample_wor only with its unnormalised weights)."""
+    if m.loss in ("ce", "full_online"):
+        return m.loss == "full_online"
+    o = _output(cmp, m.store)
+    return o.method in UNBIASED_STORES or (o.method == "sample_wor" and not o.normalize)
+
+
 def read_metrics(run_dir: str, *, eval_records: bool) -> list[dict]:
     """A run's metrics.jsonl records: the eval ones, or the train-step ones."""
     path = os.path.join(run_dir, "metrics.jsonl")
@@ -65,6 +78,38 @@ def gap_closed(ce: float, full: float | None, v: float) -> float | None:
     return 100.0 * (ce - v) / (ce - full)
 
 
+# |CE val loss here - in the reference run| above which the reference's full-KD row is refused
+REFERENCE_TOLERANCE = 1e-6
+
+
+def reference_full_row(path: str, ce_val: dict[str, float], srcs: list[str]) -> dict[str, Any]:
+    """The full-KD row of an earlier results.json (`reproduce.reference`), provided its CE student
+    evaluated to the same val losses as this run's (same data, student, init, order and eval)."""
+    from rskd_jax.compare.state import CompareError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        rows = {row["method"]: row for row in old["methods"]}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CompareError(f"reproduce.reference {path}: not a results.json ({err})") from None
+    full = next((row for row in rows.values() if row.get("loss") == "full_online"), None)
+    if full is None or "ce" not in rows:
+        raise CompareError(f"reproduce.reference {path} has no full_online row or no ce row")
+    theirs = {"all": rows["ce"]["val_loss"], **{f"val_{s}": rows["ce"]["val_loss_by_source"].get(s) for s in srcs}}
+    off = {
+        k: (ce_val[k], theirs[k])
+        for k in ce_val
+        if theirs[k] is None or abs(ce_val[k] - theirs[k]) > REFERENCE_TOLERANCE
+    }
+    if off:
+        raise CompareError(
+            f"reproduce.reference {path} is another setting: its ce student's val loss differs from this run's "
+            f"({', '.join(f'{k}: {a:.6f} here vs {b}' for k, (a, b) in off.items())}); train the full-KD student here"
+        )
+    return {**full, "unbiased": True, "reference": path}
+
+
 def build_results(cmp, runs: dict) -> dict[str, Any]:
     """The results.json object, from the stages' records in state.json."""
     c, r = cmp.cfg, cmp.cfg.reproduce
@@ -76,7 +121,11 @@ def build_results(cmp, runs: dict) -> dict[str, Any]:
     full_name = next((m.name for m in r.methods if m.loss == "full_online"), None)
     ref = {k: ev["students"]["ce"][k]["val_loss"] for k in keys}
     ref_full = {k: ev["students"][full_name][k]["val_loss"] if full_name else None for k in keys}
-    rows = []
+    borrowed = None
+    if full_name is None and r.reference:  # the full-KD student of an earlier, identical run
+        borrowed = reference_full_row(r.reference, ref, srcs)
+        ref_full = {"all": borrowed["val_loss"], **{f"val_{s}": borrowed["val_loss_by_source"][s] for s in srcs}}
+    rows = [borrowed] if borrowed else []
     for m in r.methods:
         e, family_desc = ev["students"][m.name], describe(cmp, m)
         store = cache["stores"].get(m.store) if m.store else None
@@ -98,6 +147,7 @@ def build_results(cmp, runs: dict) -> dict[str, Any]:
                 "stored_ids": store["mean_unique_ids"] if store else None,
                 "bytes_per_token": store["bytes_per_token"] if store else (0.0 if m.loss == "ce" else None),
                 "target_bytes_per_token": sum(by_array.get(a) or 0.0 for a in TARGET_ARRAYS) if store else None,
+                "unbiased": unbiased(cmp, m),
                 "val_loss": e["all"]["val_loss"],
                 "val_loss_by_source": by_src("val_loss"),
                 "gap_closed_pct": gap_closed(ref["all"], ref_full["all"], e["all"]["val_loss"]),
@@ -172,6 +222,8 @@ def build_results(cmp, runs: dict) -> dict[str, Any]:
             "gradient_check": grad["note"],
             "step_time": timing["source"],
             "gap_closed": "100 (L_CE - L) / (L_CE - L_fullKD), val loss of the same split",
+            "unbiased": "whether the stored targets equal the teacher's distribution in expectation "
+            "(E[w_i] = t_i for every id: RS-KD, systematic, head + tail, unnormalised w/o replacement)",
             "ece": "15 equal-width bins of top-1 confidence",
             "val_loss": "mean -log p(next token) "
             "over every position of the evaluated val rows; 'all' pools the sources",
