@@ -411,7 +411,7 @@ def _count_weights(logits_PxV, ids_PxN, counts_PxN, log_zq_P, num_draws, tempera
     return jnp.where(counts_PxN > 0, frac_PxN * jnp.exp(safe_PxN), 0.0)
 
 
-def _head_tail_one(key, l_V, head, num_draws, temperature, tail_factor):
+def _head_tail_one(key, l_V, head, num_draws, temperature):
     """Head + sampled tail for one position: ids [h + N], weights [h + N]."""
     log_z = jax.nn.logsumexp(l_V)
     top_H, head_H = _top_k(l_V, head)
@@ -427,14 +427,13 @@ def _head_tail_one(key, l_V, head, num_draws, temperature, tail_factor):
     w_N = _count_weights(
         tail_V[None], uniq_N[None], counts_N[None], log_zq[None], num_draws, temperature, log_ztail[None]
     )[0]
-    m = jnp.where(has_tail, jnp.exp(log_ztail - log_z), 0.0)
-    w_N = w_N * (m * tail_factor)
+    w_N = jnp.where(has_tail, w_N * jnp.exp(log_ztail - log_z), 0.0)  # * m
     valid_H = w_head_H > 0
     ids = jnp.concatenate([jnp.where(valid_H, head_H, 0), jnp.where(w_N > 0, uniq_N, 0)])
     return ids.astype(jnp.int32), jnp.concatenate([jnp.where(valid_H, w_head_H, 0.0), w_N])
 
 
-@functools.partial(jax.jit, static_argnames=("head", "num_draws", "temperature", "tail_factor"))
+@functools.partial(jax.jit, static_argnames=("head", "num_draws", "temperature"))
 def head_tail_targets(
     key: jax.Array,
     teacher_logits: jax.Array,
@@ -442,7 +441,6 @@ def head_tail_targets(
     num_draws: int,
     *,
     temperature: float = 1.0,
-    tail_factor: float = 1.0,
 ) -> SparseTargets:
     """Head + sampled tail: SparseTargets(ids, weights) [..., h + N], h = head.
 
@@ -453,8 +451,6 @@ def head_tail_targets(
     tail mass (= (c_j / N) m at temperature 1). Unbiased: E[w_j] = t_j for every id, exact on
     the head. If every finite id is in the head (m = 0) the tail slots are empty. Empty slots:
     id 0, weight 0. O(V + N R log_R V) per position (top_k, two logsumexps, `_draw_one`).
-    `tail_factor` scales the tail weights: 1 is the estimator; anything else is biased (for
-    the tests' power check only).
 
     >>> ht = head_tail_targets(jax.random.key(0), jnp.log(jnp.array([0.5, 0.3, 0.2])), 1, 4)
     >>> ht.ids[0].item(), ht.weights[0].item(), round(float(ht.weights.sum()), 6)
@@ -464,8 +460,8 @@ def head_tail_targets(
     logits_PxV, lead = _flatten(teacher_logits)
     _check_k(head, logits_PxV.shape[-1])
     keys_P = _position_keys(key, logits_PxV.shape[0])
-    ids_PxK, w_PxK = jax.vmap(_head_tail_one, in_axes=(0, 0, None, None, None, None))(
-        keys_P, logits_PxV, head, num_draws, temperature, tail_factor
+    ids_PxK, w_PxK = jax.vmap(_head_tail_one, in_axes=(0, 0, None, None, None))(
+        keys_P, logits_PxV, head, num_draws, temperature
     )
     shape = (*lead, head + num_draws)
     return SparseTargets(ids_PxK.reshape(shape), w_PxK.reshape(shape))

@@ -254,6 +254,13 @@ def test_store_identical_for_8_devices_and_batch_16(ref, work, tokens, teacher):
     assert read_json(str(out / "rskd_n50"))["device_batch"] == 2
 
 
+# the tiny config's two stores and the variance-reduced methods
+INVARIANCE_OUTPUTS = (
+    "cache.outputs=[{name: rskd_n50, method: sample, num_draws: 50}, {name: top_k_12, method: top_k, num_draws: 12},"
+    " {name: sys16, method: systematic, num_draws: 16}, {name: ht4_n12, method: head_tail, head: 4, num_draws: 12}]"
+)
+
+
 def test_store_identical_for_batch_2_8_16_and_1_or_8_devices(work, teacher):
     """At one device_batch (2), batch 2, 8 and 16 on one device and batch 16 over 8 devices
     (2 rows each) write the same bytes. The settings can break it: at L = 128 the teacher's
@@ -281,6 +288,7 @@ def test_store_identical_for_batch_2_8_16_and_1_or_8_devices(work, teacher):
                 "cache.splits=[train]",
                 f"mesh.data={dev}",
                 f"cache.device_batch={db}",
+                INVARIANCE_OUTPUTS,
                 teacher=teacher,
             ),
             progress=False,
@@ -476,6 +484,10 @@ cache:
   outputs:
     - {name: s50, method: sample, num_draws: 50}
     - {name: s50_t08, method: sample, num_draws: 50, temperature: 0.8}
+    - {name: sys16, method: systematic, num_draws: 16}
+    - {name: sys16_t08, method: systematic, num_draws: 16, temperature: 0.8}
+    - {name: ht4_n12, method: head_tail, head: 4, num_draws: 12}
+    - {name: ht4_n12_t12, method: head_tail, head: 4, num_draws: 12, temperature: 1.2}
     - {name: wor16, method: sample_wor, num_draws: 16}
     - {name: wor16_norm, method: sample_wor, num_draws: 16, normalize: true, temperature: 1.25}
     - {name: top12, method: top_k, num_draws: 12}
@@ -523,6 +535,10 @@ def test_every_method_in_one_pass_matches_direct_sampling(work, tokens, teacher)
         return {
             "s50": per_pos(lambda k, lg: sampling.sample_counts(k, lg, 50)),
             "s50_t08": per_pos(lambda k, lg: sampling.sample_counts(k, lg, 50, temperature=0.8)),
+            "sys16": per_pos(lambda k, lg: sampling.systematic_counts(k, lg, 16)),
+            "sys16_t08": per_pos(lambda k, lg: sampling.systematic_counts(k, lg, 16, temperature=0.8)),
+            "ht4_n12": per_pos(lambda k, lg: sampling.head_tail_targets(k, lg, 4, 12)),
+            "ht4_n12_t12": per_pos(lambda k, lg: sampling.head_tail_targets(k, lg, 4, 12, temperature=1.2)),
             "wor16": wor(),
             "wor16_norm": wor(normalize=True, temperature=1.25),
             "top12": sampling.top_k_targets(logits_BxLxV, 12),
@@ -544,7 +560,16 @@ def test_every_method_in_one_pass_matches_direct_sampling(work, tokens, teacher)
     np.testing.assert_array_equal(canon(g["ids"], g["weights"])[0], canon(sc.ids, sc.weights)[0])
     np.testing.assert_array_equal(canon(g["ids"], g["weights"])[1], canon(sc.ids, sc.weights)[1])
 
-    for name in ("wor16", "wor16_norm"):
+    for name in ("sys16", "sys16_t08"):  # stored like `sample`: ids + exact counts (+ t/q weights)
+        sc, g = ref[name], got[name]
+        assert g["ids"].shape == (3, L, 16) and (g["counts"].sum(-1) == 16).all()
+        np.testing.assert_array_equal(canon(g["ids"], g["counts"])[1], canon(sc.ids, sc.counts)[1])
+        np.testing.assert_array_equal(canon(g["ids"], g["weights"])[0], canon(sc.ids, sc.weights)[0])
+        np.testing.assert_array_equal(canon(g["ids"], g["weights"])[1], canon(sc.ids, sc.weights)[1])
+    np.testing.assert_array_equal(got["sys16"]["weights"], got["sys16"]["counts"].astype(np.float32) / np.float32(16))
+    assert "counts" not in got["ht4_n12"] and got["ht4_n12"]["ids"].shape == (3, L, 16)  # K = h + N
+    np.testing.assert_allclose(got["ht4_n12"]["weights"].sum(-1), 1.0, rtol=1e-5)
+    for name in ("ht4_n12", "ht4_n12_t12", "wor16", "wor16_norm"):
         st, g = ref[name], got[name]
         for a, b in zip(canon(g["ids"], g["weights"]), canon(st.ids, st.weights)):
             np.testing.assert_array_equal(a, b)
