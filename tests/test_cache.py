@@ -584,6 +584,24 @@ def test_every_method_in_one_pass_matches_direct_sampling(work, tokens, teacher)
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(g["tail_mass"], gt.tail_mass)
 
+    # the `sparse` loss trains from the new stores: its rows carry ids and weights, the loss of a
+    # random student on them estimates the full cross-entropy without bias: the mean over positions of the
+    # (independent, zero-mean) differences within 4 standard errors
+    from rskd_jax import train_data
+    from rskd_jax.losses import sparse_kd_loss
+
+    student_BxLxV = jax.random.normal(jax.random.key(5), logits_BxLxV.shape)
+    full_ce = -(jax.nn.softmax(logits_BxLxV) * jax.nn.log_softmax(student_BxLxV)).sum(-1)  # sum_j t_j log p_j
+    for name in ("sys16", "sys16_t08", "ht4_n12", "ht4_n12_t12"):
+        store = open_teacher_store(str(out / name))
+        rr = train_data.run_rows(tok, store, method="sparse", student_vocab=vocab)
+        batch = rr.train.read(rows)
+        assert rr.fields == ("ids", "weights") and ((batch["ids"] >= 0) & (batch["ids"] < vocab)).all()
+        np.testing.assert_array_equal(batch["weights"], got[name]["weights"])
+        sparse = sparse_kd_loss(student_BxLxV, jnp.asarray(batch["ids"]), jnp.asarray(batch["weights"]))
+        diff = np.asarray(sparse - full_ce, np.float64).ravel()
+        assert np.isfinite(diff).all() and abs(diff.mean()) <= 4 * diff.std(ddof=1) / np.sqrt(diff.size) + 1e-6
+
     # numpy references in float64: full log-probs, diagnostics (stored as float16)
     x = np.asarray(logits_BxLxV, np.float64)
     logp = x - x.max(-1, keepdims=True)
