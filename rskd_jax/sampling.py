@@ -13,6 +13,10 @@ LLMs", ACL 2025, arXiv:2503.16870), for one position with teacher t = softmax(lo
 - without replacement: Gumbel-top-k keeps k ids from q; w_i = t_i / pi_i with
   pi_i = 1 - exp(-exp(log q_i - kappa)), kappa the (k+1)-th largest perturbed log q
   (Kool et al. 2019), so E[sum_{i kept} w_i f(i)] = sum_i t_i f(i) exactly.
+- systematic (ours, variance-reduced): the N points (u + j) / N of q's CDF with one uniform u;
+  counts floor or ceil of N q_i, weights as with replacement, E[w_i] = t_i exactly.
+- head + sampled tail (ours): the top-h t_i exactly, plus N i.i.d. draws from the tail
+  (renormalised, optionally tempered) weighted by the tail mass m: E[w_i] = t_i exactly.
 - `normalize=True` divides the weights by their sum (self-normalised importance sampling):
   lower variance, consistent, but BIASED for finite N / k.
 - top-K and ghost-token targets are deterministic and biased (the paper's baselines).
