@@ -100,6 +100,15 @@ def output_targets(
         if out.temperature != 1.0:  # importance weights t/q are no longer bare counts
             res["weights"] = sc.weights
         return res
+    if out.method == "systematic":
+        sc = per_position(lambda k, lg: sampling.systematic_counts(k, lg, n, temperature=out.temperature))
+        res = {"ids": sc.ids, "counts": sc.counts}
+        if out.temperature != 1.0:
+            res["weights"] = sc.weights
+        return res
+    if out.method == "head_tail":
+        st = per_position(lambda k, lg: sampling.head_tail_targets(k, lg, out.head, n, temperature=out.temperature))
+        return {"ids": st.ids, "weights": st.weights}
     if out.method == "sample_wor":
         st = per_position(
             lambda k, lg: sampling.sample_tokens(

@@ -25,6 +25,7 @@ import numpy as np
 
 from rskd_jax import cache_step
 from rskd_jax.config import CacheRun, config_to_dict
+from rskd_jax.methods import COUNT_METHODS
 
 MAX_WRITES_IN_FLIGHT = 4
 
@@ -45,7 +46,12 @@ def store_manifest(run: CacheRun, out, model, tokens, *, device_batch: int, mesh
         spec["source"] = os.path.realpath(spec["source"])
     return {
         "method": out.method,
-        "params": {k: v for k, v in config_to_dict(out).items() if k not in ("name", "method")},
+        # `head` only where it applies, so stores made before it existed still resume
+        "params": {
+            k: v
+            for k, v in config_to_dict(out).items()
+            if k not in ("name", "method") and (k != "head" or out.method == "head_tail")
+        },
         "seed": run.cache.seed,
         "teacher": {"fingerprint": model.fingerprint, "vocab_size": model.config.vocab_size},
         "tokenizer": tokens.manifest["tokenizer"],
@@ -98,15 +104,15 @@ def open_stores(
                 num_rows=num_rows,
                 seq_len=tokens.seq_len,
                 method=o.method,
-                k=vocab_size if o.method == "full" else o.num_draws,
+                k=o.slots(vocab_size),
                 vocab_size=vocab_size,
                 chunk_rows=c.chunk_rows,
                 diagnostics=c.diagnostics,
                 overwrite=c.overwrite,
                 id_frequencies=None if o.method == "full" else id_frequencies,
                 token_hash=True,
-                # only `sample` stores the proposal temperature; the others' weights carry it
-                temperature=o.temperature if o.method == "sample" else 1.0,
+                # only the count methods store the proposal temperature; the others' weights carry it
+                temperature=o.temperature if o.method in COUNT_METHODS else 1.0,
             )
             for o in c.outputs
         }

@@ -194,10 +194,17 @@ class OutputConfig:
 
     name: str = opt("rskd_n50", "store name: written to <cache.output>/<name>")
     method: Literal[STORE_METHODS] = opt(
-        "sample", "sample (with replacement, counts), sample_wor (Gumbel-top-k), top_k, ghost, full"
+        "sample",
+        "sample (with replacement, counts), systematic (stratified, counts), head_tail (exact "
+        "top-h + sampled tail), sample_wor (Gumbel-top-k), top_k, ghost, full",
     )
-    num_draws: int = opt(50, "sample: draws N; sample_wor / top_k / ghost: ids kept k")
-    temperature: float = opt(1.0, "proposal temperature (sample, sample_wor); targets stay unbiased")
+    num_draws: int = opt(
+        50, "sample / systematic: draws N; head_tail: tail draws N; sample_wor / top_k / ghost: ids kept k"
+    )
+    head: int = opt(0, "head_tail only (>= 1): ids h kept exactly; the store holds K = h + N slots")
+    temperature: float = opt(
+        1.0, "proposal temperature (sample, systematic, head_tail's tail, sample_wor); targets stay unbiased"
+    )
     normalize: bool = opt(False, "sample_wor: self-normalised weights (consistent, biased)")
     renormalize: bool = opt(True, "top_k: divide the kept probabilities by their sum")
 
@@ -208,6 +215,22 @@ class OutputConfig:
             raise ConfigError(f"outputs[{self.name}].temperature must be > 0, got {self.temperature}")
         if not self.name or "/" in self.name:
             raise ConfigError(f"output name {self.name!r} must be a non-empty name without '/'")
+        if self.method == "head_tail" and self.head < 1:
+            raise ConfigError(f"outputs[{self.name}]: method head_tail needs head >= 1, got {self.head}")
+        if self.method != "head_tail" and self.head != 0:
+            raise ConfigError(f"outputs[{self.name}]: head applies to method head_tail only, not {self.method!r}")
+
+    def slots(self, vocab_size: int) -> int:
+        """K, the entries per position of this output's store: N (h + N for head_tail; V for
+        full). ConfigError if head_tail's h + N exceeds the vocabulary."""
+        if self.method == "full":
+            return vocab_size
+        if self.method == "head_tail" and self.head + self.num_draws > vocab_size:
+            raise ConfigError(
+                f"outputs[{self.name}]: head + num_draws = {self.head + self.num_draws} "
+                f"exceeds the vocabulary {vocab_size}"
+            )
+        return self.num_draws + self.head
 
 
 @dataclasses.dataclass(frozen=True)

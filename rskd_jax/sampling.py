@@ -13,6 +13,10 @@ LLMs", ACL 2025, arXiv:2503.16870), for one position with teacher t = softmax(lo
 - without replacement: Gumbel-top-k keeps k ids from q; w_i = t_i / pi_i with
   pi_i = 1 - exp(-exp(log q_i - kappa)), kappa the (k+1)-th largest perturbed log q
   (Kool et al. 2019), so E[sum_{i kept} w_i f(i)] = sum_i t_i f(i) exactly.
+- systematic (ours, variance-reduced): the N points (u + j) / N of q's CDF with one uniform u;
+  counts floor or ceil of N q_i, weights as with replacement, E[w_i] = t_i exactly.
+- head + sampled tail (ours): the top-h t_i exactly, plus N i.i.d. draws from the tail
+  (renormalised, optionally tempered) weighted by the tail mass m: E[w_i] = t_i exactly.
 - `normalize=True` divides the weights by their sum (self-normalised importance sampling):
   lower variance, consistent, but BIASED for finite N / k.
 - top-K and ghost-token targets are deterministic and biased (the paper's baselines).
@@ -247,16 +251,7 @@ def sample_counts(
     _check_static(num_draws, temperature)
     ids_xN, log_zq_P, logits_PxV, lead = _sample(key, teacher_logits, num_draws, temperature)
     uniq_PxN, counts_PxN = jax.vmap(_unique_counts)(ids_xN.reshape(-1, num_draws))
-    frac_PxN = counts_PxN.astype(jnp.float32) / num_draws
-    if temperature == 1.0:
-        w_PxN = frac_PxN
-    else:
-        # log t_i - log q_i = (l_i - logZ_t) - (l_i / tau - logZ_q); one more pass over V.
-        log_zt_P = jax.nn.logsumexp(logits_PxV, axis=-1)
-        l_PxN = jnp.take_along_axis(logits_PxV, uniq_PxN, axis=-1)
-        log_ratio_PxN = (l_PxN - log_zt_P[:, None]) - (l_PxN / temperature - log_zq_P[:, None])
-        safe_PxN = jnp.where(counts_PxN > 0, log_ratio_PxN, 0.0)  # empty slots: id 0 may be -inf
-        w_PxN = jnp.where(counts_PxN > 0, frac_PxN * jnp.exp(safe_PxN), 0.0)
+    w_PxN = _count_weights(logits_PxV, uniq_PxN, counts_PxN, log_zq_P, num_draws, temperature)
     shape = (*lead, num_draws)
     return SampledCounts(uniq_PxN.reshape(shape), counts_PxN.reshape(shape), w_PxN.reshape(shape))
 
@@ -351,3 +346,126 @@ def ghost_targets(teacher_logits: jax.Array, k: int) -> GhostTargets:
     rest_PxV = jax.vmap(lambda l_V, i_K: l_V.at[i_K].set(-jnp.inf))(logits_xV.reshape(-1, vocab), ids_xK.reshape(-1, k))
     log_tail_x = jax.nn.logsumexp(rest_PxV, axis=-1).reshape(log_z_x.shape) - log_z_x
     return GhostTargets(ids_xK.astype(jnp.int32), probs_xK, jnp.exp(log_tail_x))
+
+
+# --------------------------------------------------------------------------- variance-reduced
+
+
+def _systematic_one(key: jax.Array, s_V: jax.Array, num_draws: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Systematic draws from softmax(s_V) for one position, O(V): unique ids [N] (increasing),
+    counts [N] (summing to N), log Z of s.
+
+    One uniform u; the points (u + j) / N of the CDF (vocabulary order). Id i receives
+    F_i - F_{i-1} points, F_i = ceil(N cdf_i - u) clipped to [0, N], so its count is floor or
+    ceil of N q_i and E[c_i] = N q_i. The CDF is a cumsum over positive-mass ids made monotone
+    by a cummax (exact in any association), so a zero-mass id's F equals its predecessor's
+    and it gets no point even if the parallel cumsum rounds differently around it.
+    """
+    s_max = jnp.max(s_V)
+    e_V = jnp.exp(s_V - s_max)
+    cdf_V = jax.lax.cummax(jnp.where(e_V > 0, jnp.cumsum(e_V), 0.0))
+    total = cdf_V[-1]
+    u = jax.random.uniform(key, (), jnp.float32)
+    f_V = jnp.clip(jnp.ceil(num_draws * (cdf_V / total) - u), 0, num_draws).astype(jnp.int32)
+    c_V = jnp.diff(f_V, prepend=0)
+    (ids_N,) = jnp.nonzero(c_V > 0, size=num_draws, fill_value=0)
+    counts_N = jnp.where(jnp.arange(num_draws) < jnp.sum(c_V > 0), c_V[ids_N], 0)
+    return ids_N.astype(jnp.int32), counts_N, s_max + jnp.log(total)
+
+
+@functools.partial(jax.jit, static_argnames=("num_draws", "temperature"))
+def systematic_counts(
+    key: jax.Array, teacher_logits: jax.Array, num_draws: int, *, temperature: float = 1.0
+) -> SampledCounts:
+    """Systematic (stratified) RS-KD: SampledCounts(ids, counts, weights), each [..., N].
+
+    Per position one uniform u and the N points (u + j) / N, j = 0..N-1, located in the CDF of
+    q = softmax(logits / temperature) in vocabulary order. Each point is marginally uniform,
+    so E[c_i] = N q_i exactly, and c_i is floor(N q_i) or ceil(N q_i). Weights
+    w_i = (c_i / N) * t_i / q_i (= c_i / N at temperature 1): unbiased, E[w_i] = t_i, with
+    counts of variance <= 1/4 instead of N q_i (1 - q_i). Ids in increasing order; empty slots
+    id 0, count 0, weight 0. O(V) per position (a cumsum over V), never N x V.
+
+    >>> sc = systematic_counts(jax.random.key(0), jnp.log(jnp.array([0.5, 0.25, 0.25])), 4)
+    >>> sc.ids.tolist(), sc.counts.tolist()
+    ([0, 1, 2, 0], [2, 1, 1, 0])
+    """
+    _check_static(num_draws, temperature)
+    logits_PxV, lead = _flatten(teacher_logits)
+    s_PxV = logits_PxV / temperature if temperature != 1.0 else logits_PxV
+    keys_P = _position_keys(key, logits_PxV.shape[0])
+    ids_PxN, counts_PxN, log_zq_P = jax.vmap(_systematic_one, in_axes=(0, 0, None))(keys_P, s_PxV, num_draws)
+    w_PxN = _count_weights(logits_PxV, ids_PxN, counts_PxN, log_zq_P, num_draws, temperature)
+    shape = (*lead, num_draws)
+    return SampledCounts(ids_PxN.reshape(shape), counts_PxN.reshape(shape), w_PxN.reshape(shape))
+
+
+def _count_weights(logits_PxV, ids_PxN, counts_PxN, log_zq_P, num_draws, temperature, log_zt_P=None):
+    """(c_i / N) * t_i / q_i for counted ids (0 on empty slots); t = softmax(logits) unless
+    log_zt_P (the log-normaliser of the target) is given, q = softmax(logits / T) / Z_q.
+    log t_i - log q_i = (l_i - log Z_t) - (l_i / T - log Z_q); one more pass over V."""
+    frac_PxN = counts_PxN.astype(jnp.float32) / num_draws
+    if temperature == 1.0 and log_zt_P is None:
+        return frac_PxN
+    if log_zt_P is None:
+        log_zt_P = jax.nn.logsumexp(logits_PxV, axis=-1)
+    l_PxN = jnp.take_along_axis(logits_PxV, ids_PxN, axis=-1)
+    log_ratio_PxN = (l_PxN - log_zt_P[:, None]) - (l_PxN / temperature - log_zq_P[:, None])
+    safe_PxN = jnp.where(counts_PxN > 0, log_ratio_PxN, 0.0)  # empty slots: id 0 may be -inf
+    return jnp.where(counts_PxN > 0, frac_PxN * jnp.exp(safe_PxN), 0.0)
+
+
+def _head_tail_one(key, l_V, head, num_draws, temperature):
+    """Head + sampled tail for one position: ids [h + N], weights [h + N]."""
+    log_z = jax.nn.logsumexp(l_V)
+    top_H, head_H = _top_k(l_V, head)
+    w_head_H = jnp.exp(top_H - log_z)
+    tail_V = l_V.at[head_H].set(-jnp.inf)
+    log_ztail = jax.nn.logsumexp(tail_V)
+    has_tail = log_ztail > -jnp.inf  # else every finite id is in the head: the tail is empty
+    tail_V = jnp.where(has_tail, tail_V, 0.0)  # draws stay defined; their weight is m = 0
+    s_V = tail_V / temperature if temperature != 1.0 else tail_V
+    ids_N, log_zq = _draw_one(key, s_V, num_draws)
+    uniq_N, counts_N = _unique_counts(ids_N)
+    # r = tail / m with log-normaliser log_ztail; w = (c / N) (r / q) m, m = tail mass
+    w_N = _count_weights(
+        tail_V[None], uniq_N[None], counts_N[None], log_zq[None], num_draws, temperature, log_ztail[None]
+    )[0]
+    w_N = jnp.where(has_tail, w_N * jnp.exp(log_ztail - log_z), 0.0)  # * m
+    valid_H = w_head_H > 0
+    ids = jnp.concatenate([jnp.where(valid_H, head_H, 0), jnp.where(w_N > 0, uniq_N, 0)])
+    return ids.astype(jnp.int32), jnp.concatenate([jnp.where(valid_H, w_head_H, 0.0), w_N])
+
+
+@functools.partial(jax.jit, static_argnames=("head", "num_draws", "temperature"))
+def head_tail_targets(
+    key: jax.Array,
+    teacher_logits: jax.Array,
+    head: int,
+    num_draws: int,
+    *,
+    temperature: float = 1.0,
+) -> SparseTargets:
+    """Head + sampled tail: SparseTargets(ids, weights) [..., h + N], h = head.
+
+    The h largest teacher probabilities t_i are kept exactly (weight t_i, slots 0..h-1).
+    N ids are drawn i.i.d. from the tail proposal q = softmax(tail logits / temperature)
+    (head ids masked to -inf); each unique tail id j drawn c_j times (slots h.., increasing)
+    gets w_j = (c_j / N) * m * r_j / q_j with r_j = t_j / m the renormalised tail and m the
+    tail mass (= (c_j / N) m at temperature 1). Unbiased: E[w_j] = t_j for every id, exact on
+    the head. If every finite id is in the head (m = 0) the tail slots are empty. Empty slots:
+    id 0, weight 0. O(V + N R log_R V) per position (top_k, two logsumexps, `_draw_one`).
+
+    >>> ht = head_tail_targets(jax.random.key(0), jnp.log(jnp.array([0.5, 0.3, 0.2])), 1, 4)
+    >>> ht.ids[0].item(), ht.weights[0].item(), round(float(ht.weights.sum()), 6)
+    (0, 0.5, 1.0)
+    """
+    _check_static(num_draws, temperature)
+    logits_PxV, lead = _flatten(teacher_logits)
+    _check_k(head, logits_PxV.shape[-1])
+    keys_P = _position_keys(key, logits_PxV.shape[0])
+    ids_PxK, w_PxK = jax.vmap(_head_tail_one, in_axes=(0, 0, None, None, None))(
+        keys_P, logits_PxV, head, num_draws, temperature
+    )
+    shape = (*lead, head + num_draws)
+    return SparseTargets(ids_PxK.reshape(shape), w_PxK.reshape(shape))

@@ -254,6 +254,13 @@ def test_store_identical_for_8_devices_and_batch_16(ref, work, tokens, teacher):
     assert read_json(str(out / "rskd_n50"))["device_batch"] == 2
 
 
+# the tiny config's two stores and the variance-reduced methods
+INVARIANCE_OUTPUTS = (
+    "cache.outputs=[{name: rskd_n50, method: sample, num_draws: 50}, {name: top_k_12, method: top_k, num_draws: 12},"
+    " {name: sys16, method: systematic, num_draws: 16}, {name: ht4_n12, method: head_tail, head: 4, num_draws: 12}]"
+)
+
+
 def test_store_identical_for_batch_2_8_16_and_1_or_8_devices(work, teacher):
     """At one device_batch (2), batch 2, 8 and 16 on one device and batch 16 over 8 devices
     (2 rows each) write the same bytes. The settings can break it: at L = 128 the teacher's
@@ -281,6 +288,7 @@ def test_store_identical_for_batch_2_8_16_and_1_or_8_devices(work, teacher):
                 "cache.splits=[train]",
                 f"mesh.data={dev}",
                 f"cache.device_batch={db}",
+                INVARIANCE_OUTPUTS,
                 teacher=teacher,
             ),
             progress=False,
@@ -476,6 +484,10 @@ cache:
   outputs:
     - {name: s50, method: sample, num_draws: 50}
     - {name: s50_t08, method: sample, num_draws: 50, temperature: 0.8}
+    - {name: sys16, method: systematic, num_draws: 16}
+    - {name: sys16_t08, method: systematic, num_draws: 16, temperature: 0.8}
+    - {name: ht4_n12, method: head_tail, head: 4, num_draws: 12}
+    - {name: ht4_n12_t12, method: head_tail, head: 4, num_draws: 12, temperature: 1.2}
     - {name: wor16, method: sample_wor, num_draws: 16}
     - {name: wor16_norm, method: sample_wor, num_draws: 16, normalize: true, temperature: 1.25}
     - {name: top12, method: top_k, num_draws: 12}
@@ -523,6 +535,10 @@ def test_every_method_in_one_pass_matches_direct_sampling(work, tokens, teacher)
         return {
             "s50": per_pos(lambda k, lg: sampling.sample_counts(k, lg, 50)),
             "s50_t08": per_pos(lambda k, lg: sampling.sample_counts(k, lg, 50, temperature=0.8)),
+            "sys16": per_pos(lambda k, lg: sampling.systematic_counts(k, lg, 16)),
+            "sys16_t08": per_pos(lambda k, lg: sampling.systematic_counts(k, lg, 16, temperature=0.8)),
+            "ht4_n12": per_pos(lambda k, lg: sampling.head_tail_targets(k, lg, 4, 12)),
+            "ht4_n12_t12": per_pos(lambda k, lg: sampling.head_tail_targets(k, lg, 4, 12, temperature=1.2)),
             "wor16": wor(),
             "wor16_norm": wor(normalize=True, temperature=1.25),
             "top12": sampling.top_k_targets(logits_BxLxV, 12),
@@ -544,7 +560,16 @@ def test_every_method_in_one_pass_matches_direct_sampling(work, tokens, teacher)
     np.testing.assert_array_equal(canon(g["ids"], g["weights"])[0], canon(sc.ids, sc.weights)[0])
     np.testing.assert_array_equal(canon(g["ids"], g["weights"])[1], canon(sc.ids, sc.weights)[1])
 
-    for name in ("wor16", "wor16_norm"):
+    for name in ("sys16", "sys16_t08"):  # stored like `sample`: ids + exact counts (+ t/q weights)
+        sc, g = ref[name], got[name]
+        assert g["ids"].shape == (3, L, 16) and (g["counts"].sum(-1) == 16).all()
+        np.testing.assert_array_equal(canon(g["ids"], g["counts"])[1], canon(sc.ids, sc.counts)[1])
+        np.testing.assert_array_equal(canon(g["ids"], g["weights"])[0], canon(sc.ids, sc.weights)[0])
+        np.testing.assert_array_equal(canon(g["ids"], g["weights"])[1], canon(sc.ids, sc.weights)[1])
+    np.testing.assert_array_equal(got["sys16"]["weights"], got["sys16"]["counts"].astype(np.float32) / np.float32(16))
+    assert "counts" not in got["ht4_n12"] and got["ht4_n12"]["ids"].shape == (3, L, 16)  # K = h + N
+    np.testing.assert_allclose(got["ht4_n12"]["weights"].sum(-1), 1.0, rtol=1e-5)
+    for name in ("ht4_n12", "ht4_n12_t12", "wor16", "wor16_norm"):
         st, g = ref[name], got[name]
         for a, b in zip(canon(g["ids"], g["weights"]), canon(st.ids, st.weights)):
             np.testing.assert_array_equal(a, b)
@@ -558,6 +583,24 @@ def test_every_method_in_one_pass_matches_direct_sampling(work, tokens, teacher)
     for a, b in zip(canon(g["ids"], g["weights"]), canon(gt.ids, gt.probs)):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(g["tail_mass"], gt.tail_mass)
+
+    # the `sparse` loss trains from the new stores: its rows carry ids and weights, the loss of a
+    # random student on them estimates the full cross-entropy without bias: the mean over positions of the
+    # (independent, zero-mean) differences within 4 standard errors
+    from rskd_jax import train_data
+    from rskd_jax.losses import sparse_kd_loss
+
+    student_BxLxV = jax.random.normal(jax.random.key(5), logits_BxLxV.shape)
+    full_ce = -(jax.nn.softmax(logits_BxLxV) * jax.nn.log_softmax(student_BxLxV)).sum(-1)  # sum_j t_j log p_j
+    for name in ("sys16", "sys16_t08", "ht4_n12", "ht4_n12_t12"):
+        store = open_teacher_store(str(out / name))
+        rr = train_data.run_rows(tok, store, method="sparse", student_vocab=vocab)
+        batch = rr.train.read(rows)
+        assert rr.fields == ("ids", "weights") and ((batch["ids"] >= 0) & (batch["ids"] < vocab)).all()
+        np.testing.assert_array_equal(batch["weights"], got[name]["weights"])
+        sparse = sparse_kd_loss(student_BxLxV, jnp.asarray(batch["ids"]), jnp.asarray(batch["weights"]))
+        diff = np.asarray(sparse - full_ce, np.float64).ravel()
+        assert np.isfinite(diff).all() and abs(diff.mean()) <= 4 * diff.std(ddof=1) / np.sqrt(diff.size) + 1e-6
 
     # numpy references in float64: full log-probs, diagnostics (stored as float16)
     x = np.asarray(logits_BxLxV, np.float64)

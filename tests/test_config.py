@@ -138,3 +138,23 @@ def test_parse_cli(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_:
             parse_cli(DataRun, argv, prog="p")
         assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_output_head_rules_and_slots():
+    from rskd_jax.config import OutputConfig
+
+    assert OutputConfig(method="head_tail", head=4, num_draws=25).slots(100) == 29
+    assert OutputConfig(method="systematic", num_draws=50).slots(100) == 50
+    assert OutputConfig(method="full").slots(100) == 100
+    with pytest.raises(ConfigError, match=r"outputs\[x\]: method head_tail needs head >= 1, got 0"):
+        OutputConfig(name="x", method="head_tail", num_draws=25)
+    with pytest.raises(ConfigError, match=r"head applies to method head_tail only, not 'systematic'"):
+        OutputConfig(name="x", method="systematic", head=2)
+    with pytest.raises(ConfigError, match=r"head \+ num_draws = 30 exceeds the vocabulary 29"):
+        OutputConfig(name="x", method="head_tail", head=5, num_draws=25).slots(29)
+    from rskd_jax.config import CacheRun
+
+    with pytest.raises(ConfigError, match="systemtic"):
+        load_config(CacheRun, None, ["cache.outputs=[{name: a, method: systemtic}]"])
+    run = load_config(CacheRun, None, ["cache.outputs=[{name: ht4_n25, method: head_tail, head: 4, num_draws: 25}]"])
+    assert run.cache.outputs[0].head == 4

@@ -35,6 +35,12 @@ def describe(cmp, m) -> tuple[str, str]:
             "rskd_tempered" if tempered else "rskd",
             f"RS-KD N={o.num_draws}" + (f", proposal T={o.temperature:g}" if tempered else ""),
         )
+    if o.method == "systematic":
+        t = f", proposal T={o.temperature:g}" if o.temperature != 1.0 else ""
+        return "systematic", f"systematic N={o.num_draws}" + t
+    if o.method == "head_tail":
+        t = f", tail proposal T={o.temperature:g}" if o.temperature != 1.0 else ""
+        return "head_tail", f"head {o.head} + tail N={o.num_draws}" + t
     if o.method == "sample_wor":
         return (
             "wor_norm" if o.normalize else "wor",

@@ -1,7 +1,8 @@
 """The teacher store: sparse teacher targets per (sequence, position), zarr3 via TensorStore.
 
 Methods: `sample` (N draws with replacement: unique ids + exact integer counts, K = N slots),
-`sample_wor` (k ids + importance weights), `top_k` (k ids + probs), `ghost` (top-k + tail
+`systematic` (N stratified draws, stored as `sample`), `head_tail` (exact top-h + N tail draws:
+ids + weights, K = h + N), `sample_wor` (k ids + importance weights), `top_k` (k ids + probs), `ghost` (top-k + tail
 mass), `full` (all V log-probs in float16, tiny runs only). Letters: S rows (sequences) of a
 split, L positions per row, K slots per position, V vocabulary, b rows of a batch.
 
@@ -14,8 +15,8 @@ Layout (one store = one method; arrays per split; chunks of `chunk_rows` rows, s
     {split}/done           uint8 [S], chunks [chunk_rows]; set only after the row's data is durable
     {split}/num_ids        uint8|uint16 [S, L]: entries per position (n <= K)
     {split}/ids            uint16|uint32 [S, L*K]: entries packed per row (see below)
-    {split}/counts         uint8|uint16 [S, L*K]  (sample)
-    {split}/weights        float32 [S, L*K]        (sample at temperature != 1, sample_wor, top_k, ghost)
+    {split}/counts         uint8|uint16 [S, L*K]  (sample, systematic)
+    {split}/weights        float32 [S, L*K]        (sample / systematic at temperature != 1, others)
     {split}/tail_mass      float32 [S, L]          (ghost)
     {split}/gold_logprob   float16 [S, L]          (diagnostics: teacher log t(next token))
     {split}/entropy        float16 [S, L]          (diagnostics: teacher entropy, nats)
@@ -44,8 +45,8 @@ trainer) can check that a batch's tokens are the ones the teacher saw:
 `token_hash(batch_tokens) == rows["token_hash"]` (~5 us per row of 512 tokens).
 
 Reading returns entries in this canonical order (ascending rank; ascending id when there is
-no table), empty slots last with id 0, weight 0, count 0. Weights for `sample` at temperature 1
-are counts / N (exact float32). A tempered `sample` also stores the final float32 weights
+no table), empty slots last with id 0, weight 0, count 0. Weights for `sample` / `systematic` at
+temperature 1 are counts / N (exact float32). A tempered one also stores the final float32 weights
 (w = c/N * t/q) beside the exact counts.
 
     store = create_teacher_store("runs/teacher", manifest=m, num_rows={"train": 64, "val": 8},
@@ -65,7 +66,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import tensorstore as ts
 
-from rskd_jax.methods import STORE_METHODS
+from rskd_jax.methods import COUNT_METHODS, STORE_METHODS
 from rskd_jax.store import common, entries
 from rskd_jax.store.common import StoreError
 from rskd_jax.store.entries import token_hash as token_hash  # re-exported: the store's public hash
@@ -102,9 +103,9 @@ def _layout_arrays(layout: dict[str, Any], split: str) -> dict[str, _Array]:
         packed = lambda dt: _Array((s, length * k), np.dtype(dt), (cr, length * k), True)
         arrays["num_ids"] = per_pos(_uint_for(k))
         arrays["ids"] = packed(_uint_for(v - 1))
-        if method == "sample":
+        if method in COUNT_METHODS:
             arrays["counts"] = packed(_uint_for(k - 1))
-        if method != "sample" or layout["temperature"] != 1.0:
+        if method not in COUNT_METHODS or layout["temperature"] != 1.0:
             arrays["weights"] = packed(np.float32)
         if method == "ghost":
             arrays["tail_mass"] = per_pos(np.float32)
@@ -242,9 +243,9 @@ class TeacherStore:
         """Writes rows [start_row, start_row + b) of `split`, then marks them done.
 
         rows (b = rows in the block, a whole number of chunk_rows blocks, or up to S):
-          sample:      ids int [b, L, K], counts int [b, L, K] (sum N = K per position),
-                       and weights float [b, L, K] if the proposal temperature != 1
-          sample_wor, top_k: ids, weights [b, L, K];  ghost: + tail_mass [b, L]
+          sample, systematic: ids int [b, L, K], counts int [b, L, K] (sum N = K per
+                       position), and weights float [b, L, K] if the proposal temperature != 1
+          head_tail, sample_wor, top_k: ids, weights [b, L, K];  ghost: + tail_mass [b, L]
           full:        logprobs float [b, L, V]
           diagnostics: gold_logprob, entropy float [b, L] (NaN allowed: "not available")
           token_hash:  tokens int [b, L] (the rows' tokens; their `token_hash` is stored)
@@ -323,7 +324,7 @@ class TeacherStore:
         """Rows `indices` ([b] ints, any order, repeats allowed) of `split`, decoded.
 
         Returns ids int32 [b, L, K] and weights float32 [b, L, K] (sparse methods; canonical
-        order, see the module doc), num_ids int32 [b, L], counts int32 [b, L, K] (sample),
+        order, see the module doc), num_ids int32 [b, L], counts int32 [b, L, K] (sample, systematic),
         tail_mass float32 [b, L] (ghost), logprobs float32 [b, L, V] (full), gold_logprob and
         entropy float32 [b, L] (diagnostics), token_hash uint64 [b] (stores made with
         token_hash=True; compare with `token_hash(tokens)`). One batched TensorStore read per array.
@@ -373,7 +374,7 @@ class TeacherStore:
             entries.decode(
                 raw.get("num_ids", np.zeros((b, length), np.int64)),
                 raw.get("ids", empty),
-                raw.get("counts", empty) if self.method == "sample" else None,
+                raw.get("counts", empty) if self.method in COUNT_METHODS else None,
                 raw.get("weights"),
                 k=k,
                 vocab_size=self.vocab_size,
@@ -486,8 +487,9 @@ def create_teacher_store(
       manifest["provenance"] (optional) is informational: where the inputs were found (paths,
       URLs, the teacher's config). It is NOT compared on reopen (the same data reached by
       another path still resumes) and stays as first written.
-    method: one of METHODS. k: slots per position (for `sample`, k = N draws; for `full`,
-      k = vocab_size). temperature: `sample`'s proposal temperature (!= 1 also stores float
+    method: one of METHODS. k: slots per position (for `sample` / `systematic`, k = N draws; for
+      `head_tail`, h + N; for `full`, k = vocab_size). temperature: the count methods' proposal
+      temperature (!= 1 also stores float
       weights). id_frequencies: [V] counts (e.g. the token store's unigram counts) for the
       frequency-rank id remap, ~13% smaller ids on real text; None = identity.
     chunk_rows: rows per chunk (and per `done` chunk): the unit of one write_rows block.
@@ -506,12 +508,12 @@ def create_teacher_store(
         raise StoreError(f"num_rows must map split names to row counts >= 0, got {num_rows}")
     if method == "full" and (k != vocab_size or id_frequencies is not None):
         raise StoreError("method 'full' stores all V log-probs: pass k=vocab_size and no id_frequencies")
-    if method != "sample" and temperature != 1.0:
-        raise StoreError(f"temperature applies to method 'sample' only (the {method!r} weights carry it)")
+    if method not in COUNT_METHODS and temperature != 1.0:
+        raise StoreError(f"temperature applies to methods {COUNT_METHODS} only (the {method!r} weights carry it)")
     if not temperature > 0:
         raise StoreError(f"temperature must be > 0, got {temperature}")
-    if method == "sample" and k > 2**16:
-        raise StoreError(f"sample: N = k = {k} draws is more than 65536")
+    if method in COUNT_METHODS and k > 2**16:
+        raise StoreError(f"{method}: N = k = {k} draws is more than 65536")
     table = None if id_frequencies is None else entries.rank_table(id_frequencies, vocab_size)
     layout: dict[str, Any] = {
         "method": method,

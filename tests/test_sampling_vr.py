@@ -1,0 +1,122 @@
+"""rskd_jax.sampling's variance-reduced estimators: systematic_counts and head_tail_targets.
+
+Statistical tests as in test_sampling: fixed seeds, |mean - expected| <= z * SE + FLOAT_ATOL with
+a Bonferroni z over the coordinates; each has a power check (a biased variant is rejected).
+"""
+
+import jax
+import numpy as np
+import pytest
+from test_sampling import (
+    FLOAT_ATOL,
+    UNB_M,
+    UNB_N,
+    UNB_V,
+    _assert_mean_within_se,
+    _per_sample_grads,
+    _unbiasedness_setup,
+    bonferroni_z,
+    dense,
+    lm_like_logits,
+    softmax64,
+)
+
+from rskd_jax.losses import full_kd_loss
+from rskd_jax.sampling import SampledCounts, SparseTargets, head_tail_targets, sample_counts, systematic_counts
+
+
+def _rejects(samples_MxV, expected_V):
+    """True if some coordinate's mean is off by more than the unbiasedness test's tolerance."""
+    se = samples_MxV.std(0, ddof=1) / np.sqrt(samples_MxV.shape[0])
+    return (np.abs(samples_MxV.mean(0) - expected_V) > bonferroni_z(expected_V.size) * se + FLOAT_ATOL).any()
+
+
+# ------------------------------------------------------------------ systematic
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_systematic_counts_are_floor_or_ceil_of_n_q(temperature):
+    vocab, positions, n = 5003, 64, 50
+    logits_PxV = np.stack([lm_like_logits(vocab, seed=s, padded=11) for s in range(positions)])
+    sc = systematic_counts(jax.random.key(0), logits_PxV, n, temperature=temperature)
+    assert isinstance(sc, SampledCounts) and sc.ids.shape == sc.counts.shape == sc.weights.shape == (positions, n)
+    counts = np.asarray(sc.counts)
+    assert (counts.sum(-1) == n).all() and (counts >= 0).all()
+    c_PxV = dense(sc.ids, counts, vocab)
+    nq = n * softmax64(logits_PxV, temperature)
+    # every id, kept or not: floor or ceil of N q_i (1e-3 slack for the float32 CDF)
+    assert ((c_PxV >= np.floor(nq - 1e-3)) & (c_PxV <= np.ceil(nq + 1e-3))).all()
+    assert (c_PxV[:, -11:] == 0).all()  # masked ids never kept
+    for row in range(positions):  # unique ids first, increasing; empty slots id 0, weight 0
+        k = int((counts[row] > 0).sum())
+        assert (counts[row, :k] > 0).all() and (np.diff(np.asarray(sc.ids[row, :k])) > 0).all()
+        assert (np.asarray(sc.ids[row, k:]) == 0).all() and (np.asarray(sc.weights[row, k:]) == 0).all()
+    # i.i.d. draws (the same N) break the floor/ceil property: the check has power
+    iid = dense(*sample_counts(jax.random.key(0), logits_PxV, n, temperature=temperature)[:2], vocab)
+    assert not ((iid >= np.floor(nq - 1e-3)) & (iid <= np.ceil(nq + 1e-3))).all()
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.5])
+def test_systematic_targets_and_gradient_are_unbiased(temperature):
+    logits, student, t = _unbiasedness_setup()
+    logits_MxV = np.broadcast_to(logits, (UNB_M, UNB_V))
+    sc = systematic_counts(jax.random.key(7), logits_MxV, UNB_N, temperature=temperature)
+    w_MxV = dense(sc.ids, sc.weights, UNB_V)
+    assert ((w_MxV > 0).sum(0)[:-1] >= 50).all()  # every support id kept often: a usable SE
+    assert (w_MxV[:, -1] == 0).all()
+    _assert_mean_within_se(w_MxV, t, "systematic E[w] = t")
+    if temperature != 1.0:  # power: bare counts c/N (no t/q factor) are rejected
+        assert _rejects(dense(sc.ids, sc.counts, UNB_V) / UNB_N, t)
+    g_MxV = _per_sample_grads(student, sc.ids, sc.weights)
+    g_full = jax.grad(full_kd_loss)(student, logits)
+    _assert_mean_within_se(np.asarray(g_MxV, np.float64), np.asarray(g_full, np.float64), "systematic E[grad]")
+
+
+# ------------------------------------------------------------------ head + sampled tail
+
+HEAD = 4
+
+
+@pytest.mark.parametrize("temperature", [1.0, 1.5])
+def test_head_tail_is_unbiased_and_exact_on_the_head(temperature):
+    logits, student, t = _unbiasedness_setup()
+    logits_MxV = np.broadcast_to(logits, (UNB_M, UNB_V))
+    ht = head_tail_targets(jax.random.key(9), logits_MxV, HEAD, UNB_N, temperature=temperature)
+    assert isinstance(ht, SparseTargets) and ht.ids.shape == ht.weights.shape == (UNB_M, HEAD + UNB_N)
+    ids, w = np.asarray(ht.ids), np.asarray(ht.weights)
+    top = np.argsort(-t)[:HEAD]
+    assert (ids[:, :HEAD] == top).all()  # the top-h ids, in order, with t_i exactly
+    np.testing.assert_allclose(w[:, :HEAD], np.broadcast_to(t[top], (UNB_M, HEAD)), rtol=1e-6)
+    tail_ids = np.where(w[:, HEAD:] > 0, ids[:, HEAD:], -1)
+    assert not np.isin(tail_ids, top).any()  # tail draws never repeat a head id
+    w_MxV = dense(ids, w, UNB_V)
+    assert ((w_MxV > 0).sum(0)[:-1] >= 50).all() and (w_MxV[:, -1] == 0).all()
+    _assert_mean_within_se(w_MxV, t, "head_tail E[w] = t")
+    # power: the tail without its mass factor m (weights (c/N) r/q, summing to ~1) is rejected
+    m = 1.0 - t[top].sum()
+    no_m = w_MxV.copy()
+    no_m[:, np.setdiff1d(np.arange(UNB_V), top)] /= m
+    assert _rejects(no_m, t)
+    g_MxV = _per_sample_grads(student, ht.ids, ht.weights)
+    g_full = jax.grad(full_kd_loss)(student, logits)
+    _assert_mean_within_se(np.asarray(g_MxV, np.float64), np.asarray(g_full, np.float64), "head_tail E[grad]")
+
+
+def test_head_tail_at_temperature_1_sums_to_one_and_empty_tail():
+    logits_PxV = np.stack([lm_like_logits(300, seed=s, padded=7) for s in range(16)])
+    ht = head_tail_targets(jax.random.key(3), logits_PxV, 5, 20)
+    np.testing.assert_allclose(np.asarray(ht.weights).sum(-1), 1.0, rtol=1e-5)
+    assert not np.isin(np.asarray(ht.ids)[np.asarray(ht.weights) > 0], np.arange(293, 300)).any()
+    # every finite id in the head: the tail mass is 0, the tail slots empty, the head exact
+    few = np.full((2, 40), -np.inf, np.float32)
+    few[:, :3] = [[0.0, 1.0, 2.0], [2.0, 2.0, -1.0]]
+    ht = head_tail_targets(jax.random.key(4), few, 3, 6)
+    w = np.asarray(ht.weights)
+    assert (w[:, 3:] == 0).all() and (np.asarray(ht.ids)[:, 3:] == 0).all()
+    np.testing.assert_allclose(dense(ht.ids, w, 40), softmax64(few), rtol=1e-6, atol=1e-7)
+
+
+def test_head_tail_refuses_bad_head():
+    for head in (0, 41):
+        with pytest.raises(ValueError, match="k must be an integer"):
+            head_tail_targets(jax.random.key(0), np.zeros((2, 40), np.float32), head, 4)
