@@ -549,6 +549,15 @@ def test_every_method_in_one_pass_matches_direct_sampling(work, tokens, teacher)
         for a, b in zip(canon(g["ids"], g["weights"]), canon(st.ids, st.weights)):
             np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(got["wor16_norm"]["weights"].sum(-1), 1.0, rtol=1e-5)
+    # sample_wor stores record their sampler; one written by another (here: the first
+    # Gumbel-top-k sampler, which recorded none) is not resumed, so no store mixes two.
+    wor_url = str(out / "wor16")
+    manifest = read_json(wor_url)
+    assert manifest["sampler"] == sampling.WOR_SAMPLER and "sampler" not in read_json(str(out / "s50"))
+    write_json(wor_url, {k: v for k, v in manifest.items() if k != "sampler"})
+    with pytest.raises(StoreError, match=r"wor16.*differs in: sampler\).*overwrite=true"):
+        cache.run(cfg, progress=False, devices=one_device())
+    write_json(wor_url, manifest)
 
     st = ref["top12"]
     for a, b in zip(canon(got["top12"]["ids"], got["top12"]["weights"]), canon(st.ids, st.weights)):
