@@ -7,7 +7,17 @@ import os
 import jax
 import numpy as np
 from scipy import stats
-from test_sampling import ALPHA, WOR_K, WOR_M, WOR_V, _ordered_law, _tuple_index, _wor_logits, chisquare_pvalue, softmax64
+from test_sampling import (
+    ALPHA,
+    WOR_K,
+    WOR_M,
+    WOR_V,
+    _ordered_law,
+    _tuple_index,
+    _wor_logits,
+    chisquare_pvalue,
+    softmax64,
+)
 
 from rskd_jax.sampling import sample_tokens
 

@@ -258,7 +258,9 @@ def _tuple_index(ids_MxK, vocab):
 @pytest.mark.parametrize("temperature", [1.0, 0.8])
 def test_without_replacement_ordered_tuples_match_sequential_law(temperature):
     logits = _wor_logits()
-    st = _tokens(jax.random.key(31), np.broadcast_to(logits, (WOR_M, WOR_V)), WOR_K, temperature=temperature, replace=False)
+    st = _tokens(
+        jax.random.key(31), np.broadcast_to(logits, (WOR_M, WOR_V)), WOR_K, temperature=temperature, replace=False
+    )
     ids = np.asarray(st.ids)
     assert (np.sort(ids, -1)[:, 1:] != np.sort(ids, -1)[:, :-1]).all()  # no repeated id
     q = softmax64(logits, temperature)
@@ -301,7 +303,6 @@ def test_without_replacement_weights_match_gumbel_top_k_in_law():
     assert stats.ks_2samp(w.sum(-1), np.round(bad_w, 4).sum(-1)).pvalue < ALPHA
 
 
-
 @pytest.mark.parametrize("vocab", [1, 17])  # a single id; k = V over a padded leaf row
 def test_without_replacement_small_vocabularies_keep_every_id(vocab):
     logits = np.linspace(0.0, -1.0, vocab).astype(np.float32)
@@ -326,6 +327,7 @@ def test_without_replacement_is_exact_past_float32_underflow():
     uniform = np.where(np.isfinite(logits), 1.0, 0.0)
     uniform[0] = 0.0
     assert chisquare_pvalue(ids[:, 1], uniform / uniform.sum()) > ALPHA
+
 
 # ------------------------------------------------------------------ invariants
 
