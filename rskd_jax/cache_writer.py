@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from rskd_jax import cache_step
+from rskd_jax import cache_step, sampling
 from rskd_jax.config import CacheRun, config_to_dict
 from rskd_jax.methods import COUNT_METHODS
 
@@ -44,8 +44,11 @@ def store_manifest(run: CacheRun, out, model, tokens, *, device_batch: int, mesh
     spec = config_to_dict(run.teacher)
     if spec["source"] not in ("random", "smollm2"):
         spec["source"] = os.path.realpath(spec["source"])
+    sampler = {"sampler": sampling.WOR_SAMPLER} if out.method == "sample_wor" else {}
     return {
         "method": out.method,
+        # which draws a key gives (sample_wor only): a resume never mixes two samplers
+        **sampler,
         # `head` only where it applies, so stores made before it existed still resume
         "params": {
             k: v

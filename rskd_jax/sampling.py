@@ -10,9 +10,11 @@ Estimators (Anshumann et al., "Sparse Logit Sampling: Accelerating Knowledge Dis
 LLMs", ACL 2025, arXiv:2503.16870), for one position with teacher t = softmax(logits):
 - with replacement: N i.i.d. draws from q = softmax(logits / temperature); each unique id i
   drawn c_i times gets w_i = (c_i / N) * t_i / q_i, so E[w_i] = t_i exactly.
-- without replacement: Gumbel-top-k keeps k ids from q; w_i = t_i / pi_i with
-  pi_i = 1 - exp(-exp(log q_i - kappa)), kappa the (k+1)-th largest perturbed log q
-  (Kool et al. 2019), so E[sum_{i kept} w_i f(i)] = sum_i t_i f(i) exactly.
+- without replacement: k ids from q in the law of Gumbel-top-k (successive draws, each from
+  the mass left), w_i = t_i / pi_i with pi_i = 1 - exp(-exp(log q_i - kappa)), kappa the
+  (k+1)-th largest perturbed log q (Kool et al. 2019), so E[sum_{i kept} w_i f(i)] =
+  sum_i t_i f(i) exactly. Drawn sequentially down the sampling tree with kappa from the
+  exponential race (`_wor_one`), never V Gumbels.
 - systematic (ours, variance-reduced): the N points (u + j) / N of q's CDF with one uniform u;
   counts floor or ceil of N q_i, weights as with replacement, E[w_i] = t_i exactly.
 - head + sampled tail (ours): the top-h t_i exactly, plus N i.i.d. draws from the tail
@@ -175,24 +177,91 @@ def _unique_counts(ids_N: jax.Array) -> tuple[jax.Array, jax.Array]:
     return uniq_N, counts_N
 
 
-def _gumbel_top_k_one(key, l_V, k, temperature, log_zt):
-    """Gumbel-top-k for one position: ids [k], unbiased weights t_i / pi_i [k]."""
-    vocab = l_V.shape[-1]
+# What `sample_tokens(..., replace=False)` draws for a given key (its RNG use), recorded in
+# sample_wor stores so a resume never mixes two samplers in one store. Version 1 (unnamed, no
+# record) drew V Gumbels per position; both have the same law, not the same draws.
+WOR_SAMPLER = "tree-sequential-exprace-v2"
+
+
+def _lse_rows(x_NxR: jax.Array) -> jax.Array:
+    """logsumexp over the last axis, -inf for a row of -inf (no NaN). [..., R] -> [...]."""
+    m_N = jnp.max(x_NxR, axis=-1)
+    safe_N = jnp.where(m_N > -jnp.inf, m_N, 0.0)
+    return safe_N + jnp.log(jnp.sum(jnp.exp(x_NxR - safe_N[..., None]), axis=-1))
+
+
+def _pick_log(log_mass_R: jax.Array, u: jax.Array) -> jax.Array:
+    """_pick_child on log masses (rescaled by their max): a child index, 0 for a row of -inf."""
+    m = jnp.max(log_mass_R)
+    mass_R = jnp.exp(log_mass_R - jnp.where(m > -jnp.inf, m, 0.0))
+    return jnp.maximum(_pick_child(mass_R[None], u[None])[0], 0)
+
+
+def _wor_one(key, l_V, k, temperature, log_zt):
+    """k draws without replacement from q = softmax(l / T) for one position: ids [k] in draw
+    order, unbiased weights t_i / pi_i [k] (the law of Gumbel-top-k, see `sample_tokens`).
+
+    A tree of log-masses as in `_draw_one` (log-space per node, so no mass underflows: each
+    row is rescaled by its own max), walked k times with one uniform per level; a drawn leaf
+    is masked (one bit per leaf in its row's int32 mask) and its row's and ancestors'
+    log-masses are recomputed from their R children (never subtracted: no cancellation).
+    Threshold: in the exponential-race view of Gumbel-top-k (arrival T_i = E_i / q_i, the
+    order of arrivals is sequential sampling without replacement), the (k+1)-th arrival is
+    y = sum_{j=0..k} E_j / Z_j with E_j ~ Exp(1) i.i.d. and Z_j the mass left before draw j,
+    independent of which ids arrive; kappa = -log y is the (k+1)-th largest perturbed value.
+    O(V) for the tree, O(k R log_R V) for the draws.
+    """
     s_V = l_V / temperature if temperature != 1.0 else l_V
-    perturbed_V = s_V + jax.random.gumbel(key, (vocab,), jnp.float32)
-    if vocab < k + 1:  # kappa must exist: pad with -inf (pi = 1 for every finite id then)
-        perturbed_V = jnp.pad(perturbed_V, (0, k + 1 - vocab), constant_values=-jnp.inf)
-    top_K1, idx_K1 = _top_k(perturbed_V, k + 1)
-    kappa = top_K1[k]
-    idx_K = jnp.minimum(idx_K1[:k], vocab - 1)
-    valid_K = top_K1[:k] > -jnp.inf  # finite logit (fewer than k finite ids: the rest empty)
-    # pi_i = P(G_i > kappa | kappa) = 1 - exp(-exp(log q_i - kappa)); the log-normaliser of
-    # q cancels in log q_i - kappa, so the unnormalised s is used. kappa = -inf -> pi = 1.
-    gap_K = jnp.where(valid_K, s_V[idx_K] - kappa, 0.0)
+    s_rows = _rows(s_V, -jnp.inf)  # [V/R, R]
+    levels = [_lse_rows(s_rows)]  # bottom-up log-masses; PERF: the only O(V) pass
+    while levels[-1].shape[-1] > 1:
+        levels.append(_lse_rows(_rows(levels[-1], -jnp.inf)))
+    levels = [_rows(x, -jnp.inf).reshape(-1) for x in levels[:-1]] + [levels[-1]]  # padded
+    depth = len(levels) - 1  # picks above the leaf row
+    u_all = jax.random.uniform(key, (k * (depth + 1) + k + 1,), jnp.float32)
+    u_KxD = u_all[: k * (depth + 1)].reshape(k, depth + 1)
+    e_K1 = -jnp.log1p(-u_all[k * (depth + 1) :])  # Exp(1)
+    bits0 = jnp.zeros((s_rows.shape[0],), jnp.int32)
+    lanes_R = jnp.arange(_RADIX, dtype=jnp.int32)
+    s_V_pad = s_rows.reshape(-1)
+
+    def draw(carry, u_D):
+        levels, bits = carry
+        log_z = levels[-1][0]  # mass left before this draw
+        node, path = jnp.int32(0), []
+        for d in range(depth - 1, -1, -1):  # top-down: children of `node` at level d
+            kids_R = jax.lax.dynamic_slice(levels[d], (node * _RADIX,), (_RADIX,))
+            c = _pick_log(kids_R, u_D[depth - 1 - d])
+            path.append((node, kids_R, c))
+            node = node * _RADIX + c
+        row_bits = bits[node]
+        gone_R = (row_bits >> lanes_R) & 1 == 1
+        leaf_R = jnp.where(gone_R, -jnp.inf, jax.lax.dynamic_slice(s_V_pad, (node * _RADIX,), (_RADIX,)))
+        c = _pick_log(leaf_R, u_D[depth])
+        leaf_id = node * _RADIX + c
+        # Remove the leaf: recompute its row's log-mass, then each ancestor's from its children.
+        bits = bits.at[node].set(row_bits | (1 << c))
+        new = _lse_rows(jnp.where(lanes_R == c, -jnp.inf, leaf_R))
+        levels = list(levels)
+        levels[0] = levels[0].at[node].set(new)
+        for d, (parent, kids_R, c) in zip(range(depth), reversed(path)):
+            new = _lse_rows(jnp.where(lanes_R == c, new, kids_R))
+            levels[d + 1] = levels[d + 1].at[parent].set(new)
+        return (tuple(levels), bits), (leaf_id, log_z)
+
+    (levels, _), (ids_K, log_z_K) = jax.lax.scan(draw, (tuple(levels), bits0), u_KxD)
+    log_z_K1 = jnp.append(log_z_K, levels[-1][0])
+    valid_K = log_z_K > -jnp.inf  # mass was left: fewer than k finite ids leave empty slots
+    # log y = logsumexp_j(log E_j - log Z_j); Z_j = 0 gives y = inf, kappa = -inf, pi = 1.
+    log_y = jax.nn.logsumexp(jnp.log(e_K1) - log_z_K1)
+    ids_K = jnp.where(valid_K, ids_K, 0)
+    s_K = s_V_pad[ids_K]
+    # pi_i = P(T_i < y | y) = 1 - exp(-q_i y) = 1 - exp(-exp(s_i - kappa)), kappa = -log y.
+    gap_K = jnp.where(valid_K, s_K + log_y, 0.0)
     log_pi_K = jnp.log(-jnp.expm1(-jnp.exp(gap_K)))
-    log_t_K = l_V[idx_K] - log_zt
+    log_t_K = (s_K if temperature == 1.0 else l_V[ids_K]) - (log_z_K1[0] if log_zt is None else log_zt)
     w_K = jnp.where(valid_K, jnp.exp(jnp.where(valid_K, log_t_K - log_pi_K, 0.0)), 0.0)
-    return jnp.where(valid_K, idx_K, 0).astype(jnp.int32), w_K
+    return ids_K.astype(jnp.int32), w_K
 
 
 def _check_k(k: int, vocab: int) -> None:
@@ -272,11 +341,13 @@ def sample_tokens(
     q = softmax(logits / temperature) the proposal.
     - replace=True (RS-KD): N i.i.d. draws from q, unique ids first (sorted), weights
       w_i = (c_i / N) * t_i / q_i: unbiased, E[w_i] = t_i. See `sample_counts`.
-    - replace=False: Gumbel-top-k keeps k = num_draws distinct ids from q (one V-sized
-      Gumbel pass + top_k, as `jax.random.categorical(..., replace=False)`), weights
-      w_i = t_i / pi_i, pi_i = 1 - exp(-exp(log q_i - kappa)), kappa the (k+1)-th largest
-      perturbed value: unbiased (Kool et al. 2019). Positions with fewer than k finite
-      logits keep them all (pi = 1) and leave the rest empty.
+    - replace=False: k = num_draws distinct ids from q, in draw order: each a draw from q
+      renormalised over the ids not yet drawn (the law of Gumbel-top-k, i.e. of
+      `jax.random.categorical(..., replace=False)`, without its V Gumbels: O(V + k R log_R V)
+      per position), weights w_i = t_i / pi_i, pi_i = 1 - exp(-exp(log q_i - kappa)), kappa
+      the (k+1)-th largest Gumbel-perturbed log q, drawn exactly from the masses left
+      (`_wor_one`): unbiased (Kool et al. 2019). Positions with fewer than k finite logits
+      keep them all (pi = 1) and leave the rest empty. Sampler version: `WOR_SAMPLER`.
     - normalize=True: weights divided by their sum (sum to 1). Self-normalised importance
       sampling: lower variance and consistent, but BIASED; the default is unbiased.
 
@@ -295,9 +366,10 @@ def sample_tokens(
             w_xK = _normalized(w_xK)
         return SparseTargets(sc.ids, w_xK)
     logits_PxV, lead = _flatten(teacher_logits)
-    log_zt_P = jax.nn.logsumexp(logits_PxV, axis=-1)
+    # At temperature 1 the tree's root is log Z_t: no second pass over V.
+    log_zt_P = None if temperature == 1.0 else jax.nn.logsumexp(logits_PxV, axis=-1)
     keys_P = _position_keys(key, logits_PxV.shape[0])
-    ids_PxK, w_PxK = jax.vmap(_gumbel_top_k_one, in_axes=(0, 0, None, None, 0))(
+    ids_PxK, w_PxK = jax.vmap(_wor_one, in_axes=(0, 0, None, None, None if log_zt_P is None else 0))(
         keys_P, logits_PxV, num_draws, temperature, log_zt_P
     )
     if normalize:

@@ -574,6 +574,17 @@ def test_every_method_in_one_pass_matches_direct_sampling(work, tokens, teacher)
         for a, b in zip(canon(g["ids"], g["weights"]), canon(st.ids, st.weights)):
             np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(got["wor16_norm"]["weights"].sum(-1), 1.0, rtol=1e-5)
+    # sample_wor stores record their sampler; one written by another (here: the first
+    # Gumbel-top-k sampler, which recorded none) is not resumed, so no store mixes two.
+    wor_url = str(out / "wor16")
+    manifest = read_json(wor_url)
+    assert manifest["sampler"] == sampling.WOR_SAMPLER and "sampler" not in read_json(str(out / "s50"))
+    write_json(wor_url, {k: v for k, v in manifest.items() if k != "sampler"})
+    with pytest.raises(StoreError, match=r"wor16.*differs in: sampler\).*overwrite=true"):
+        cache.run(cfg, progress=False, devices=one_device())
+    with pytest.raises(StoreError, match=r"sampler 'v1 .*other draws"):  # not reported as corrupt
+        inspect_store_module().verify(wor_url, 1)
+    write_json(wor_url, manifest)
 
     st = ref["top12"]
     for a, b in zip(canon(got["top12"]["ids"], got["top12"]["weights"]), canon(st.ids, st.weights)):
@@ -768,20 +779,24 @@ def test_refuses_unknown_config_keys(work, tokens, capsys):
 # ----------------------------------------------------------------------------- inspect --verify
 
 
-def run_inspect(*args: str) -> tuple[int, dict]:
-    import contextlib
+def inspect_store_module():
     import importlib.util
-    import io
 
     # tools/ is not a package: load the script by path (nothing goes on sys.path)
     spec = importlib.util.spec_from_file_location("inspect_store", REPO / "tools" / "inspect_store.py")
     assert spec is not None and spec.loader is not None
     inspect_store = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(inspect_store)
+    return inspect_store
+
+
+def run_inspect(*args: str) -> tuple[int, dict]:
+    import contextlib
+    import io
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        code = inspect_store.main(list(args))
+        code = inspect_store_module().main(list(args))
     return code, json.loads(buf.getvalue())
 
 

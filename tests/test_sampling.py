@@ -218,6 +218,117 @@ def test_without_replacement_keeping_every_id_is_exact():
     assert (np.asarray(st.weights)[0, -1] == 0) and st.ids[0, -1] == 0  # one empty slot
 
 
+# ------------------------------------------------------------------ without replacement: law
+
+WOR_V, WOR_K, WOR_M = 300, 3, 30000
+# 8 finite ids spread over the tree (V = 300: 19 leaf rows under 2 nodes under the root), two
+# in one leaf row (40, 41), so draws walk every level and removals cross rows and nodes.
+WOR_IDS = np.array([3, 17, 40, 41, 100, 250, 257, 299])
+
+
+def _wor_logits():
+    logits = np.full(WOR_V, -np.inf, np.float32)
+    logits[WOR_IDS] = np.random.default_rng(30).normal(size=WOR_IDS.size) * 1.2
+    return logits
+
+
+def _ordered_law(q, k, remove=True):
+    """Exact law of ordered k-tuples of distinct ids: successive draws from q renormalised over
+    the ids left (remove=True), or i.i.d. from q conditioned on distinct ids (remove=False):
+    flat index sum_j ids_j V^(k-1-j) -> probability."""
+    vocab, out = q.size, np.zeros(q.size**k)
+    support = np.flatnonzero(q)
+
+    def walk(prefix, prob, left):
+        if len(prefix) == k:
+            out[np.ravel_multi_index(prefix, (vocab,) * k)] = prob
+            return
+        for i in support:
+            if i not in prefix:
+                walk(prefix + [i], prob * q[i] / (left if remove else 1.0), left - q[i])
+
+    walk([], 1.0, 1.0)
+    return out / out.sum()
+
+
+def _tuple_index(ids_MxK, vocab):
+    return np.ravel_multi_index(tuple(np.asarray(ids_MxK).T), (vocab,) * ids_MxK.shape[-1])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+def test_without_replacement_ordered_tuples_match_sequential_law(temperature):
+    logits = _wor_logits()
+    st = _tokens(
+        jax.random.key(31), np.broadcast_to(logits, (WOR_M, WOR_V)), WOR_K, temperature=temperature, replace=False
+    )
+    ids = np.asarray(st.ids)
+    assert (np.sort(ids, -1)[:, 1:] != np.sort(ids, -1)[:, :-1]).all()  # no repeated id
+    q = softmax64(logits, temperature)
+    cells = _tuple_index(ids, WOR_V)
+    # chisquare_pvalue asserts that no zero-probability tuple (a repeat, a masked id) was drawn.
+    assert chisquare_pvalue(cells, _ordered_law(q, WOR_K)) > ALPHA
+    # Power: the same draws reject i.i.d. draws conditioned on distinct ids (the drawn mass not
+    # removed from the renormalisation) and a proposal 5% off in temperature.
+    assert chisquare_pvalue(cells, _ordered_law(q, WOR_K, remove=False)) < ALPHA
+    assert chisquare_pvalue(cells, _ordered_law(softmax64(logits, temperature * 1.05), WOR_K)) < ALPHA
+
+
+def _gumbel_top_k_numpy(logits, k, m, seed, kappa_rank=None):
+    """Reference Gumbel-top-k (the first sampler's algorithm) in float64: ids [m, k] and
+    weights t_i / pi_i, pi_i = 1 - exp(-exp(l_i - kappa)), kappa the (kappa_rank + 1)-th
+    largest perturbed logit (default kappa_rank = k: the (k+1)-th)."""
+    perturbed = logits + np.random.default_rng(seed).gumbel(size=(m, logits.size))  # -inf stays
+    order = np.argsort(-perturbed, axis=-1, kind="stable")
+    ids = order[:, :k]
+    kappa = np.take_along_axis(perturbed, order[:, [k if kappa_rank is None else kappa_rank]], -1)
+    pi = -np.expm1(-np.exp(logits[ids] - kappa))
+    return ids, softmax64(logits)[ids] / pi
+
+
+def test_without_replacement_weights_match_gumbel_top_k_in_law():
+    # Two-sample KS tests against the reference algorithm on the total weight (a function of
+    # the ids and of kappa) and on the first id's weight: the same law, not only the same mean.
+    # Both rounded to 1e-4: in float32 pi rounds to 1 (w = t, an atom) where float64 has
+    # w = t (1 + 1e-8); the rounding makes the atoms the same (KS is conservative with ties).
+    logits, k, m = _wor_logits(), 4, 4000
+    st = _tokens(jax.random.key(32), np.broadcast_to(logits, (m, WOR_V)), k, replace=False)
+    w = np.round(np.asarray(st.weights, np.float64), 4)
+    ref_ids, ref_w = _gumbel_top_k_numpy(logits, k, m, seed=33)
+    ref_w = np.round(ref_w, 4)
+    assert np.isfinite(logits[ref_ids]).all() and np.isfinite(ref_w).all()
+    for got, ref in ((w.sum(-1), ref_w.sum(-1)), (w[:, 0], ref_w[:, 0])):
+        assert stats.ks_2samp(got, ref).pvalue > ALPHA / 2
+    # Power: kappa taken as the k-th largest value (the last kept id's) is rejected.
+    _, bad_w = _gumbel_top_k_numpy(logits, k, m, seed=33, kappa_rank=k - 1)
+    assert stats.ks_2samp(w.sum(-1), np.round(bad_w, 4).sum(-1)).pvalue < ALPHA
+
+
+@pytest.mark.parametrize("vocab", [1, 17])  # a single id; k = V over a padded leaf row
+def test_without_replacement_small_vocabularies_keep_every_id(vocab):
+    logits = np.linspace(0.0, -1.0, vocab).astype(np.float32)
+    st = _tokens(jax.random.key(34), np.broadcast_to(logits, (50, vocab)), vocab, replace=False)
+    ids, w = np.asarray(st.ids), np.asarray(st.weights)
+    assert (np.sort(ids, -1) == np.arange(vocab)).all()  # each id once
+    np.testing.assert_allclose(np.take_along_axis(softmax64(logits)[None].repeat(50, 0), ids, -1), w, rtol=1e-5)
+    assert len({tuple(r) for r in ids}) > 1 or vocab == 1  # the order is random
+
+
+def test_without_replacement_is_exact_past_float32_underflow():
+    # exp(-150) is 0 in float32, yet once id 0 is drawn the -150 ids hold all the mass left:
+    # each row is rescaled by its own max, so the next draws are uniform over them, as with
+    # Gumbel-top-k (a single float32 mass tree could not draw them at all).
+    vocab, m = 40, 3000
+    logits = np.full(vocab, -150.0, np.float32)
+    logits[0] = 0.0
+    logits[[7, 20, 33]] = -np.inf
+    st = _tokens(jax.random.key(35), np.broadcast_to(logits, (m, vocab)), 3, replace=False)
+    ids = np.asarray(st.ids)
+    assert (ids[:, 0] == 0).all() and (ids[:, 1] != ids[:, 2]).all() and (ids[:, 1:] != 0).all()
+    uniform = np.where(np.isfinite(logits), 1.0, 0.0)
+    uniform[0] = 0.0
+    assert chisquare_pvalue(ids[:, 1], uniform / uniform.sum()) > ALPHA
+
+
 # ------------------------------------------------------------------ invariants
 
 

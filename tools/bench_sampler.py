@@ -1,14 +1,17 @@
 """Benchmark the sparse-target samplers against a naive N-draw categorical and a log_softmax.
 
-    python tools/bench_sampler.py            # readable table
-    python tools/bench_sampler.py --json     # one JSON object of figures
+    python tools/bench_sampler.py                      # readable table
+    python tools/bench_sampler.py --json               # one JSON object of figures
+    python tools/bench_sampler.py --json --num-draws 12 50   # a JSON list, one object per N
 
 All candidates see the same teacher logits [P, V] (Gaussian * scale: peaked like an LM, ~13
 unique ids in 50 draws at V = 49,152). Each is jit-compiled and warmed up, then timed with
 block_until_ready in interleaved rounds (every candidate once per round, round-robin, so
 machine-load drift hits all alike); the figures are medians over rounds. The naive sampler
 (`jax.random.categorical` with shape (N, P): N x V Gumbel noise) is slow and runs in only the
-first --naive-reps rounds.
+first --naive-reps rounds. Without replacement, `sample_tokens(..., replace=False)` (sequential
+draws down the sampling tree) runs beside `gumbel_top_k_no_replace`, the first sampler's
+algorithm (V Gumbels per position + top_k, kept here as the baseline), same k and logits.
 """
 
 from __future__ import annotations
@@ -25,6 +28,24 @@ import jax.numpy as jnp
 from rskd_jax.sampling import sample_counts, sample_tokens, top_k_targets
 
 
+def gumbel_top_k(key, logits_PxV, k):
+    """The first without-replacement sampler (same law and weights as sample_tokens(...,
+    replace=False), other draws): per position V Gumbels, top_k(k + 1), w = t / pi with
+    pi = 1 - exp(-exp(l - kappa)), kappa the (k+1)-th perturbed value. ids, weights [P, k]."""
+
+    def one(key, l_V):
+        perturbed_V = l_V + jax.random.gumbel(key, l_V.shape, jnp.float32)
+        # PERF: the barrier keeps XLA's fast TopK on CPU (see sampling._top_k).
+        top_K1, idx_K1 = jax.lax.optimization_barrier(jax.lax.top_k(perturbed_V, k + 1))
+        valid_K = top_K1[:k] > -jnp.inf
+        gap_K = jnp.where(valid_K, l_V[idx_K1[:k]] - top_K1[k], 0.0)
+        log_w_K = l_V[idx_K1[:k]] - jax.nn.logsumexp(l_V) - jnp.log(-jnp.expm1(-jnp.exp(gap_K)))
+        return jnp.where(valid_K, idx_K1[:k], 0), jnp.where(valid_K, jnp.exp(log_w_K), 0.0)
+
+    keys_P = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(logits_PxV.shape[0]))
+    return jax.vmap(one)(keys_P, logits_PxV)
+
+
 def build_candidates(num_draws: int):
     """name -> jitted fn(key, logits_PxV)."""
 
@@ -35,6 +56,7 @@ def build_candidates(num_draws: int):
         "naive_categorical": jax.jit(naive),
         "sample_tokens_replace": jax.jit(lambda k, l: sample_tokens(k, l, num_draws)),
         "sample_tokens_no_replace": jax.jit(lambda k, l: sample_tokens(k, l, num_draws, replace=False)),
+        "gumbel_top_k_no_replace": jax.jit(lambda k, l: gumbel_top_k(k, l, num_draws)),
         "top_k_targets": jax.jit(lambda k, l: top_k_targets(l, num_draws)),
         "log_softmax": jax.jit(lambda k, l: jax.nn.log_softmax(l, axis=-1)),
     }
@@ -87,6 +109,7 @@ def run(vocab: int, num_draws: int, positions: int, scale: float, reps: int, nai
         "load_average_1m": [load_before, os.getloadavg()[0]],
         "cpu_count": os.cpu_count(),
     }
+    out["no_replace_speedup_vs_gumbel"] = seconds["gumbel_top_k_no_replace"] / seconds["sample_tokens_no_replace"]
     if "naive_categorical" in seconds:
         naive_s = seconds["naive_categorical"]
         out["speedup_vs_naive"] = {name: naive_s / s for name, s in seconds.items()}
@@ -114,15 +137,20 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--vocab", type=int, default=49152)
-    parser.add_argument("--num-draws", type=int, default=50)
+    parser.add_argument("--num-draws", type=int, nargs="+", default=[50], help="N (or k); several: one run each")
     parser.add_argument("--positions", type=int, default=256)
     parser.add_argument("--scale", type=float, default=6.0, help="logits = N(0, 1) * scale")
     parser.add_argument("--reps", type=int, default=15, help="timed rounds")
     parser.add_argument("--naive-reps", type=int, default=3, help="rounds that include the naive sampler (0: skip it)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    result = run(args.vocab, args.num_draws, args.positions, args.scale, args.reps, args.naive_reps, args.seed)
-    print(json.dumps(result, indent=2) if args.json else table(result))
+    results = [
+        run(args.vocab, n, args.positions, args.scale, args.reps, args.naive_reps, args.seed) for n in args.num_draws
+    ]
+    if args.json:
+        print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+    else:
+        print("\n\n".join(table(r) for r in results))
 
 
 if __name__ == "__main__":
