@@ -9,7 +9,9 @@ unique ids in 50 draws at V = 49,152). Each is jit-compiled and warmed up, then 
 block_until_ready in interleaved rounds (every candidate once per round, round-robin, so
 machine-load drift hits all alike); the figures are medians over rounds. The naive sampler
 (`jax.random.categorical` with shape (N, P): N x V Gumbel noise) is slow and runs in only the
-first --naive-reps rounds. Without replacement, `sample_tokens(..., replace=False)` (sequential
+first --naive-reps rounds. The variance-reduced unbiased samplers run beside them:
+`systematic_counts` (N stratified points of the CDF) and `head_tail_h4` (top-4 exact + N tail
+draws). Without replacement, `sample_tokens(..., replace=False)` (sequential
 draws down the sampling tree) runs beside `gumbel_top_k_no_replace`, the first sampler's
 algorithm (V Gumbels per position + top_k, kept here as the baseline), same k and logits.
 """
@@ -25,7 +27,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from rskd_jax.sampling import sample_counts, sample_tokens, top_k_targets
+from rskd_jax.sampling import head_tail_targets, sample_counts, sample_tokens, systematic_counts, top_k_targets
 
 
 def gumbel_top_k(key, logits_PxV, k):
@@ -57,6 +59,9 @@ def build_candidates(num_draws: int):
         "sample_tokens_replace": jax.jit(lambda k, l: sample_tokens(k, l, num_draws)),
         "sample_tokens_no_replace": jax.jit(lambda k, l: sample_tokens(k, l, num_draws, replace=False)),
         "gumbel_top_k_no_replace": jax.jit(lambda k, l: gumbel_top_k(k, l, num_draws)),
+        "systematic_counts": jax.jit(lambda k, l: systematic_counts(k, l, num_draws)),
+        # the head (h = 4) kept exactly, N draws from the tail
+        "head_tail_h4": jax.jit(lambda k, l: head_tail_targets(k, l, 4, num_draws)),
         "top_k_targets": jax.jit(lambda k, l: top_k_targets(l, num_draws)),
         "log_softmax": jax.jit(lambda k, l: jax.nn.log_softmax(l, axis=-1)),
     }
