@@ -322,17 +322,18 @@ def test_resume_with_a_different_run_config_is_refused(tmp_path):
 
 
 def test_train_refuses_a_changed_step_count_from_the_command_line(stores, tmp_path, capsys):
-    """The message a user sees when resuming with another train.steps (exit 1, no traceback)."""
+    """The message a user sees when resuming with another train.steps (exit 1, no traceback).
+    The run directory is what a started run leaves for the check: its saved config (the
+    2-step training itself would add nothing the check reads; see test_kill_resume_...)."""
     from rskd_jax import train
 
     out = str(tmp_path / "run")
-    train.run(
-        load_config(
-            TrainRun,
-            os.path.join(ROOT, "configs/tiny/train.yaml"),
-            overrides(stores, out, "train.steps=2", "train.export_hf=false"),
-        )
+    first = load_config(
+        TrainRun,
+        os.path.join(ROOT, "configs/tiny/train.yaml"),
+        overrides(stores, out, "train.steps=2", "train.export_hf=false"),
     )
+    save_config(first, out)
     with pytest.raises(SystemExit) as exc:
         train.main(
             [
@@ -390,6 +391,7 @@ def test_batches_whose_tokens_changed_after_caching_are_refused(tmp_path):
         rows.read(np.array([2, 5, 9]))
 
 
+@pytest.mark.slow  # the train and evaluate programs end to end; test_integrity.py checks the store's refusal
 def test_a_corrupt_chunk_stops_training_with_the_message(stores, tmp_path, capsys):
     """One flipped bit in the teacher store: the trainer exits 1 naming the store, array and
     row, and no step after the corrupt batch's is logged (it was never trained on)."""
