@@ -18,14 +18,19 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 from collections import deque
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from rskd_jax import cache_step, sampling
-from rskd_jax.config import CacheRun, config_to_dict
+from rskd_jax.config import CacheRun, OutputConfig, config_to_dict
 from rskd_jax.methods import COUNT_METHODS
+
+if TYPE_CHECKING:
+    from rskd_jax.models.llama import Llama
+    from rskd_jax.store.teacher_store import TeacherStore
+    from rskd_jax.store.tokens import TokenStore
 
 MAX_WRITES_IN_FLIGHT = 4
 
@@ -34,7 +39,15 @@ class CacheError(ValueError):
     """Bad input to the cache program (`rskd_jax.cache` re-exports it): it says what to change."""
 
 
-def store_manifest(run: CacheRun, out, model, tokens, *, device_batch: int, mesh_shape: dict) -> dict[str, Any]:
+def store_manifest(
+    run: CacheRun,
+    out: OutputConfig,
+    model: Llama,
+    tokens: TokenStore,
+    *,
+    device_batch: int,
+    mesh_shape: Mapping[str, int],
+) -> dict[str, Any]:
     """What a teacher store's bytes depend on; a re-run must match it to resume. Identity is
     by content: the teacher's fingerprint (its weights and resolved config, dtypes included)
     and the token store's. Where they were found (the teacher spec with its source path, the
@@ -71,7 +84,7 @@ def recorded_device_batches(prefix: str, names: Sequence[str]) -> dict[str, int]
     """{output name: device_batch} of the teacher stores already under prefix that record one."""
     from rskd_jax.store.common import read_json
 
-    recorded = {}
+    recorded: dict[str, int] = {}
     for name in names:
         m = read_json(f"{prefix}/{name}")
         if m is not None and m.get("kind") == "teacher" and "device_batch" in m:
@@ -82,24 +95,24 @@ def recorded_device_batches(prefix: str, names: Sequence[str]) -> dict[str, int]
 def open_stores(
     prefix: str,
     run: CacheRun,
-    model,
-    tokens,
+    model: Llama,
+    tokens: TokenStore,
     *,
     vocab_size: int,
     num_rows: dict[str, int],
     id_frequencies: np.ndarray,
     device_batch: int,
-    mesh_shape: dict,
+    mesh_shape: Mapping[str, int],
     process_index: int = 0,
     process_count: int = 1,
-) -> dict[str, Any]:
+) -> dict[str, TeacherStore]:
     """Creates (or reopens, to resume) one store per output. Process 0 creates first and
     the others reopen after a barrier, so no process deletes another's fresh arrays."""
     from rskd_jax.store.teacher import create_teacher_store
 
     c = run.cache
 
-    def open_all():
+    def open_all() -> dict[str, TeacherStore]:
         return {
             o.name: create_teacher_store(
                 f"{prefix}/{o.name}",
@@ -132,14 +145,14 @@ def open_stores(
 class StoreWriter:
     """Writes the cache step's host outputs into `stores` ({output name: TeacherStore})."""
 
-    def __init__(self, stores: dict[str, Any], *, chunk_rows: int, diagnostics: bool):
+    def __init__(self, stores: Mapping[str, TeacherStore], *, chunk_rows: int, diagnostics: bool):
         self.stores = stores
         self.chunk_rows = chunk_rows
         self.diagnostics = diagnostics
         self._pool: cf.ThreadPoolExecutor | None = None
-        self._pending: deque = deque()
+        self._pending: deque[cf.Future[None]] = deque()
 
-    def write(self, split: str, rows_R: np.ndarray, tokens_RxL: np.ndarray, out: dict) -> None:
+    def write(self, split: str, rows_R: np.ndarray, tokens_RxL: np.ndarray, out: dict[str, Any]) -> None:
         """Writes one step's rows and waits until they are durable.
 
         rows_R: the process's global row indices, -1 for padding (skipped); tokens_RxL: their
@@ -175,7 +188,7 @@ class StoreWriter:
         self._pending.clear()
         return self
 
-    def submit(self, split: str, rows_R: np.ndarray, tokens_RxL: np.ndarray, out: dict) -> None:
+    def submit(self, split: str, rows_R: np.ndarray, tokens_RxL: np.ndarray, out: dict[str, Any]) -> None:
         """Queues `write` on the background thread, then waits while more than
         MAX_WRITES_IN_FLIGHT are queued and collects finished ones (raising the first error)."""
         assert self._pool is not None, "use StoreWriter as a context manager to submit"
@@ -188,7 +201,7 @@ class StoreWriter:
         while self._pending:
             self._pending.popleft().result()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         assert self._pool is not None
         self._pool.shutdown(wait=True)
         self._pool = None

@@ -29,9 +29,6 @@ from rskd_jax.store.common import StoreError
 
 log = logging.getLogger("rskd_jax.train")
 
-# the tables live in rskd_jax.methods; LOSS_FIELDS is the loss methods' batch fields
-LOSS_FIELDS = BATCH_KEYS
-
 
 class DataMismatch(StoreError):
     """The token store, teacher store and student do not belong together."""
@@ -176,7 +173,7 @@ class RunRows(NamedTuple):
 def run_rows(tokens, store, *, method: str, student_vocab: int) -> RunRows:
     """Checks the stores against each other, the student and the loss; the train rows (with
     the loss's teacher fields) and the val rows (with what evaluation can use)."""
-    fields = LOSS_FIELDS[method]
+    fields = BATCH_KEYS[method]
     if fields and store is None:
         raise DataMismatch(f"loss.method={method!r} trains from a teacher store: set train.teacher_store")
     check_stores(tokens, store, student_vocab=student_vocab, method=method)

@@ -261,6 +261,7 @@ INVARIANCE_OUTPUTS = (
 )
 
 
+@pytest.mark.slow  # a data run and 5 cache runs; test-fast keeps batch 16 on 8 devices == the reference
 def test_store_identical_for_batch_2_8_16_and_1_or_8_devices(work, teacher):
     """At one device_batch (2), batch 2, 8 and 16 on one device and batch 16 over 8 devices
     (2 rows each) write the same bytes. The settings can break it: at L = 128 the teacher's

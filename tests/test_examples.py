@@ -6,19 +6,17 @@ import subprocess
 import sys
 
 import pytest
-from test_store_forms import make_teacher, make_tokens
+from tiny_stores import write_forms_stores
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
-    root = tmp_path_factory.mktemp("example")
-    splits, manifest = make_tokens(str(root / "tokens"), 0)
-    make_teacher(str(root / "teacher"), manifest, splits["train"])
-    return str(root / "tokens"), str(root / "teacher")
+    return write_forms_stores(tmp_path_factory.mktemp("example"))
 
 
+@pytest.mark.slow  # the example's whole training run in a subprocess
 def test_optax_loop_trains_from_the_store(stores):
     steps = 24
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

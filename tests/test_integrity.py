@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from tiny_stores import unique_counts
 
 from rskd_jax.store import common
 from rskd_jax.store.common import StoreError
@@ -42,11 +43,7 @@ def stores(tmp_path_factory):
     for split, toks in splits.items():
         n = len(toks)
         draws = np.sort(rng.integers(0, V, (n, L, K)), axis=-1)
-        ids, counts = np.zeros((n, L, K), np.int64), np.zeros((n, L, K), np.int64)
-        for i in range(n):
-            for j in range(L):
-                u, c = np.unique(draws[i, j], return_counts=True)
-                ids[i, j, : len(u)], counts[i, j, : len(u)] = u, c
+        ids, counts = unique_counts(draws, np.int64)
         store.write_rows(
             split,
             0,

@@ -6,59 +6,16 @@ import grain
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_stores import ROWS, VOCAB, K, L, make_teacher, make_tokens, write_forms_stores
 
 from rskd_jax import losses
 from rskd_jax.store import forms, open_teacher_store
 from rskd_jax.store.grain_source import TeacherSource, TokenMismatch
-from rskd_jax.store.teacher import create_teacher_store
-from rskd_jax.store.tokens import write_token_store
-
-VOCAB, L, K, ROWS = 60, 32, 16, 24
-TOKENIZER = {"spec": "test", "fingerprint": "test-tokenizer", "vocab_size": VOCAB, "eos_id": 0, "bos_id": None}
-
-
-def make_tokens(url, seed):
-    rng = np.random.default_rng(seed)
-    splits = {"train": rng.integers(0, VOCAB, (ROWS, L)).astype(np.int32)}
-    return splits, write_token_store(url, splits, {"tokenizer": TOKENIZER})
-
-
-def make_teacher(url, manifest_tokens, hashed_tokens, seed=0):
-    """A `sample` store (N = K draws) from peaked random teachers: 1..K unique ids per position."""
-    rng = np.random.default_rng(seed)
-    manifest = {
-        "tokens": {"fingerprint": manifest_tokens["content_hash"], "seq_len": L},
-        "tokenizer": TOKENIZER,
-        "teacher": {"fingerprint": "test", "vocab_size": VOCAB},
-    }
-    store = create_teacher_store(
-        url,
-        manifest=manifest,
-        num_rows={"train": ROWS},
-        seq_len=L,
-        method="sample",
-        k=K,
-        vocab_size=VOCAB,
-        chunk_rows=8,
-        diagnostics=False,
-        token_hash=True,
-    )
-    ids, counts = np.zeros((ROWS, L, K), np.int32), np.zeros((ROWS, L, K), np.int32)
-    for i in range(ROWS):
-        for j in range(L):
-            p = np.exp(rng.normal(size=VOCAB) * rng.uniform(1.5, 5.0))
-            u, c = np.unique(rng.choice(VOCAB, K, p=p / p.sum()), return_counts=True)
-            ids[i, j, : len(u)], counts[i, j, : len(u)] = u, c
-    store.write_rows("train", 0, {"ids": ids, "counts": counts, "tokens": hashed_tokens}).result()
-    store.close()
 
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
-    root = tmp_path_factory.mktemp("forms")
-    splits, manifest = make_tokens(str(root / "tokens"), 0)
-    make_teacher(str(root / "teacher"), manifest, splits["train"])
-    return str(root / "tokens"), str(root / "teacher")
+    return write_forms_stores(tmp_path_factory.mktemp("forms"))
 
 
 @pytest.fixture(scope="module")

@@ -12,15 +12,16 @@ import time
 
 import numpy as np
 import pytest
+from tiny_stores import tokenizer, unique_counts
 
-from rskd_jax.config import ConfigError, TrainRun, load_config, parse_cli
+from rskd_jax.config import ConfigError, TrainRun, load_config, parse_cli, save_config
 from rskd_jax.store.common import StoreError
 from rskd_jax.store.teacher import create_teacher_store
 from rskd_jax.store.tokens import write_token_store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB, L, K = 60, 32, 8
-TOKENIZER = {"spec": "test", "fingerprint": "test-tokenizer", "vocab_size": VOCAB, "eos_id": 0, "bos_id": None}
+TOKENIZER = tokenizer(VOCAB)
 
 
 def make_tokens(url, seed=0, rows=(64, 16), seq_len=L):
@@ -58,11 +59,7 @@ def make_teacher(url, splits, token_manifest, seed=0, done_rows=None):
         t /= t.sum(-1, keepdims=True)
         cdf = np.cumsum(t, -1)
         draws = np.minimum((cdf[..., None, :] < rng.random((s, seq_len, K, 1))).sum(-1), VOCAB - 1)
-        ids, counts = np.zeros((s, seq_len, K), np.int32), np.zeros((s, seq_len, K), np.int32)
-        for i in range(s):
-            for j in range(seq_len):
-                u, c = np.unique(draws[i, j], return_counts=True)
-                ids[i, j, : len(u)], counts[i, j, : len(u)] = u, c
+        ids, counts = unique_counts(draws)
         store.write_rows(
             split,
             0,
@@ -285,7 +282,6 @@ def test_truncate_jsonl_drops_later_and_torn_records(tmp_path):
 
 
 def test_resume_with_a_different_run_config_is_refused(tmp_path):
-    from rskd_jax.config import save_config
     from rskd_jax.train import TrainError, check_resume_config
 
     tiny = os.path.join(ROOT, "configs/tiny/train.yaml")
@@ -326,17 +322,18 @@ def test_resume_with_a_different_run_config_is_refused(tmp_path):
 
 
 def test_train_refuses_a_changed_step_count_from_the_command_line(stores, tmp_path, capsys):
-    """The message a user sees when resuming with another train.steps (exit 1, no traceback)."""
+    """The message a user sees when resuming with another train.steps (exit 1, no traceback).
+    The run directory is what a started run leaves for the check: its saved config (the
+    2-step training itself would add nothing the check reads; see test_kill_resume_...)."""
     from rskd_jax import train
 
     out = str(tmp_path / "run")
-    train.run(
-        load_config(
-            TrainRun,
-            os.path.join(ROOT, "configs/tiny/train.yaml"),
-            overrides(stores, out, "train.steps=2", "train.export_hf=false"),
-        )
+    first = load_config(
+        TrainRun,
+        os.path.join(ROOT, "configs/tiny/train.yaml"),
+        overrides(stores, out, "train.steps=2", "train.export_hf=false"),
     )
+    save_config(first, out)
     with pytest.raises(SystemExit) as exc:
         train.main(
             [
@@ -394,6 +391,7 @@ def test_batches_whose_tokens_changed_after_caching_are_refused(tmp_path):
         rows.read(np.array([2, 5, 9]))
 
 
+@pytest.mark.slow  # the train and evaluate programs end to end; test_integrity.py checks the store's refusal
 def test_a_corrupt_chunk_stops_training_with_the_message(stores, tmp_path, capsys):
     """One flipped bit in the teacher store: the trainer exits 1 naming the store, array and
     row, and no step after the corrupt batch's is logged (it was never trained on)."""

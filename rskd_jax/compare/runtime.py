@@ -36,10 +36,11 @@ def build_teacher(cmp, vocab: int, mesh):
 
 def method_rows(cmp, m, tokens):
     """(train-split row source of method m with its loss's teacher fields, those fields)."""
+    from rskd_jax.methods import BATCH_KEYS
     from rskd_jax.store.teacher import open_teacher_store
-    from rskd_jax.train_data import LOSS_FIELDS, split_rows
+    from rskd_jax.train_data import split_rows
 
-    fields = LOSS_FIELDS[m.loss]
+    fields = BATCH_KEYS[m.loss]
     store = open_teacher_store(cmp.store_url(m.store)) if m.store else None
     return split_rows(tokens, store, "train", fields), fields
 

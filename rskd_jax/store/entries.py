@@ -1,4 +1,4 @@
-"""The teacher store's entry codec: pure numpy, no I/O (store/teacher.py lays the result out).
+"""The teacher store's entry codec: pure numpy, no I/O (store/teacher_store.py lays the result out).
 
 Letters: b rows of a block, L positions per row, K slots per position, C = L*K packed slots
 per row, V vocabulary.
