@@ -374,3 +374,25 @@ def test_reference_full_row_only_from_an_identical_run(tmp_path):
         reference_full_row(str(path), here, ["a", "b"])
     with pytest.raises(CompareError, match="not a results.json"):
         reference_full_row(str(tmp_path / "missing.json"), here, ["a", "b"])
+
+
+def test_merge_results_takes_rows_only_from_the_same_setting():
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import merge_results
+
+    def res(ce_docs: float, *rows):
+        ce = {"method": "ce", "family": "ce", "val_loss": 6.0, "val_loss_by_source": {"docs": ce_docs}}
+        return {"setup": {"steps": 10}, "commands": {"reproduce": "python -m rskd_jax.compare"}, "methods": [ce, *rows]}
+
+    old = {"method": "top_k_12", "family": "top_k", "val_loss": 5.9}
+    new = {"method": "sys_n50", "family": "systematic", "val_loss": 5.5, "unbiased": True}
+    ref = {"method": "full_kd", "family": "full", "val_loss": 5.0, "reference": "x"}
+    merged = merge_results.merge(res(6.0, old), [("b.json", res(6.0, new, ref))])
+    assert [r["method"] for r in merged["methods"]] == ["ce", "top_k_12", "sys_n50"]  # no ce or borrowed row
+    assert merged["methods"][1]["unbiased"] is False and merged["methods"][2]["results"] == "b.json"
+    with pytest.raises(SystemExit, match="not the base's"):
+        merge_results.merge(res(6.0, old), [("b.json", res(6.1, new))])
+    other = res(6.0, new)
+    other["setup"]["steps"] = 20
+    with pytest.raises(SystemExit, match=r"setup.steps"):
+        merge_results.merge(res(6.0, old), [("b.json", other)])

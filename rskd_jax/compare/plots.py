@@ -5,13 +5,14 @@ reliability.png   reliability diagrams (accuracy and mean confidence per confide
 unique_ids.png    mean unique ids per position vs draws N (our stores, the paper's points)
 ids_tradeoff.png  ECE and % of the CE -> full-KD gap closed vs ids stored per position
 gap_tokens.png    % of the CE -> full-KD gap closed vs training tokens (train-time eval records)
+gap_bytes.png     % of the gap closed (all and per source) vs stored bytes per token, unbiased marked
 """
 
 from __future__ import annotations
 
 from rskd_jax.compare.results import read_metrics
 
-PLOTS = ("val_loss.png", "reliability.png", "unique_ids.png", "ids_tradeoff.png", "gap_tokens.png")
+PLOTS = ("val_loss.png", "reliability.png", "unique_ids.png", "ids_tradeoff.png", "gap_tokens.png", "gap_bytes.png")
 STYLE = {
     "ce": ("k", "o"),
     "full": ("tab:green", "s"),
@@ -222,6 +223,42 @@ def plot_gap_tokens(results, runs, path: str) -> None:
     plt.close(fig)
 
 
+def plot_gap_bytes(results, path: str) -> None:
+    """Gap closed vs bytes/token, one panel for the pool and one per source; filled markers for
+    unbiased targets, open for biased ones."""
+    plt = _plt()
+    rows = [r for r in results["methods"] if r.get("bytes_per_token") and r.get("gap_closed_pct") is not None]
+    srcs = list(results["teacher"]["val_loss_by_source"])
+    panels = [("all", "gap_closed_pct", None)] + [(s, "gap_closed_pct_by_source", s) for s in srcs]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
+    for ax, (title, key, src) in zip(axes[0], panels):
+        for r in rows:
+            y = r[key] if src is None else r[key].get(src)
+            if y is None:
+                continue
+            color, marker = STYLE.get(r["family"], ("gray", "."))
+            ax.scatter(
+                r["bytes_per_token"],
+                y,
+                color=color,
+                marker=marker,
+                s=36,
+                facecolors=color if r.get("unbiased") else "none",
+            )
+            ax.annotate(r["method"], (r["bytes_per_token"], y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(100, color=STYLE["full"][0], linestyle=":", linewidth=1)
+        ax.axhline(90, color="gray", linestyle="--", linewidth=0.8)
+        ax.axvline(30, color="gray", linestyle="--", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("stored bytes per token")
+        ax.set_ylabel("% of CE -> full-KD gap closed")
+        ax.set_title(f"{title} (filled: unbiased)")
+        ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_plots(results: dict, runs: dict, reliability, results_dir: str) -> list[str]:
     """Every plot of PLOTS into results_dir; their paths."""
     import os
@@ -232,4 +269,5 @@ def write_plots(results: dict, runs: dict, reliability, results_dir: str) -> lis
     plot_unique_ids(results, paths[2])
     plot_tradeoff(results, paths[3])
     plot_gap_tokens(results, runs, paths[4])
+    plot_gap_bytes(results, paths[5])
     return paths

@@ -16,6 +16,16 @@ from typing import Any
 from rskd_jax.compare.plots import PLOTS, write_plots
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+PLOT_ALT = {
+    "val_loss.png": "val loss",
+    "reliability.png": "reliability",
+    "unique_ids.png": "unique ids vs N",
+    "ids_tradeoff.png": "ECE and gap closed vs stored ids",
+    "gap_bytes.png": "gap closed vs bytes per token",
+    "gap_tokens.png": "gap closed vs training tokens",
+}
+# drawn from results.json alone (the others need the runs' metrics, absent in a merged table)
+ALWAYS_PLOTTED = ("reliability.png", "unique_ids.png", "ids_tradeoff.png", "gap_bytes.png")
 
 
 def _f(x, fmt: str, scale: float = 1.0) -> str:
@@ -98,11 +108,11 @@ def render_section(results: dict, readme_dir: str, results_dir: str) -> str:
     ]
     lines += [
         "",
-        f"![val loss]({rel}/val_loss.png)",
-        f"![reliability]({rel}/reliability.png)",
-        f"![unique ids vs N]({rel}/unique_ids.png)",
-        f"![ECE and gap closed vs stored ids]({rel}/ids_tradeoff.png)",
-        f"![gap closed vs training tokens]({rel}/gap_tokens.png)",
+        *[
+            f"![{alt}]({rel}/{png})"
+            for png, alt in PLOT_ALT.items()
+            if os.path.exists(os.path.join(results_dir, png)) or png in ALWAYS_PLOTTED
+        ],
         "",
         f"Reproduce (resumable; every number above is in [`{rel}/results.json`]({rel}/results.json)):",
         "",
