@@ -36,8 +36,9 @@ log = logging.getLogger("rskd_jax.evaluate")
 def make_eval_fn(graphdef, *, vocab_size: int | None, teacher_graphdef=None, chunk_size: int = 0) -> Callable:
     """`fn(params, teacher_params, batch) -> sums` (metrics.* sums; jit it).
 
-    batch: tokens, mask and optionally a teacher's ids/weights/entropy (estimated KL) or
-    logprobs (exact KL); with teacher_graphdef the teacher model runs here (exact KL).
+    batch: tokens, mask, optionally segment_ids and positions (document masking: both models
+    read them) and a teacher's ids/weights/entropy (estimated KL) or logprobs (exact KL); with
+    teacher_graphdef the teacher model runs here (exact KL).
     """
 
     def position_sums(logits_xV, t, teacher_logits_xV):
@@ -151,9 +152,10 @@ def run(cfg: EvaluateRun) -> dict[str, Any]:
     vocab = tokenizer_vocab(tokens)
     graphdef, params, info = load_student(e.checkpoint or cfg.train.output, vocab, mesh)
     store = open_teacher_store(e.teacher) if e.teacher and _is_teacher_store(e.teacher) else None
-    check_stores(tokens, store, student_vocab=params["embed"].shape[0], method=None)
+    masking = cfg.context.document_masking
+    check_stores(tokens, store, student_vocab=params["embed"].shape[0], method=None, document_masking=masking)
     fields = teacher_fields(store)
-    rows = split_rows(tokens, store, e.split, fields)
+    rows = split_rows(tokens, store, e.split, fields, documents=masking)
     teacher_graphdef = teacher_params = teacher_sh = None
     if e.teacher and store is None:
         spec = cfg.teacher if e.teacher == "random" else dataclasses.replace(cfg.teacher, source=e.teacher)

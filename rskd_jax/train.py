@@ -187,7 +187,13 @@ def run(cfg: TrainRun) -> dict[str, Any]:
     vocab = tokenizer_vocab(tokens)
     store = open_teacher_store(t.teacher_store) if t.teacher_store else None
     student = build_model(cfg.student, vocab)
-    rows = run_rows(tokens, store, method=lc.method, student_vocab=student.config.vocab_size)
+    rows = run_rows(
+        tokens,
+        store,
+        method=lc.method,
+        student_vocab=student.config.vocab_size,
+        document_masking=cfg.context.document_masking,
+    )
 
     # ---- model, optimizer, sharded state
     graphdef, params = ts.split_model(student)
