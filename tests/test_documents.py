@@ -86,18 +86,31 @@ def test_masking_off_and_one_document_per_row_are_todays_logits_exactly(attentio
     assert np.array_equal(np.asarray(forward(model, tokens, None, None)), plain)
 
 
-def test_positions_restart_per_document():
-    """RoPE positions matter on their own: the same segments with positions 0..L-1 (not
-    restarted) change the logits of the second document beyond rounding."""
-    model = init_model(BASE.replace(rope_theta=10.0), seed=0)  # fast rotations: position-sensitive
+def test_positions_reach_rope():
+    """The positions argument is what RoPE rotates by: tables at explicit positions are the
+    0..L-1 tables gathered there, and positions restarted at 12 within ONE segment (relative
+    distances across 12 change) change the logits, while the same positions with the segments
+    split give the second document alone. (Within a segment RoPE scores depend only on position
+    differences, so under masking the restart changes rounding, not the math.)"""
+    from rskd_jax.models.rope import rope_tables
+
+    pos = np.array([[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]], np.int32)
+    cos, sin = rope_tables(5, 16, 1e4, positions=pos)
+    cos0, sin0 = rope_tables(5, 16, 1e4)
+    assert cos.shape == (2, 5, 8)
+    np.testing.assert_array_equal(cos, np.asarray(cos0)[pos])
+    np.testing.assert_array_equal(sin, np.asarray(sin0)[pos])
+
+    model = init_model(BASE, seed=0)
     tokens = np.random.default_rng(3).integers(0, 61, (1, 30)).astype(np.int32)
     starts = np.zeros((1, 30), bool)
     starts[0, [0, 12]] = True
     seg, pos = segments_and_positions(starts)
-    restarted = np.asarray(forward(model, tokens, seg, pos))
+    one_segment = np.zeros_like(seg)
+    plain = np.asarray(forward(model, tokens, one_segment, None))
+    assert np.abs(np.asarray(forward(model, tokens, one_segment, pos)) - plain)[0, 12:].max() > 1e-3
     alone = np.asarray(forward(model, tokens[:, 12:], None, None))
-    np.testing.assert_allclose(restarted[0, 12:], alone[0], rtol=0, atol=1e-5 * np.abs(alone).max())
-    assert pos[0, 12] == 0 and pos[0, 11] == 11
+    np.testing.assert_allclose(np.asarray(forward(model, tokens, seg, pos))[0, 12:], alone[0], atol=1e-5 * np.abs(alone).max())
 
 
 def test_pipeline_delivers_segments_and_positions_of_doc_starts(tmp_path):
