@@ -53,9 +53,7 @@ def tokenizer_vocab(tokens) -> int:
     return vocab
 
 
-def check_stores(
-    tokens, teacher, *, student_vocab: int, method: str | None, document_masking: bool = False
-) -> None:
+def check_stores(tokens, teacher, *, student_vocab: int, method: str | None, document_masking: bool = False) -> None:
     """Refuses a token store / teacher store / student / loss / document-masking combination
     that cannot work."""
     vocab = tokenizer_vocab(tokens)

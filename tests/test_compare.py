@@ -97,6 +97,11 @@ def test_stage_configs_are_wired_under_the_output(tmp_path):
     assert runs["top_k_12"].train.teacher_store == f"{tmp_path}/run/teacher/top_k_12"
     assert runs["wor_k12"].train.output == f"{tmp_path}/run/train/wor_k12"
     assert cmp.command() == "python -m rskd_jax.compare --config x.yaml"
+    # one context section: the cache's teacher and every student read the same setting
+    assert not cmp.cache_run().context.document_masking
+    masked = Comparison(load_config(CompareRun, TINY, ["context.document_masking=true", "reproduce.epochs=null"]))
+    assert masked.cache_run().context.document_masking
+    assert all(t.context.document_masking for t in masked.train_runs().values())
 
 
 def test_method_overrides_change_only_that_student(tmp_path):

@@ -110,7 +110,9 @@ def test_positions_reach_rope():
     plain = np.asarray(forward(model, tokens, one_segment, None))
     assert np.abs(np.asarray(forward(model, tokens, one_segment, pos)) - plain)[0, 12:].max() > 1e-3
     alone = np.asarray(forward(model, tokens[:, 12:], None, None))
-    np.testing.assert_allclose(np.asarray(forward(model, tokens, seg, pos))[0, 12:], alone[0], atol=1e-5 * np.abs(alone).max())
+    np.testing.assert_allclose(
+        np.asarray(forward(model, tokens, seg, pos))[0, 12:], alone[0], atol=1e-5 * np.abs(alone).max()
+    )
 
 
 def test_pipeline_delivers_segments_and_positions_of_doc_starts(tmp_path):
@@ -190,14 +192,16 @@ def test_masked_training_reaches_the_student(masked_stores, tmp_path):
     root = tmp_path / "plain"
     splits, manifest = make_doc_tokens(str(root / "tokens"))
     make_teacher(str(root / "teacher"), splits, manifest)  # same tokens and targets, no masking
-    off = train.run(_train_cfg((str(root / "tokens"), str(root / "teacher")), tmp_path / "off", "train.export_hf=false"))
+    train.run(_train_cfg((str(root / "tokens"), str(root / "teacher")), tmp_path / "off", "train.export_hf=false"))
     first = lambda out: next(r for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r)
     assert abs(first(tmp_path / "on")["loss"] - first(tmp_path / "off")["loss"]) > 1e-4
     # evaluate reads the same setting: refused off, runs on (estimated KL from the store)
     ev = [f"evaluate.checkpoint={tmp_path / 'on'}", f"evaluate.teacher={masked_stores[1]}", "evaluate.max_batches=1"]
     with pytest.raises(DataMismatch, match=WANT):
         evaluate.run(_train_cfg(masked_stores, tmp_path / "on", *ev, cls=EvaluateRun))
-    res = evaluate.run(_train_cfg(masked_stores, tmp_path / "on", *ev, "context.document_masking=true", cls=EvaluateRun))
+    res = evaluate.run(
+        _train_cfg(masked_stores, tmp_path / "on", *ev, "context.document_masking=true", cls=EvaluateRun)
+    )
     assert np.isfinite(res["kl_to_teacher"])
 
 

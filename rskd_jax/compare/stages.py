@@ -60,6 +60,7 @@ class Comparison:
         return CacheRun(
             cache=dataclasses.replace(self.cfg.cache, tokens=self.mix, output=self.teacher_dir),
             teacher=self.cfg.teacher,
+            context=self.cfg.context,
             mesh=self.cfg.mesh,
         )
 
@@ -88,6 +89,7 @@ class Comparison:
                 optim=c.optim,
                 student=c.student,
                 teacher=c.teacher,
+                context=c.context,
                 mesh=c.mesh,
             )
             if m.set:  # the method's own overrides, applied to the resolved sections
