@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from rskd_jax import metrics, sharding
-from rskd_jax.config import EvaluateRun, TrainRun, load_config, parse_cli
+from rskd_jax.config import EvaluateRun, TrainRun, parse_cli
 from rskd_jax.train_step import fit_vocab, prepare_targets, sum_over_positions
 
 log = logging.getLogger("rskd_jax.evaluate")
@@ -101,22 +101,32 @@ def _is_teacher_store(path: str) -> bool:
 
 
 def load_student(path: str, vocab: int, mesh) -> tuple[Any, Any, dict]:
-    """(graphdef, sharded params, info) of an HF dir or a train checkpoint."""
+    """(graphdef, sharded params, info) of an HF dir or a train checkpoint (a local path or a
+    gs://, s3:// or file:// URL; a remote HF dir is copied to a temporary directory first)."""
+    import tempfile
+
+    import yaml
+
     from rskd_jax import checkpoint, models
+    from rskd_jax.configlib import load_config_dict
     from rskd_jax.model_spec import build_model
+    from rskd_jax.runpath import download_tree, is_local, read_text, run_path
     from rskd_jax.train_step import model_shardings, split_model
 
-    if os.path.isfile(os.path.join(path, "config.json")):
-        model = models.from_pretrained(path)
+    if (run_path(path) / "config.json").is_file():
+        with tempfile.TemporaryDirectory(prefix="rskd-hf-") as tmp:
+            local = os.fspath(run_path(path)) if is_local(path) else download_tree(path, tmp)
+            model = models.from_pretrained(local)
         graphdef, params = split_model(model)
         return graphdef, jax.device_put(params, model_shardings(model, mesh)), {"hf": path}
     directory, step = checkpoint.find_checkpoint(path)
-    run_cfg = os.path.join(os.path.dirname(directory.rstrip("/")), "config.yaml")
-    if not os.path.isfile(run_cfg):
+    run_cfg = run_path(directory).parent / "config.yaml"
+    text = read_text(run_cfg)
+    if text is None:
         raise checkpoint.CheckpointError(
             f"{run_cfg} not found: the student's architecture comes from the run's saved config"
         )
-    student = load_config(TrainRun, run_cfg).student  # the run's own architecture
+    student = load_config_dict(TrainRun, yaml.safe_load(text) or {}).student  # the run's own architecture
     ckpt = checkpoint.Checkpointer(directory, read_only=True)
     step = ckpt.latest_step() if step is None else step
     if step is None:
