@@ -339,6 +339,8 @@ def test_document_masking_store_is_batch_invariant_and_masks_the_teacher(ref, wo
     got = open_teacher_store(str(runs[2] / "rskd_n50")).read_rows("train", rows)["gold_logprob"][:, :-1]
     np.testing.assert_allclose(got, gold(jnp.asarray(seg), jnp.asarray(pos)), rtol=1e-3, atol=1e-3)
     assert np.abs(got - gold()).max() > 1e-2  # the unmasked teacher differs there
+    code, info = run_inspect(str(runs[2] / "rskd_n50"), "--verify", "16", "--json")  # recomputed masked
+    assert code == 0 and info["verify"]["rows_checked"] == 16 and info["verify"]["rows_mismatched"] == 0
 
 
 def test_resume_refuses_another_device_batch_and_takes_the_stores_by_default(ref, tokens, teacher):
