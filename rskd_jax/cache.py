@@ -101,6 +101,7 @@ class Cacher:
 
         c = self.cfg = run.cache
         self.run = run
+        self.documents = run.context.document_masking
         self.tokens = open_token_store(c.tokens)
         self.vocab = int(self.tokens.manifest["tokenizer"]["vocab_size"])
         self.model = build_model(run.teacher, self.vocab)
@@ -119,6 +120,9 @@ class Cacher:
         missing = [s for s in c.splits if s not in self.tokens.splits]
         if missing:
             raise CacheError(f"cache.splits {missing} not in the token store (it has {self.tokens.splits})")
+        if self.documents:  # a store without doc_starts: StoreError with the fix, before any work
+            for s in c.splits:
+                self.tokens.read_doc_starts(s, np.zeros(0, np.int64))
         try:
             cache_step.check_split_codes(c.splits)
         except ValueError as err:
@@ -149,6 +153,7 @@ class Cacher:
                 sharding.batch_sharding(self.mesh, 2),
                 sharding.batch_sharding(self.mesh, 1),
                 sharding.replicated(self.mesh),
+                sharding.batch_sharding(self.mesh, 2),  # the document fields ({} when off)
             ),
         )
         self.stores = self._open_stores(prefix)
@@ -244,28 +249,31 @@ class Cacher:
         code = np.int32(cache_step.split_code(split))
         return jax.make_array_from_callback((), sharding.replicated(self.mesh), lambda _: code)
 
-    def global_batch(self, tokens_RxL: np.ndarray, rows_R: np.ndarray) -> tuple[Any, Any]:
-        """(tokens [B, L], rows [B]): the step's inputs as global arrays split over the batch
-        axes, from this process's rows (-1 padding rows become row 0; they are not written)."""
+    def global_batch(
+        self, tokens_RxL: np.ndarray, rows_R: np.ndarray, docs: dict[str, np.ndarray] | None = None
+    ) -> tuple[Any, ...]:
+        """(tokens [B, L], rows [B], docs): the step's inputs as global arrays split over the
+        batch axes, from this process's rows (-1 padding rows become row 0; they are not
+        written). docs: this process's segment ids and positions (document masking) or None."""
         from jax.experimental import multihost_utils
         from jax.sharding import PartitionSpec
 
-        local = {"tokens": tokens_RxL, "rows": np.maximum(rows_R, 0).astype(np.int32)}
+        local = {"tokens": tokens_RxL, "rows": np.maximum(rows_R, 0).astype(np.int32), **(docs or {})}
         out = {
             k: multihost_utils.host_local_array_to_global_array(
                 v, self.mesh, PartitionSpec(sharding.BATCH_AXES, *([None] * (v.ndim - 1)))
             )
             for k, v in local.items()
         }
-        return out["tokens"], out["rows"]
+        return out.pop("tokens"), out.pop("rows"), out
 
     def dispatch(self, split: str, rows_R: np.ndarray, code=None) -> tuple[np.ndarray, Any]:
         """(tokens_RxL, device outputs): reads this process's rows, runs the step on them (async
         dispatch: the outputs are not waited for). `code`: split_code(split), made if None."""
         tokens_RxL = self.read_tokens(split, rows_R)
-        tokens_BxL, rows_B = self.global_batch(tokens_RxL, rows_R)
+        tokens_BxL, rows_B, docs = self.global_batch(tokens_RxL, rows_R, self.read_documents(split, rows_R))
         code = self.split_code(split) if code is None else code
-        return tokens_RxL, self.step(self.state, tokens_BxL, rows_B, code)
+        return tokens_RxL, self.step(self.state, tokens_BxL, rows_B, code, docs)
 
     def fetch(self, out) -> dict:
         """Device outputs -> this process's rows as numpy (nothing is all-gathered)."""
@@ -298,6 +306,19 @@ class Cacher:
                 f"[0, {self.vocab}): the token store was made with another tokenizer"
             )
         return toks
+
+    def read_documents(self, split: str, rows_R: np.ndarray) -> dict[str, np.ndarray] | None:
+        """Segment ids and positions [R, L] of rows_R (-1: one segment) under document
+        masking, else None."""
+        if not self.documents:
+            return None
+        from rskd_jax.documents import segments_and_positions
+
+        valid = rows_R >= 0
+        starts = np.zeros((len(rows_R), self.tokens.seq_len), bool)
+        starts[valid] = self.tokens.read_doc_starts(split, rows_R[valid])
+        seg, pos = segments_and_positions(starts)
+        return {"segment_ids": seg, "positions": pos}
 
     def plan(self, split: str, *, max_steps: int | None = None) -> SplitPlan:
         """The steps that compute every unfinished block of `split` (at most max_steps),

@@ -166,8 +166,9 @@ def make_step(
     batch_shards: int = 1,
     batch_sharding: Any = None,
 ) -> Callable:
-    """step(state, tokens_BxL, rows_B, split) -> {"finite": [B] bool, "<output>": {...},
-    "diagnostics": {...}}; jit it with the shardings of the caller's mesh.
+    """step(state, tokens_BxL, rows_B, split, docs=None) -> {"finite": [B] bool, "<output>":
+    {...}, "diagnostics": {...}}; jit it with the shardings of the caller's mesh. docs: {} /
+    None, or {"segment_ids", "positions"} int32 [B, L] (document masking, rskd_jax.documents).
 
     The B rows are split over `batch_shards` devices (contiguous blocks, as the batch sharding
     lays them out); each device runs the teacher on `device_batch` of its rows at a time
@@ -183,8 +184,8 @@ def make_step(
     """
     from flax import nnx
 
-    def micro_step(model, w_DxV, tokens_BxL, keys_BxL):
-        h_BxLxD = model.hidden_states(tokens_BxL)
+    def micro_step(model, w_DxV, tokens_BxL, keys_BxL, docs):
+        h_BxLxD = model.hidden_states(tokens_BxL, docs.get("segment_ids"), docs.get("positions"))
         B, L = tokens_BxL.shape
         chunk = position_chunk(L, device_batch, w_DxV.shape[-1])
         n = L // chunk
@@ -207,7 +208,8 @@ def make_step(
         res = jax.lax.map(body, (to_chunks(h_BxLxD), to_chunks(keys_BxL), to_chunks(next_BxL)))
         return jax.tree.map(from_chunks, res)
 
-    def step(state, tokens_BxL, rows_B, split):
+    def step(state, tokens_BxL, rows_B, split, docs=None):
+        docs = docs or {}
         model = nnx.merge(graphdef, state)
         w_DxV = model.lm_head_weight()
         B, L = tokens_BxL.shape
@@ -234,7 +236,8 @@ def make_step(
             a = a.reshape(m, batch_shards, device_batch, *a.shape[2:])
             return jnp.swapaxes(a, 0, 1).reshape(B, *a.shape[3:])
 
-        res = jax.lax.map(lambda xs: micro_step(model, w_DxV, *xs), (to_micro(tokens_BxL), to_micro(keys_BxL)))
+        micro = (to_micro(tokens_BxL), to_micro(keys_BxL), jax.tree.map(to_micro, docs))
+        res = jax.lax.map(lambda xs: micro_step(model, w_DxV, *xs), micro)
         res = jax.tree.map(from_micro, res)
         diag = res.pop("diagnostics")
         res["finite"] = jnp.all(jnp.isfinite(diag.pop("log_z")), axis=1)

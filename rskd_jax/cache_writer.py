@@ -77,6 +77,8 @@ def store_manifest(
         "device_batch": int(device_batch),
         "teacher_layout": {"fsdp": int(mesh_shape["fsdp"]), "tensor": int(mesh_shape["tensor"])},
         "provenance": {"teacher_spec": spec, "tokens_url": tokens.url},
+        # only when on, so stores made before the option keep their manifest (absent: false)
+        **({"document_masking": True} if run.context.document_masking else {}),
     }
 
 

@@ -1,9 +1,11 @@
 """Train checkpoints with orbax: the sharded train state plus the input pipeline's position.
 
-Layout: `<run>/checkpoints/<step>/{state, data}` where `state` is the TrainState (params,
-optimizer state, step, rng; orbax's sharded array format, written by every process for its
-own shards) and `data` the grain iterator state (JSON), so a resumed run reads exactly the
-batches an uninterrupted one would have.
+Layout: `<run>/checkpoints/<step>/{state, data}` (the run directory a local path or a gs://,
+s3:// or file:// URL: orbax reads and writes it through etils.epath, rskd_jax.runpath) where
+`state` is the TrainState (params, optimizer state, step, rng; orbax's sharded array format,
+written by every process for its own shards) and `data` the grain iterator state (JSON,
+written by process 0: it is the same on every process, which all cut their rows from the same
+global batches), so a resumed run reads exactly the batches an uninterrupted one would have.
 
 Kept: the latest `keep` checkpoints, and also the best one by val_loss (the checkpoints saved
 with `metrics={"val_loss": ...}`), through one orbax manager with a combined preservation
@@ -23,7 +25,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from rskd_jax.store.common import local_path
+from rskd_jax.runpath import run_path
 
 BEST_METRIC = "val_loss"
 
@@ -52,8 +54,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
-        directory = local_path(directory) or directory  # orbax takes paths / gs:// URLs
-        self.directory = directory
+        self.directory = directory = run_path(directory)  # orbax takes epath paths (gs://, s3://, local)
         policy = policies.AnyPreservationPolicy(
             [
                 policies.LatestN(n=keep),
@@ -118,7 +119,7 @@ class Checkpointer:
         restore_args = jax.tree.map(
             lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype), item
         )
-        path = os.path.join(str(self.directory), str(int(step)), "state")
+        path = self.directory / str(int(step)) / "state"
         with ocp.PyTreeCheckpointer() as reader:
             restored = reader.restore(
                 path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
@@ -144,19 +145,18 @@ def _jsonable(obj: Any) -> Any:
 
 
 def find_checkpoint(path: str) -> tuple[str, int | None]:
-    """(checkpoints directory, step) for a run dir, its checkpoints dir, or one step dir.
+    """(checkpoints directory, step) for a run dir, its checkpoints dir, or one step dir (a
+    local path or URL; the directory is returned as a path or URL string, file:// resolved).
 
     step None means "the latest". Raises CheckpointError naming what was looked for.
     """
-    path = local_path(path) or path
-    path = path.rstrip("/")
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        return os.path.join(path, "checkpoints"), None
-    base = os.path.basename(path)
-    if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
-        return os.path.dirname(path), int(base)
-    if any(name.isdigit() for name in (os.listdir(path) if os.path.isdir(path) else ())):
-        return path, None
+    p = run_path(path)
+    if (p / "checkpoints").is_dir():
+        return os.fspath(p / "checkpoints"), None
+    if p.name.isdigit() and (p / "state").is_dir():
+        return os.fspath(p.parent), int(p.name)
+    if p.is_dir() and any(child.name.isdigit() for child in p.iterdir()):
+        return os.fspath(p), None
     raise CheckpointError(
         f"{path} is not a run directory (no checkpoints/), a checkpoints directory, or a checkpoint step directory"
     )

@@ -138,6 +138,20 @@ class DistributedConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ContextConfig:
+    """How a packed row is shown to every model: the teacher in the cache, the student and any
+    online teacher in train / evaluate / compare. One section shared by those programs, so one
+    key sets all of them; the cache records it in each teacher store's manifest, and train and
+    evaluate refuse a store written with the other value (rskd_jax.documents)."""
+
+    document_masking: bool = opt(
+        False,
+        "attend only within a document (segment ids from the token store's doc_starts) and "
+        "restart RoPE positions at 0 at each document start",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class DataRun:
     """Root config of `python -m rskd_jax.data`."""
 
@@ -274,6 +288,7 @@ class CacheRun:
 
     cache: CacheConfig = opt(CacheConfig())
     teacher: ModelSpec = opt(ModelSpec(source="smollm2"))
+    context: ContextConfig = opt(ContextConfig())
     mesh: MeshConfig = opt(MeshConfig())
     distributed: DistributedConfig = opt(DistributedConfig())
 
@@ -368,6 +383,7 @@ class TrainRun:
     optim: OptimConfig = opt(OptimConfig())
     student: ModelSpec = opt(ModelSpec(source="random"))
     teacher: ModelSpec = opt(ModelSpec(source="smollm2"))  # loss.method=full_online only
+    context: ContextConfig = opt(ContextConfig())
     mesh: MeshConfig = opt(MeshConfig())
     distributed: DistributedConfig = opt(DistributedConfig())
 

@@ -250,13 +250,18 @@ def config_to_dict(cfg: Any) -> Any:
     return cfg
 
 
+def dump_config(cfg: Any) -> str:
+    """The resolved config as YAML text (what save_config writes)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
 def save_config(cfg: Any, url_or_dir: str, name: str = "config.yaml") -> str:
     """Writes the resolved config as YAML into a local dir or kvstore URL; returns its URL."""
     import tensorstore as ts
 
     from rskd_jax.store.common import store_url  # tensorstore only where configs are saved
 
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
+    text = dump_config(cfg)
     url = store_url(url_or_dir)
     ts.KvStore.open(url).result().write(name, text.encode("utf-8")).result()
     return url + name

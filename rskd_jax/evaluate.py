@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from rskd_jax import metrics, sharding
-from rskd_jax.config import EvaluateRun, TrainRun, load_config, parse_cli
+from rskd_jax.config import EvaluateRun, TrainRun, parse_cli
 from rskd_jax.train_step import fit_vocab, prepare_targets, sum_over_positions
 
 log = logging.getLogger("rskd_jax.evaluate")
@@ -36,8 +36,9 @@ log = logging.getLogger("rskd_jax.evaluate")
 def make_eval_fn(graphdef, *, vocab_size: int | None, teacher_graphdef=None, chunk_size: int = 0) -> Callable:
     """`fn(params, teacher_params, batch) -> sums` (metrics.* sums; jit it).
 
-    batch: tokens, mask and optionally a teacher's ids/weights/entropy (estimated KL) or
-    logprobs (exact KL); with teacher_graphdef the teacher model runs here (exact KL).
+    batch: tokens, mask, optionally segment_ids and positions (document masking: both models
+    read them) and a teacher's ids/weights/entropy (estimated KL) or logprobs (exact KL); with
+    teacher_graphdef the teacher model runs here (exact KL).
     """
 
     def position_sums(logits_xV, t, teacher_logits_xV):
@@ -100,22 +101,32 @@ def _is_teacher_store(path: str) -> bool:
 
 
 def load_student(path: str, vocab: int, mesh) -> tuple[Any, Any, dict]:
-    """(graphdef, sharded params, info) of an HF dir or a train checkpoint."""
+    """(graphdef, sharded params, info) of an HF dir or a train checkpoint (a local path or a
+    gs://, s3:// or file:// URL; a remote HF dir is copied to a temporary directory first)."""
+    import tempfile
+
+    import yaml
+
     from rskd_jax import checkpoint, models
+    from rskd_jax.configlib import load_config_dict
     from rskd_jax.model_spec import build_model
+    from rskd_jax.runpath import download_tree, is_local, read_text, run_path
     from rskd_jax.train_step import model_shardings, split_model
 
-    if os.path.isfile(os.path.join(path, "config.json")):
-        model = models.from_pretrained(path)
+    if (run_path(path) / "config.json").is_file():
+        with tempfile.TemporaryDirectory(prefix="rskd-hf-") as tmp:
+            local = os.fspath(run_path(path)) if is_local(path) else download_tree(path, tmp)
+            model = models.from_pretrained(local)
         graphdef, params = split_model(model)
         return graphdef, jax.device_put(params, model_shardings(model, mesh)), {"hf": path}
     directory, step = checkpoint.find_checkpoint(path)
-    run_cfg = os.path.join(os.path.dirname(directory.rstrip("/")), "config.yaml")
-    if not os.path.isfile(run_cfg):
+    run_cfg = run_path(directory).parent / "config.yaml"
+    text = read_text(run_cfg)
+    if text is None:
         raise checkpoint.CheckpointError(
             f"{run_cfg} not found: the student's architecture comes from the run's saved config"
         )
-    student = load_config(TrainRun, run_cfg).student  # the run's own architecture
+    student = load_config_dict(TrainRun, yaml.safe_load(text) or {}).student  # the run's own architecture
     ckpt = checkpoint.Checkpointer(directory, read_only=True)
     step = ckpt.latest_step() if step is None else step
     if step is None:
@@ -151,9 +162,10 @@ def run(cfg: EvaluateRun) -> dict[str, Any]:
     vocab = tokenizer_vocab(tokens)
     graphdef, params, info = load_student(e.checkpoint or cfg.train.output, vocab, mesh)
     store = open_teacher_store(e.teacher) if e.teacher and _is_teacher_store(e.teacher) else None
-    check_stores(tokens, store, student_vocab=params["embed"].shape[0], method=None)
+    masking = cfg.context.document_masking
+    check_stores(tokens, store, student_vocab=params["embed"].shape[0], method=None, document_masking=masking)
     fields = teacher_fields(store)
-    rows = split_rows(tokens, store, e.split, fields)
+    rows = split_rows(tokens, store, e.split, fields, documents=masking)
     teacher_graphdef = teacher_params = teacher_sh = None
     if e.teacher and store is None:
         spec = cfg.teacher if e.teacher == "random" else dataclasses.replace(cfg.teacher, source=e.teacher)

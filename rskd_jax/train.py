@@ -2,7 +2,8 @@
 
     python -m rskd_jax.train --config configs/tiny/train.yaml [key=value ...]
 
-The run directory (`train.output`) holds config.yaml (the resolved config), checkpoints/
+The run directory (`train.output`: a local path or a gs://, s3:// or file:// URL, every file
+through rskd_jax.runpath) holds config.yaml (the resolved config), checkpoints/
 (orbax: train state + input-pipeline position), metrics.jsonl (one JSON object per logged
 step: step, loss, ce, kd, z_loss, grad_norm, lr, tokens_per_s; eval records carry
 "eval": true), tb/ (TensorBoard) and, at the end, hf/ (the student as an HF directory).
@@ -10,6 +11,10 @@ step: step, loss, ce, kd, z_loss, grad_norm, lr, tokens_per_s; eval records carr
 Resume: re-running the same command continues from the latest committed checkpoint, with
 the data iterator where it was, after cutting metrics.jsonl (and TensorBoard) back to that
 step, so a run killed at any moment logs exactly the losses of an uninterrupted one.
+
+Several processes (multi-host): all of them open the same run directory, restore the same
+latest checkpoint (checked: `check_same_start`) and each writes its own shards of every
+checkpoint; only process 0 writes config.yaml, metrics.jsonl, TensorBoard and hf/.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -28,7 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rskd_jax.config import TrainRun, config_to_dict, load_config, parse_cli, save_config
+from rskd_jax.config import TrainRun, config_to_dict, parse_cli
+from rskd_jax.configlib import dump_config, load_config_dict
+from rskd_jax.runpath import is_local, read_text, run_path, upload_tree, write_text
 
 log = logging.getLogger("rskd_jax.train")
 # Resume keys: every config key is one (a resumed run must share it with the run it continues,
@@ -57,17 +65,33 @@ class TrainError(ValueError):
 
 
 class MetricsLog:
-    """metrics.jsonl + TensorBoard on process 0, cut back to `resume_step` on open."""
+    """metrics.jsonl + TensorBoard on process 0, cut back to `resume_step` on open.
 
-    def __init__(self, output: str, resume_step: int, enabled: bool = True):
+    A local run directory is written in place (each record appended and flushed). An object
+    store cannot append, and tensorboardX writes only local files here: with `stage` (default:
+    a remote `output`) both are written to a local temporary directory and `sync` uploads
+    metrics.jsonl whole and the event files under tb/ (the run calls it before every
+    checkpoint and at close, so a resume, which cuts back to its checkpoint, loses nothing).
+    """
+
+    def __init__(self, output: str, resume_step: int, enabled: bool = True, stage: bool | None = None):
         self.enabled = enabled
-        self.path = os.path.join(output, "metrics.jsonl")
+        self.out = run_path(output)
+        self.path = os.fspath(self.out / "metrics.jsonl")
+        self.stage = (not is_local(output)) if stage is None else stage
         self.tb = None
         if not enabled:
             return
         truncate_jsonl(self.path, resume_step)
-        self.file = open(self.path, "a", encoding="utf-8")
-        self.tb = _summary_writer(os.path.join(output, "tb"), purge_step=resume_step + 1)
+        local = self.path
+        if self.stage:
+            self.stage_dir = tempfile.mkdtemp(prefix="rskd-run-")
+            local = os.path.join(self.stage_dir, "metrics.jsonl")
+            with open(local, "w", encoding="utf-8") as f:
+                f.write(read_text(self.path) or "")
+        self.file = open(local, "a", encoding="utf-8")
+        tb_dir = os.path.join(self.stage_dir, "tb") if self.stage else os.fspath(self.out / "tb")
+        self.tb = _summary_writer(tb_dir, purge_step=resume_step + 1)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -80,11 +104,26 @@ class MetricsLog:
                 if k not in ("step", "eval") and isinstance(v, (int, float)):
                     self.tb.add_scalar(f"{group}/{k}", v, record["step"])
 
+    def sync(self) -> None:
+        """Uploads the staged metrics.jsonl and TensorBoard events (no-op when not staged)."""
+        if self.enabled and self.stage:
+            self.file.flush()
+            self.tb.flush()
+            self._upload()
+
+    def _upload(self) -> None:
+        with open(self.file.name, encoding="utf-8") as f:
+            write_text(self.path, f.read())
+        upload_tree(os.path.join(self.stage_dir, "tb"), self.out / "tb")
+
     def close(self) -> None:
         if self.enabled:
             self.file.close()
             if self.tb is not None:
                 self.tb.close()
+            if self.stage:
+                self._upload()
+                shutil.rmtree(self.stage_dir, ignore_errors=True)
 
 
 def _summary_writer(logdir: str, purge_step: int):
@@ -104,21 +143,18 @@ def _summary_writer(logdir: str, purge_step: int):
 
 def truncate_jsonl(path: str, step: int) -> None:
     """Keeps the complete records with record["step"] <= step (drops a torn last line)."""
-    if not os.path.exists(path):
+    text = read_text(path)
+    if text is None:
         return
     kept = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if line.endswith("\n") and record.get("step", math.inf) <= step:
-                kept.append(line)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    for line in text.splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if line.endswith("\n") and record.get("step", math.inf) <= step:
+            kept.append(line)
+    write_text(path, "".join(kept))
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -146,10 +182,12 @@ def resume_diff(old: TrainRun, new: TrainRun) -> dict[str, tuple[Any, Any]]:
 def check_resume_config(cfg: TrainRun, output: str) -> None:
     """Refuses to continue a run whose saved config differs in a resume key (naming each key
     with its old and new value); keys in SAFE_TO_CHANGE may differ."""
-    path = os.path.join(output, "config.yaml")
-    if not os.path.exists(path):
+    import yaml
+
+    text = read_text(run_path(output) / "config.yaml")
+    if text is None:
         return
-    diff = resume_diff(load_config(TrainRun, path), cfg)
+    diff = resume_diff(load_config_dict(TrainRun, yaml.safe_load(text) or {}), cfg)
     if diff:
         lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
         raise TrainError(
@@ -157,6 +195,22 @@ def check_resume_config(cfg: TrainRun, output: str) -> None:
             "trajectory (e.g. train.steps sets the cosine schedule), so resuming would not be the run "
             "that was started. Restore the original values, or use another train.output to start a "
             f"new run. Safe to change on resume: {', '.join(SAFE_TO_CHANGE)}."
+        )
+
+
+def check_same_start(start: int, output: str) -> None:
+    """Every process must resume from the same checkpoint: refuses (on every process alike)
+    when they found different latest steps, i.e. do not share the run directory."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    starts = np.asarray(multihost_utils.process_allgather(np.int64(start))).reshape(-1)
+    if (starts != starts[0]).any():
+        raise TrainError(
+            f"the processes found different latest checkpoints in train.output={output} (per process: "
+            f"{starts.tolist()}): every process must see the same run directory. Use a shared file "
+            "system or an object-store URL (gs://..., s3://...)."
         )
 
 
@@ -187,7 +241,13 @@ def run(cfg: TrainRun) -> dict[str, Any]:
     vocab = tokenizer_vocab(tokens)
     store = open_teacher_store(t.teacher_store) if t.teacher_store else None
     student = build_model(cfg.student, vocab)
-    rows = run_rows(tokens, store, method=lc.method, student_vocab=student.config.vocab_size)
+    rows = run_rows(
+        tokens,
+        store,
+        method=lc.method,
+        student_vocab=student.config.vocab_size,
+        document_masking=cfg.context.document_masking,
+    )
 
     # ---- model, optimizer, sharded state
     graphdef, params = ts.split_model(student)
@@ -215,11 +275,10 @@ def run(cfg: TrainRun) -> dict[str, Any]:
     )
 
     # ---- run directory: config, checkpoints, iterator, metrics (resumed if present)
-    os.makedirs(t.output, exist_ok=True)
+    out = run_path(t.output)
+    out.mkdir(parents=True, exist_ok=True)
     check_resume_config(cfg, t.output)
-    ckpt = Checkpointer(
-        os.path.join(os.path.abspath(t.output), "checkpoints"), keep=t.keep_checkpoints, async_save=t.async_checkpoints
-    )
+    ckpt = Checkpointer(os.fspath(out / "checkpoints"), keep=t.keep_checkpoints, async_save=t.async_checkpoints)
     it = make_batch_iterator(
         rows.train,
         global_batch_size=t.batch_size,
@@ -230,6 +289,7 @@ def run(cfg: TrainRun) -> dict[str, Any]:
         process_count=jax.process_count(),
     )
     start = ckpt.latest_step() or 0
+    check_same_start(start, t.output)
     if start:
         state, data_state = ckpt.restore(start, optim.abstract_state(params, tx, state_sh))
         it.set_state(data_state)
@@ -237,7 +297,7 @@ def run(cfg: TrainRun) -> dict[str, Any]:
         state = optim.create_state(params, tx, t.seed, state_sh)
     del params, student
     if main:
-        save_config(cfg, t.output)
+        write_text(out / "config.yaml", dump_config(cfg))
     logs = MetricsLog(t.output, start, enabled=main)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     log.info(
@@ -305,6 +365,7 @@ def run(cfg: TrainRun) -> dict[str, Any]:
             evaluation = run_eval(step) if is_eval else {}
             if is_ckpt:
                 metric = {"val_loss": evaluation["val_loss"]} if "val_loss" in evaluation else None
+                logs.sync()  # staged metrics reach the run directory before the checkpoint
                 ckpt.save(step, state, it.get_state(), metrics=metric)
     except BaseException:
         # a corrupt batch, an interrupt: the checkpoints already started are committed (the
@@ -318,7 +379,7 @@ def run(cfg: TrainRun) -> dict[str, Any]:
     hf_dir = None
     ckpt.wait()
     if t.export_hf:
-        hf_dir = export_hf(graphdef, state.params, os.path.join(t.output, "hf"), main)
+        hf_dir = export_hf(graphdef, state.params, os.fspath(out / "hf"), main)
     best, latest = ckpt.best_step(), ckpt.latest_step()
     ckpt.close()
     logs.close()
@@ -337,7 +398,8 @@ def run(cfg: TrainRun) -> dict[str, Any]:
 
 
 def export_hf(graphdef, params, out_dir: str, main: bool) -> str:
-    """Writes the student as an HF directory (config.json + safetensors) from process 0."""
+    """Writes the student as an HF directory (config.json + safetensors) from process 0; to a
+    remote `out_dir` through a local temporary directory."""
     from flax import nnx
     from jax.experimental import multihost_utils
 
@@ -348,10 +410,17 @@ def export_hf(graphdef, params, out_dir: str, main: bool) -> str:
     if main:
         host = jax.device_get(params)  # float32 master weights -> the model's param dtype
         dtype = jnp.dtype(nnx.merge(graphdef, host).config.param_dtype)
+        model = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), host))
+        if not is_local(out_dir):
+            with tempfile.TemporaryDirectory(prefix="rskd-hf-") as tmp:
+                save_pretrained(model, tmp)
+                upload_tree(tmp, out_dir, replace=True)
+            return out_dir
+        out_dir = os.fspath(run_path(out_dir))
         # written beside, then renamed into place: a crash mid-export never leaves a partial hf/
         tmp = out_dir.rstrip("/") + ".partial"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_pretrained(nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), host)), tmp)
+        save_pretrained(model, tmp)
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
     return out_dir

@@ -12,7 +12,9 @@ Cached teacher targets depend on the exact context, so the student must see exac
 sequences the teacher saw. The teacher store's manifest records the token store it was
 computed from (content fingerprint, seq_len) and the tokenizer; `check_stores` refuses any
 mismatch with a message naming both values, and stores made by the cache carry a per-row
-token hash that `Rows.read` checks on every batch (`check_token_hash`).
+token hash that `Rows.read` checks on every batch (`check_token_hash`). With document
+masking (`context.document_masking`) each batch also carries the rows' segment ids and RoPE
+positions (rskd_jax.documents), and a teacher store cached with the other setting is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from rskd_jax.corpus import DataError  # one error type for bad data arguments
+from rskd_jax.documents import DOCUMENT_KEYS, document_fields, store_setting
 from rskd_jax.methods import BATCH_KEYS, STORE_LOSSES
 from rskd_jax.store.common import StoreError
 
@@ -47,8 +50,9 @@ def tokenizer_vocab(tokens) -> int:
     return vocab
 
 
-def check_stores(tokens, teacher, *, student_vocab: int, method: str | None) -> None:
-    """Refuses a token store / teacher store / student / loss combination that cannot work."""
+def check_stores(tokens, teacher, *, student_vocab: int, method: str | None, document_masking: bool = False) -> None:
+    """Refuses a token store / teacher store / student / loss / document-masking combination
+    that cannot work."""
     vocab = tokenizer_vocab(tokens)
     if student_vocab < vocab:
         raise DataMismatch(
@@ -57,6 +61,15 @@ def check_stores(tokens, teacher, *, student_vocab: int, method: str | None) -> 
         )
     if teacher is None:
         return
+    theirs = store_setting(teacher.manifest)
+    if theirs != document_masking:
+        raise DataMismatch(
+            f"teacher store {teacher.url} was cached with context.document_masking={str(theirs).lower()}, "
+            f"this run has context.document_masking={str(document_masking).lower()}: its targets were "
+            "computed on other attention contexts than the student would see. Set "
+            f"context.document_masking={str(theirs).lower()}, or re-run `python -m rskd_jax.cache` with "
+            f"context.document_masking={str(document_masking).lower()}."
+        )
     pairs = [
         ("token-store fingerprint", _get(teacher.manifest, "tokens", "fingerprint"), tokens.fingerprint),
         ("seq_len", teacher.seq_len, tokens.seq_len),
@@ -88,16 +101,28 @@ class Rows:
     """The row source: selected fields of a token-store split, optionally joined with the
     same rows of a teacher-store split, limited to the first `num_rows` rows.
 
-    `read(indices)` -> {"tokens": int32 [b, L], "index": int64 [b], *fields}.
+    `read(indices)` -> {"tokens": int32 [b, L], "index": int64 [b], *fields}, and with
+    `documents` the rows' "segment_ids" and "positions" (int32 [b, L], rskd_jax.documents).
     """
 
-    def __init__(self, tokens, split: str, teacher=None, fields: Sequence[str] = (), num_rows: int | None = None):
+    def __init__(
+        self,
+        tokens,
+        split: str,
+        teacher=None,
+        fields: Sequence[str] = (),
+        num_rows: int | None = None,
+        documents: bool = False,
+    ):
         self.tokens, self.teacher, self.split, self.fields = tokens, teacher, split, tuple(fields)
         self.num_rows = tokens.num_rows(split) if num_rows is None else num_rows
+        self.documents = documents
 
     def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         idx = np.asarray(indices, np.int64)
         out = {"tokens": self.tokens.read(self.split, idx), "index": idx}
+        if self.documents:
+            out.update(document_fields(self.tokens, self.split, idx))
         if self.teacher is not None and self.fields:
             rows = self.teacher.read_rows(self.split, idx)
             if "token_hash" in rows:  # the teacher saw exactly these tokens (stores made by the cache)
@@ -119,11 +144,14 @@ def check_token_hash(tokens_BxL: np.ndarray, hash_B: np.ndarray, rows_B: np.ndar
         )
 
 
-def split_rows(tokens, teacher, split: str, fields: Sequence[str]) -> Rows:
-    """The rows of `split` both stores hold (all teacher rows must be done)."""
+def split_rows(tokens, teacher, split: str, fields: Sequence[str], documents: bool = False) -> Rows:
+    """The rows of `split` both stores hold (all teacher rows must be done); `documents`: each
+    batch carries segment ids and positions (document masking)."""
     n = tokens.num_rows(split)
+    if documents:
+        tokens.read_doc_starts(split, np.zeros(0, np.int64))  # a store without doc_starts: the fix
     if teacher is None or not fields:
-        return Rows(tokens, split, None, (), n)
+        return Rows(tokens, split, None, (), n, documents)
     if split not in teacher.splits:
         raise DataMismatch(
             f"teacher store {teacher.url} has no {split!r} split "
@@ -145,7 +173,7 @@ def split_rows(tokens, teacher, split: str, fields: Sequence[str]) -> Rows:
         log.warning(
             "teacher store %s covers %d of the %d %s rows (cache.max_rows); using those", teacher.url, nt, n, split
         )
-    return Rows(tokens, split, teacher, fields, nt)
+    return Rows(tokens, split, teacher, fields, nt, documents)
 
 
 def teacher_fields(store) -> tuple[str, ...]:
@@ -170,14 +198,15 @@ class RunRows(NamedTuple):
     eval_fields: tuple[str, ...]
 
 
-def run_rows(tokens, store, *, method: str, student_vocab: int) -> RunRows:
-    """Checks the stores against each other, the student and the loss; the train rows (with
-    the loss's teacher fields) and the val rows (with what evaluation can use)."""
+def run_rows(tokens, store, *, method: str, student_vocab: int, document_masking: bool = False) -> RunRows:
+    """Checks the stores against each other, the student, the loss and the document masking;
+    the train rows (with the loss's teacher fields) and the val rows (with what evaluation
+    can use), both with segment ids and positions under document masking."""
     fields = BATCH_KEYS[method]
     if fields and store is None:
         raise DataMismatch(f"loss.method={method!r} trains from a teacher store: set train.teacher_store")
-    check_stores(tokens, store, student_vocab=student_vocab, method=method)
-    train = split_rows(tokens, store, "train", fields)
+    check_stores(tokens, store, student_vocab=student_vocab, method=method, document_masking=document_masking)
+    train = split_rows(tokens, store, "train", fields, document_masking)
     if "val" not in tokens.splits or tokens.num_rows("val") == 0:
         log.warning("token store %s has no val rows: no evaluation", tokens.url)
         return RunRows(train, None, fields, ())
@@ -185,14 +214,16 @@ def run_rows(tokens, store, *, method: str, student_vocab: int) -> RunRows:
     if eval_fields and "val" not in store.splits:
         log.warning("teacher store %s has no val split: evaluation without KL", store.url)
         eval_fields = ()
-    return RunRows(train, split_rows(tokens, store, "val", eval_fields), fields, eval_fields)
+    return RunRows(train, split_rows(tokens, store, "val", eval_fields, document_masking), fields, eval_fields)
 
 
 def host_batch(batch: dict[str, np.ndarray], fields: Sequence[str]) -> dict[str, np.ndarray]:
-    """The arrays the step reads: tokens, mask (rows padded with index -1 are masked), fields."""
+    """The arrays the step reads: tokens, mask (rows padded with index -1 are masked), the
+    document fields when the rows carry them (segment_ids, positions), fields."""
     tokens = np.asarray(batch["tokens"], np.int32)
     valid = np.asarray(batch["index"]) >= 0
     out = {"tokens": tokens, "mask": np.broadcast_to(valid[:, None], tokens.shape).astype(np.int32)}
+    out.update({k: np.asarray(batch[k], np.int32) for k in DOCUMENT_KEYS if k in batch})
     for k in fields:
         out[k] = batch[k]
     return out

@@ -4,7 +4,9 @@ Letters: B batch rows, M micro-batches, L positions, C positions per loss chunk,
 vocabulary (possibly padded beyond the tokenizer's), K stored teacher slots, D hidden size.
 
 Batch convention (host arrays, one global batch): `tokens [B, L] int32`, optional
-`mask [B, L]` (1 = real token). The student reads the whole row. Cross-entropy at position j
+`mask [B, L]` (1 = real token), and under document masking `segment_ids [B, L]` and
+`positions [B, L]` int32 (rskd_jax.documents: the student, and an online teacher, attend only
+within a document, RoPE restarting at each document). The student reads the whole row. Cross-entropy at position j
 predicts tokens[j + 1] (positions 0..L-2; the last has no label). Teacher targets exist for
 all L positions (teacher position j predicts token j + 1), so KD uses every position.
 Per method the batch also holds:
@@ -34,6 +36,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rskd_jax import losses, metrics, sharding
+from rskd_jax.documents import DOCUMENT_KEYS
 from rskd_jax.methods import BATCH_KEYS, LOSS_METHODS
 from rskd_jax.optim import TrainState
 
@@ -81,6 +84,7 @@ def prepare_targets(batch: dict[str, jax.Array], method: str) -> dict[str, jax.A
     labels_BxL = jnp.concatenate([tokens_BxL[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
     has_next_BxL = jnp.concatenate([mask_BxL[:, 1:], jnp.zeros((b, 1), bool)], axis=1)
     t = {"tokens": tokens_BxL, "labels": labels_BxL, "ce_where": mask_BxL & has_next_BxL, "kd_where": mask_BxL}
+    t.update({k: batch[k] for k in DOCUMENT_KEYS if k in batch})  # document masking
     missing = [k for k in BATCH_KEYS[method] if k not in batch]
     if missing:
         raise KeyError(f"loss.method={method!r} needs batch keys {missing}; got {sorted(batch)}")
@@ -154,10 +158,11 @@ def sum_over_positions(fn: Callable, model, teacher, t: dict, *, chunk_size: int
     chunk_size works). chunk_size=0: the whole rows at once.
     """
     tokens_BxL = t["tokens"]
+    documents = [t.get(k) for k in DOCUMENT_KEYS]  # segment ids, positions (or None, None)
     xs = {"t": t}
     tw_DxV = None
     if teacher is not None:
-        xs["th"] = teacher.hidden_states(tokens_BxL)
+        xs["th"] = teacher.hidden_states(tokens_BxL, *documents)
         tw_DxV = teacher.lm_head_weight()
 
     def chunk_fn(logits_BxCxV, x):
@@ -169,7 +174,7 @@ def sum_over_positions(fn: Callable, model, teacher, t: dict, *, chunk_size: int
 
     sums_n = losses.map_logit_chunks(
         chunk_fn,
-        model.hidden_states(tokens_BxL),
+        model.hidden_states(tokens_BxL, *documents),
         model.lm_head_weight(),
         xs,
         chunk_size=chunk_size,

@@ -304,6 +304,54 @@ def test_store_identical_for_batch_2_8_16_and_1_or_8_devices(work, teacher):
     assert (a["weights"] != b["weights"]).any(), "device_batch 2 vs 8 round alike: the test cannot fail"
 
 
+def test_document_masking_store_is_batch_invariant_and_masks_the_teacher(ref, work, tokens, teacher):
+    """context.document_masking=true: batch 2 on one device and batch 16 over 8 devices write
+    the same bytes; the manifest records the setting (the unmasked store has no key); the
+    stored gold log-probs are the teacher's with segment ids and restarted positions, not the
+    unmasked teacher's (rows where a document starts inside the row)."""
+    from rskd_jax.documents import segments_and_positions
+    from rskd_jax.model_spec import build_model
+
+    runs = {}
+    for batch, dev in ((2, 1), (16, 8)):
+        out = runs[batch] = work / f"docs_b{batch}_d{dev}"
+        cfg = cfg_for(
+            tokens,
+            out,
+            f"cache.batch_size={batch}",
+            "cache.chunk_rows=2",
+            "cache.splits=[train]",
+            "cache.max_rows=16",  # row 14 holds a document start
+            f"mesh.data={dev}",
+            "context.document_masking=true",
+            teacher=teacher,
+        )
+        cache.run(cfg, progress=False, devices=None if dev > 1 else one_device())
+    assert_same_files(store_files(runs[2]), store_files(runs[16]))
+    assert read_json(str(runs[2] / "rskd_n50"))["document_masking"] is True
+    assert "document_masking" not in read_json(str(ref / "rskd_n50"))
+
+    tok = open_token_store(tokens)
+    starts = tok.read_doc_starts("train", np.arange(16))
+    rows = np.nonzero(starts[:, 1:].any(axis=1))[0]
+    assert rows.size, "no document starts inside the cached rows: the test cannot fail"
+    tokens_BxL = tok.read("train", rows)
+    seg, pos = segments_and_positions(starts[rows])
+    model = build_model(cfg.teacher, int(tok.manifest["tokenizer"]["vocab_size"]))
+
+    def gold(*docs):
+        x = np.asarray(jax.jit(model.__call__)(jnp.asarray(tokens_BxL), *docs), np.float64)
+        logp = x - x.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        return np.take_along_axis(logp[:, :-1], tokens_BxL[:, 1:, None], -1)[..., 0]
+
+    got = open_teacher_store(str(runs[2] / "rskd_n50")).read_rows("train", rows)["gold_logprob"][:, :-1]
+    np.testing.assert_allclose(got, gold(jnp.asarray(seg), jnp.asarray(pos)), rtol=1e-3, atol=1e-3)
+    assert np.abs(got - gold()).max() > 1e-2  # the unmasked teacher differs there
+    code, info = run_inspect(str(runs[2] / "rskd_n50"), "--verify", "16", "--json")  # recomputed masked
+    assert code == 0 and info["verify"]["rows_checked"] == 16 and info["verify"]["rows_mismatched"] == 0
+
+
 def test_resume_refuses_another_device_batch_and_takes_the_stores_by_default(ref, tokens, teacher):
     before = store_files(ref)
     with pytest.raises(CacheError, match=r"written with cache.device_batch=2, this run has 4.*cache.device_batch=2"):

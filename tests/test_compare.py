@@ -56,13 +56,15 @@ def _read(path, mode="r"):
 # ----------------------------------------------------------------------------- fast
 
 
-def test_stage_log_skips_resumes_and_redoes(tmp_path):
+@pytest.mark.parametrize("url", ["path", "file_url"])
+def test_stage_log_skips_resumes_and_redoes(tmp_path, url):
     calls = []
-    log = StageLog(str(tmp_path))
+    out = str(tmp_path) if url == "path" else f"file://{tmp_path}"  # reproduce.output may be a URL
+    log = StageLog(out)
     assert log.stage("a", {"x": 1}, lambda: calls.append(1) or {"v": (1, 2)}) == {"v": [1, 2]}
     assert log.stage("a", {"x": 1, "progress": False}, lambda: calls.append(2)) == {"v": [1, 2]}  # not in key
     assert calls == [1] and log.ran == ["a"] and log.skipped == ["a"]
-    log = StageLog(str(tmp_path))  # from state.json
+    log = StageLog(out)  # from state.json
     assert log.stage("a", {"x": 1}, lambda: calls.append(3)) == {"v": [1, 2]} and calls == [1]
     assert log.stage("a", {"x": 1}, lambda: calls.append(4), outputs_ok=lambda: False) is None and calls == [1, 4]
     assert log.stage("a", {"x": 2}, lambda: 5) == 5 and log.stages["a"]["fingerprint"] == fingerprint({"x": 2})
@@ -97,6 +99,11 @@ def test_stage_configs_are_wired_under_the_output(tmp_path):
     assert runs["top_k_12"].train.teacher_store == f"{tmp_path}/run/teacher/top_k_12"
     assert runs["wor_k12"].train.output == f"{tmp_path}/run/train/wor_k12"
     assert cmp.command() == "python -m rskd_jax.compare --config x.yaml"
+    # one context section: the cache's teacher and every student read the same setting
+    assert not cmp.cache_run().context.document_masking
+    masked = Comparison(load_config(CompareRun, TINY, ["context.document_masking=true", "reproduce.epochs=null"]))
+    assert masked.cache_run().context.document_masking
+    assert all(t.context.document_masking for t in masked.train_runs().values())
 
 
 def test_method_overrides_change_only_that_student(tmp_path):

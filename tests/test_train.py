@@ -33,14 +33,16 @@ def make_tokens(url, seed=0, rows=(64, 16), seq_len=L):
     return splits, write_token_store(url, splits, {"tokenizer": TOKENIZER})
 
 
-def make_teacher(url, splits, token_manifest, seed=0, done_rows=None):
-    """A `sample` store (N = K draws) from random teacher distributions, with entropies."""
+def make_teacher(url, splits, token_manifest, seed=0, done_rows=None, **facts):
+    """A `sample` store (N = K draws) from random teacher distributions, with entropies;
+    `facts` go into its manifest (e.g. document_masking=True)."""
     rng = np.random.default_rng(seed)
     seq_len = token_manifest["seq_len"]
     manifest = {
         "tokens": {"fingerprint": token_manifest["content_hash"], "seq_len": seq_len},
         "tokenizer": TOKENIZER,
         "teacher": {"fingerprint": "test", "vocab_size": VOCAB},
+        **facts,
     }
     store = create_teacher_store(
         url,

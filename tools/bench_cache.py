@@ -151,7 +151,7 @@ def main(argv=None) -> None:
     def run_forward(batches):
         t = time.perf_counter()
         for rows_B in batches:
-            tokens_BxL, _ = cacher.global_batch(cacher.read_tokens("train", rows_B), rows_B)
+            tokens_BxL, _, _ = cacher.global_batch(cacher.read_tokens("train", rows_B), rows_B)
             jax.block_until_ready(forward(cacher.state, tokens_BxL))
         return time.perf_counter() - t
 

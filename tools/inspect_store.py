@@ -209,6 +209,8 @@ def verify(
 
     from flax import nnx
 
+    from rskd_jax.documents import document_fields, store_setting
+
     graphdef, state = nnx.split(model)
     # the store's own micro-batch shape, so the recomputation rounds as the cache did
     length, batch = store.seq_len, int(m.get("device_batch") or VERIFY_BATCH)
@@ -237,9 +239,10 @@ def verify(
             rows_b = rows[i : i + batch]
             padded = np.concatenate([rows_b, np.full(batch - len(rows_b), rows_b[0])])
             tokens_BxL = tok.read(split, padded)
-            res = jax.tree.map(
-                np.asarray, step(state, tokens_BxL, padded.astype(np.int32), np.int32(cache_step.split_code(split)))
-            )
+            # a store cached with document masking: the same segment ids and positions
+            docs = document_fields(tok, split, padded) if store_setting(m) else None
+            code = np.int32(cache_step.split_code(split))
+            res = jax.tree.map(np.asarray, step(state, tokens_BxL, padded.astype(np.int32), code, docs))
             want = {k: v[: len(rows_b)] for k, v in {**res["verify"], **res.get("diagnostics", {})}.items()}
             for name in ("gold_logprob", "entropy", "logprobs"):
                 if name in want:

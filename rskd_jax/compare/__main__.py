@@ -21,7 +21,10 @@ def enable_compile_cache(out: str) -> None:
 
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
-    jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(out, "jax_cache")))
+    from rskd_jax.runpath import run_path
+
+    # a local path or an object-store URL (jax's cache writes through etils.epath too)
+    jax.config.update("jax_compilation_cache_dir", os.fspath(run_path(out) / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 

@@ -3,7 +3,7 @@
     cfg = load_config(CompareRun, "configs/tiny/reproduce.yaml", ["reproduce.timing_reps=0"])
 
 `PipelineRun` holds the sections of the four programs (data, cache, teacher, student, train,
-loss, optim, mesh); `CompareRun` adds the `reproduce` section (sources, methods and the
+loss, optim, context, mesh); `CompareRun` adds the `reproduce` section (sources, methods and the
 settings of the eval, gradient-check, timing and report stages). The section keeps its name
 `reproduce` because docs/results/results.json records the resolved config under it.
 """
@@ -16,6 +16,7 @@ from typing import Literal
 from rskd_jax.config import (
     CacheConfig,
     ConfigError,
+    ContextConfig,
     DataConfig,
     LossConfig,
     MeshConfig,
@@ -43,6 +44,7 @@ class PipelineRun:
     train: TrainConfig = opt(TrainConfig())
     loss: LossConfig = opt(LossConfig())
     optim: OptimConfig = opt(OptimConfig())
+    context: ContextConfig = opt(ContextConfig())
     mesh: MeshConfig = opt(MeshConfig())
 
 

@@ -13,11 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from rskd_jax.compare.runtime import build_teacher, setup
+from rskd_jax.compare.runtime import build_teacher, setup, token_rows
+from rskd_jax.documents import DOCUMENT_KEYS
 
 
-def pad_batch(tokens_bxL: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
-    """tokens + mask for a batch padded to batch_size rows (padding rows fully masked).
+def pad_batch(tokens_bxL: np.ndarray, batch_size: int, **fields: np.ndarray) -> dict[str, np.ndarray]:
+    """tokens + mask (+ `fields`, e.g. segment_ids and positions, zero-padded) for a batch
+    padded to batch_size rows (padding rows fully masked).
 
     >>> b = pad_batch(np.ones((1, 3), np.int32), 2)
     >>> b["tokens"].tolist(), b["mask"].tolist()
@@ -28,7 +30,11 @@ def pad_batch(tokens_bxL: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
     tokens[:b] = tokens_bxL
     mask = np.zeros((batch_size, length), np.int32)
     mask[:b] = 1
-    return {"tokens": tokens, "mask": mask}
+    out = {"tokens": tokens, "mask": mask}
+    for k, v in fields.items():
+        out[k] = np.zeros((batch_size, *v.shape[1:]), v.dtype)
+        out[k][:b] = v
+    return out
 
 
 def figures(total: dict) -> dict[str, Any]:
@@ -76,7 +82,8 @@ def evaluate_students(cmp, runs: dict) -> dict[str, Any]:
     tg, tparams, tsh = build_teacher(cmp, vocab, mesh)
 
     def teacher_fn(tp, batch):
-        logits_BxLxV = metrics.mask_vocab(nnx.merge(tg, tp)(batch["tokens"]), vocab)
+        docs = batch.get("segment_ids"), batch.get("positions")  # document masking (or None)
+        logits_BxLxV = metrics.mask_vocab(nnx.merge(tg, tp)(batch["tokens"], *docs), vocab)
         t = prepare_targets(batch, "ce")
         return logits_BxLxV, metrics.lm_sums(logits_BxLxV, t["labels"], t["ce_where"])
 
@@ -92,9 +99,11 @@ def evaluate_students(cmp, runs: dict) -> dict[str, Any]:
     for split in splits:
         rows_S = eval_rows(tokens.num_rows(split), r.eval_max_rows)
         n = rows[split] = len(rows_S)
+        source = token_rows(cmp, tokens, split)
         for lo in range(0, n, r.eval_batch_size):
-            idx = rows_S[lo : lo + r.eval_batch_size]
-            batch = sharding.global_batch(pad_batch(tokens.read(split, idx), r.eval_batch_size), mesh)
+            read = source.read(rows_S[lo : lo + r.eval_batch_size])
+            docs = {k: read[k] for k in DOCUMENT_KEYS if k in read}
+            batch = sharding.global_batch(pad_batch(read["tokens"], r.eval_batch_size, **docs), mesh)
             logits, tsums = teacher_jit(tparams, batch)
             for key in (split, "all"):
                 totals["<teacher>"][key] = metrics.accumulate(totals["<teacher>"].get(key), tsums)

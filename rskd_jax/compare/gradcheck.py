@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from rskd_jax.compare.runtime import build_teacher, loss_spec, method_rows, setup
+from rskd_jax.compare.runtime import build_teacher, loss_spec, method_rows, setup, token_rows
 
 
 def gradient_check(cmp, runs: dict) -> dict[str, Any]:
@@ -60,11 +60,12 @@ def gradient_check(cmp, runs: dict) -> dict[str, Any]:
     idx_all = rng.choice(n_train, size=need, replace=need > n_train).reshape(r.grad_batches, r.grad_batch_size)
     methods = [m for m in r.methods if m.loss != "full_online"]
     sources = {m.name: method_rows(cmp, m, tokens) for m in methods}
+    plain = token_rows(cmp, tokens)
     ref_fn = grad_fn("full_online")
     fns = {}
     per_batch: dict[str, list] = {m.name: [] for m in methods}
     for b, idx in enumerate(idx_all):
-        base = sharding.global_batch(host_batch({"tokens": tokens.read("train", idx), "index": idx}, ()), mesh)
+        base = sharding.global_batch(host_batch(plain.read(idx), ()), mesh)
         ref = ref_fn(params, base, tparams)
         for m in methods:
             rows, fields = sources[m.name]

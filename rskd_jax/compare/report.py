@@ -150,12 +150,21 @@ def results_text(results: dict) -> str:
 
 def write_report(cmp, runs: dict, results: dict) -> dict[str, Any]:
     """results.json, the plots, and the README section (or the section printed)."""
+    import tempfile
+
+    from rskd_jax.runpath import is_local, run_path, upload_tree, write_text
+
     r = cmp.cfg.reproduce
-    os.makedirs(r.results_dir, exist_ok=True)
-    path = os.path.join(r.results_dir, "results.json")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(results_text(results))
-    plots = write_plots(results, runs, r.reliability, r.results_dir)
+    out = run_path(r.results_dir)  # a local path or a gs://, s3://, file:// URL
+    path = os.fspath(out / "results.json")
+    write_text(path, results_text(results))
+    if is_local(r.results_dir):
+        plots = write_plots(results, runs, r.reliability, os.fspath(out))
+    else:  # matplotlib writes local files: drawn in a temporary directory, then uploaded
+        with tempfile.TemporaryDirectory(prefix="rskd-plots-") as tmp:
+            write_plots(results, runs, r.reliability, tmp)
+            upload_tree(tmp, out)
+        plots = [os.fspath(out / p) for p in PLOTS]
     section = render_section(results, os.path.dirname(r.readme or ""), r.results_dir)
     changed = update_readme(r.readme, section) if r.readme and os.path.exists(r.readme) else None
     if changed is None:
@@ -171,15 +180,13 @@ def write_report(cmp, runs: dict, results: dict) -> dict[str, Any]:
 def report_ok(cmp, results: dict) -> bool:
     """True when results.json holds exactly `results`, the plots exist and the README (if it
     has markers) already shows this section."""
+    from rskd_jax.runpath import read_text, run_path
+
     r = cmp.cfg.reproduce
-    path = os.path.join(r.results_dir, "results.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            if f.read() != results_text(results):
-                return False
-    except OSError:
+    out = run_path(r.results_dir)
+    if read_text(out / "results.json") != results_text(results):
         return False
-    if not all(os.path.exists(os.path.join(r.results_dir, p)) for p in PLOTS):
+    if not all((out / p).exists() for p in PLOTS):
         return False
     if r.readme and os.path.exists(r.readme):
         with open(r.readme, encoding="utf-8") as f:

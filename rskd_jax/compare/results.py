@@ -8,7 +8,6 @@ time vs CE and the gradient check. docs/results/results.json is one of these.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 from rskd_jax.config import config_to_dict
@@ -66,11 +65,13 @@ def unbiased(cmp, m) -> bool:
 
 def read_metrics(run_dir: str, *, eval_records: bool) -> list[dict]:
     """A run's metrics.jsonl records: the eval ones, or the train-step ones."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
+    from rskd_jax.runpath import read_text, run_path
+
+    text = read_text(run_path(run_dir) / "metrics.jsonl")  # a local path or a URL
+    if text is None:
         return []
-    with open(path, encoding="utf-8") as f:
-        return [x for x in (json.loads(line) for line in f if line.strip()) if bool(x.get("eval")) == eval_records]
+    lines = text.splitlines()
+    return [x for x in (json.loads(line) for line in lines if line.strip()) if bool(x.get("eval")) == eval_records]
 
 
 def gap_closed(ce: float, full: float | None, v: float) -> float | None:

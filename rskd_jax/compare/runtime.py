@@ -42,7 +42,15 @@ def method_rows(cmp, m, tokens):
 
     fields = BATCH_KEYS[m.loss]
     store = open_teacher_store(cmp.store_url(m.store)) if m.store else None
-    return split_rows(tokens, store, "train", fields), fields
+    return split_rows(tokens, store, "train", fields, cmp.cfg.context.document_masking), fields
+
+
+def token_rows(cmp, tokens, split: str = "train"):
+    """The rows of a token-store split without teacher fields; under context.document_masking
+    each read also holds their segment ids and positions (every model reads them)."""
+    from rskd_jax.train_data import split_rows
+
+    return split_rows(tokens, None, split, (), cmp.cfg.context.document_masking)
 
 
 def loss_spec(cmp, loss: str, vocab: int):

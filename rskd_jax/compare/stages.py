@@ -27,6 +27,7 @@ from rskd_jax.compare.config import CompareRun
 from rskd_jax.compare.state import StageLog, fingerprint, hardware
 from rskd_jax.config import CacheRun, DataRun, TrainRun, config_to_dict
 from rskd_jax.configlib import load_config_dict
+from rskd_jax.runpath import run_path, write_text
 
 
 class Comparison:
@@ -60,6 +61,7 @@ class Comparison:
         return CacheRun(
             cache=dataclasses.replace(self.cfg.cache, tokens=self.mix, output=self.teacher_dir),
             teacher=self.cfg.teacher,
+            context=self.cfg.context,
             mesh=self.cfg.mesh,
         )
 
@@ -88,6 +90,7 @@ class Comparison:
                 optim=c.optim,
                 student=c.student,
                 teacher=c.teacher,
+                context=c.context,
                 mesh=c.mesh,
             )
             if m.set:  # the method's own overrides, applied to the resolved sections
@@ -147,11 +150,12 @@ class Comparison:
     @staticmethod
     def train_complete(tcfg: TrainRun) -> bool:
         from rskd_jax.checkpoint import Checkpointer
+        from rskd_jax.runpath import run_path
 
-        d = os.path.join(os.path.abspath(tcfg.train.output), "checkpoints")
-        if not os.path.isdir(d):
+        d = run_path(tcfg.train.output) / "checkpoints"
+        if not d.is_dir():
             return False
-        ckpt = Checkpointer(d, read_only=True)
+        ckpt = Checkpointer(os.fspath(d), read_only=True)
         try:
             return ckpt.latest_step() == tcfg.train.steps
         finally:
@@ -165,9 +169,7 @@ class Comparison:
         log.stage("data", data_key, self.run_data, outputs_ok=lambda: sources.token_store_ok(self.mix))
         if estimate:
             est = {**timing.estimate(self), "hardware": hardware()}
-            os.makedirs(r.results_dir, exist_ok=True)
-            with open(os.path.join(r.results_dir, "estimate.json"), "w", encoding="utf-8") as f:
-                json.dump(est, f, indent=1)
+            write_text(run_path(r.results_dir) / "estimate.json", json.dumps(est, indent=1))
             return est
         if r.until == "data":
             return self.summary(started)
@@ -237,7 +239,7 @@ class Comparison:
             "seconds": round(time.perf_counter() - started, 1),
         }
         if res is not None:
-            out["results"] = os.path.join(self.cfg.reproduce.results_dir, "results.json")
+            out["results"] = os.fspath(run_path(self.cfg.reproduce.results_dir) / "results.json")
             out["wall_time_s"] = res["wall_time_s"]
         return out
 

@@ -70,23 +70,24 @@ class StageLog:
     """<output>/state.json: per stage its fingerprint, status, seconds and JSON result."""
 
     def __init__(self, output: str):
-        self.path = os.path.join(output, "state.json")
-        os.makedirs(output, exist_ok=True)
+        from rskd_jax.runpath import run_path
+
+        self.path = run_path(output) / "state.json"  # a local path or a gs://, s3://, file:// URL
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.state = self._load()
         self.ran: list[str] = []
         self.skipped: list[str] = []
 
     def _load(self) -> dict:
-        if os.path.exists(self.path):
-            with open(self.path, encoding="utf-8") as f:
-                return json.load(f)
-        return {"version": 1, "stages": {}}
+        from rskd_jax.runpath import read_text
+
+        text = read_text(self.path)
+        return json.loads(text) if text is not None else {"version": 1, "stages": {}}
 
     def _save(self) -> None:
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.state, f, indent=1)  # insertion order: reads back identical
-        os.replace(tmp, self.path)
+        from rskd_jax.runpath import write_text
+
+        write_text(self.path, json.dumps(self.state, indent=1))  # insertion order: reads back identical
 
     @property
     def stages(self) -> dict[str, dict]:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from rskd_jax.compare.evaluation import eval_rows
-from rskd_jax.compare.runtime import build_teacher, loss_spec, method_rows, setup
+from rskd_jax.compare.runtime import build_teacher, loss_spec, method_rows, setup, token_rows
 
 
 def _synthetic_fields(cmp, m, b: int, length: int, vocab: int, rng) -> dict[str, np.ndarray]:
@@ -69,7 +69,7 @@ def measure_steps(cmp, methods, reps: int, *, synthetic: bool = False) -> dict[s
     steps, batches = {}, {}
     for m in methods:
         if synthetic:
-            host = host_batch({"tokens": tokens.read("train", idx), "index": idx}, ())
+            host = host_batch(token_rows(cmp, tokens).read(idx), ())
             if m.store:
                 host.update(_synthetic_fields(cmp, m, b, tokens.seq_len, vocab, rng))
         else:

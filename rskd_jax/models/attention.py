@@ -4,7 +4,8 @@ Shape letters: B batch, KV key/value heads, G query heads per kv head, L positio
 dim, C query rows of one chunk, M key positions.
 
 Mask: query i sees key m iff m <= i and, with a window W, i - m < W (transformers'
-`sliding_window_overlay`: kv_idx > q_idx - W). Soft-capping (Gemma 2): scores
+`sliding_window_overlay`: kv_idx > q_idx - W), and, with segment ids (document masking),
+seg[i] == seg[m]: attention never crosses a document boundary. Soft-capping (Gemma 2): scores
 s -> cap * tanh(s / cap) before the mask.
 
 Two implementations, chosen by `attention(kind, ...)`: the chunked einsum path below (CPU's
@@ -32,6 +33,7 @@ def causal_attention(
     *,
     window: int | jax.Array | None = None,
     softcap: float | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """Exact causal grouped-query attention, o[..., i, :] = softmax(q_i k_{<=i}^T) v_{<=i}.
 
@@ -41,7 +43,8 @@ def causal_attention(
 
     window: None (plain causal), a Python int (static: key blocks left of every query's
     window are skipped too) or a traced int32 scalar (one scan over layers of mixed kinds;
-    masked, not skipped). softcap: None or the Gemma 2 attention logit cap.
+    masked, not skipped). softcap: None or the Gemma 2 attention logit cap. segment_ids:
+    None or int [B, L]; query i then sees only keys of its own segment (document).
 
     PERF: queries are processed in chunks of `chunk` rows and chunk i only scores the keys
     0..end_i, which skips the masked upper triangle (~40% of the score work at L=512) and
@@ -68,7 +71,11 @@ def causal_attention(
         visible_CxM = key_M[None, :] <= query_C[:, None]
         if window is not None:
             visible_CxM = visible_CxM & (key_M[None, :] > query_C[:, None] - window)
-        s_BxKVxCxGxM = jnp.where(visible_CxM[:, None, :], s_BxKVxCxGxM, jnp.finfo(jnp.float32).min)
+        visible_BxCxM = visible_CxM[None]
+        if segment_ids is not None:
+            same_BxCxM = segment_ids[:, start:stop, None] == segment_ids[:, None, lo:stop]
+            visible_BxCxM = visible_BxCxM & same_BxCxM
+        s_BxKVxCxGxM = jnp.where(visible_BxCxM[:, None, :, None, :], s_BxKVxCxGxM, jnp.finfo(jnp.float32).min)
         p_BxKVxCGxM = jax.nn.softmax(s_BxKVxCxGxM, axis=-1).astype(q_BxKVxLxGxE.dtype)
         o_BxKVxCGxE = jnp.einsum(
             "bkqm,bkme->bkqe", p_BxKVxCGxM.reshape(b, kh, c * g, stop - lo), v_BxKVxLxE[:, :, lo:stop]
@@ -102,12 +109,18 @@ def resolve_attention(kind: str, softcap: float | None = None, backend: str | No
 
 
 def xla_attention(
-    q_BxKVxLxGxE: jax.Array, k_BxKVxLxE: jax.Array, v_BxKVxLxE: jax.Array, *, window: int | jax.Array | None = None
+    q_BxKVxLxGxE: jax.Array,
+    k_BxKVxLxE: jax.Array,
+    v_BxKVxLxE: jax.Array,
+    *,
+    window: int | jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """causal_attention through jax.nn.dot_product_attention (same arguments, same result).
 
     A static window becomes local_window_size=(W - 1, 0); a traced one (mixed layer kinds)
-    a boolean [L, L] mask. Head h = kv * G + g reads kv head h // G, as jax's GQA does.
+    a boolean [L, L] mask; segment ids a boolean [B, 1, L, L] same-segment mask (and-ed with
+    the window's). Head h = kv * G + g reads kv head h // G, as jax's GQA does.
     """
     b, kh, l, g, e = q_BxKVxLxGxE.shape
     q_BxLxHxE = jnp.moveaxis(q_BxKVxLxGxE, 2, 1).reshape(b, l, kh * g, e)
@@ -118,6 +131,9 @@ def xla_attention(
     elif window is not None:
         i, m = jnp.arange(l)[:, None], jnp.arange(l)[None, :]
         mask = (m > i - window)[None, None]
+    if segment_ids is not None:
+        same_Bx1xLxL = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+        mask = same_Bx1xLxL if mask is None else mask & same_Bx1xLxL
     o_BxLxHxE = jax.nn.dot_product_attention(
         q_BxLxHxE, k_BxLxKVxE, v_BxLxKVxE, mask=mask, scale=1.0, is_causal=True, local_window_size=local
     )
@@ -132,8 +148,12 @@ def attention(
     *,
     window: int | jax.Array | None = None,
     softcap: float | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
-    """Causal attention by implementation kind (see resolve_attention); [B, KV, L, G, E] out."""
+    """Causal attention by implementation kind (see resolve_attention); [B, KV, L, G, E] out.
+    segment_ids (int [B, L], optional): attend only within a segment (document masking)."""
     if resolve_attention(kind, softcap) == "xla":
-        return xla_attention(q_BxKVxLxGxE, k_BxKVxLxE, v_BxKVxLxE, window=window)
-    return causal_attention(q_BxKVxLxGxE, k_BxKVxLxE, v_BxKVxLxE, window=window, softcap=softcap)
+        return xla_attention(q_BxKVxLxGxE, k_BxKVxLxE, v_BxKVxLxE, window=window, segment_ids=segment_ids)
+    return causal_attention(
+        q_BxKVxLxGxE, k_BxKVxLxE, v_BxKVxLxE, window=window, softcap=softcap, segment_ids=segment_ids
+    )

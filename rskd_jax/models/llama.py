@@ -153,11 +153,13 @@ def decoder_layer(
     cos_LxE2: jax.Array,
     sin_LxE2: jax.Array,
     window: int | jax.Array | None = None,
+    segment_ids_BxL: jax.Array | None = None,
 ) -> jax.Array:
     """One pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(.)). w: one layer's weights.
 
     With sandwich_norms the attention and MLP outputs are normed too before the residual add.
-    window: this layer's sliding window (None: full causal attention).
+    window: this layer's sliding window (None: full causal attention). cos/sin: [L, E/2], or
+    [B, L, E/2] for per-row positions. segment_ids_BxL: attend only within a segment.
     """
     c = config
     dt = DTYPES[c.dtype]
@@ -178,9 +180,16 @@ def decoder_layer(
         q = rms_norm(q, w["q_norm"], c.rms_norm_eps, p1)
         kk = rms_norm(kk, w["k_norm"], c.rms_norm_eps, p1)
     scale = (c.query_pre_attn_scalar or e) ** -0.5
-    q_BxKVxLxGxE = apply_rope(q * jnp.asarray(scale, dt), cos_LxE2[:, None], sin_LxE2[:, None])
-    k_BxKVxLxE = apply_rope(kk, cos_LxE2, sin_LxE2)
-    o_BxKVxLxGxE = attention(c.attention, q_BxKVxLxGxE, k_BxKVxLxE, v, window=window, softcap=c.attn_softcap)
+    if cos_LxE2.ndim == 2:  # positions 0..L-1, shared by every row
+        cos_q, sin_q, cos_k, sin_k = cos_LxE2[:, None], sin_LxE2[:, None], cos_LxE2, sin_LxE2
+    else:  # [B, L, E/2]: per-row positions (document masking)
+        cos_k, sin_k = cos_LxE2[:, None], sin_LxE2[:, None]
+        cos_q, sin_q = cos_k[..., None, :], sin_k[..., None, :]
+    q_BxKVxLxGxE = apply_rope(q * jnp.asarray(scale, dt), cos_q, sin_q)
+    k_BxKVxLxE = apply_rope(kk, cos_k, sin_k)
+    o_BxKVxLxGxE = attention(
+        c.attention, q_BxKVxLxGxE, k_BxKVxLxE, v, window=window, softcap=c.attn_softcap, segment_ids=segment_ids_BxL
+    )
     wo_DxKVxGxE = w["o_proj"].astype(dt).reshape(-1, k, g, e)
     attn_BxLxD = jnp.einsum("bklge,dkge->bld", o_BxKVxLxGxE, wo_DxKVxGxE)
     if c.sandwich_norms:
@@ -205,7 +214,9 @@ def softcap(x: jax.Array, cap: float | None) -> jax.Array:
 class Llama(nnx.Module):
     """Decoder-only causal LM. `model(tokens[B, L] int32) -> logits[B, L, V] float32`.
 
-    Positions are 0..L-1 for every row (packed sequences, plain causal mask).
+    Positions are 0..L-1 for every row (packed sequences, plain causal mask), unless the call
+    gives `segment_ids` [B, L] (attend only within a document) and `positions` [B, L] (RoPE
+    positions, restarting at 0 per document): document masking (rskd_jax.documents).
 
     >>> model = init_model(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
     ...                                num_layers=2, num_heads=4, num_kv_heads=2), seed=0)
@@ -227,8 +238,11 @@ class Llama(nnx.Module):
         if not c.tie_embeddings:
             self.lm_head = _param(normal(rngs.params(), (c.vocab_size, c.hidden_size), pd), ("vocab", "embed"))
 
-    def hidden_states(self, tokens_BxL: jax.Array) -> jax.Array:
-        """Final-norm hidden states [B, L, D] in config.dtype."""
+    def hidden_states(
+        self, tokens_BxL: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None
+    ) -> jax.Array:
+        """Final-norm hidden states [B, L, D] in config.dtype. segment_ids / positions: int
+        [B, L] or None (one sequence per row, positions 0..L-1)."""
         c = self.config
         dt = DTYPES[c.dtype]
         l = tokens_BxL.shape[1]
@@ -237,21 +251,21 @@ class Llama(nnx.Module):
             x_BxLxD = x_BxLxD * jnp.asarray(math.sqrt(c.hidden_size), x_BxLxD.dtype)
         x_BxLxD = x_BxLxD.astype(dt)
 
-        cos_LxE2, sin_LxE2 = rope_tables(l, c.head_dim, c.rope_theta, c.rope_scaling)
+        cos_LxE2, sin_LxE2 = rope_tables(l, c.head_dim, c.rope_theta, c.rope_scaling, positions)
         sliding = c.sliding_layers
         xs = self.layers.weights()
         if len(set(sliding)) == 1:  # one kind of layer: the window and RoPE are static
             window = c.sliding_window if sliding[0] else None
             if sliding[0] and c.rope_local_theta is not None:
-                cos_LxE2, sin_LxE2 = rope_tables(l, c.head_dim, c.rope_local_theta)
+                cos_LxE2, sin_LxE2 = rope_tables(l, c.head_dim, c.rope_local_theta, positions=positions)
 
             def body(x, w):
-                return decoder_layer(c, x, w, cos_LxE2, sin_LxE2, window), None
+                return decoder_layer(c, x, w, cos_LxE2, sin_LxE2, window, segment_ids), None
         else:  # PERF: mixed kinds share one scan, so the window is masked, not skipped
             xs = (xs, jnp.asarray(sliding))
             local = None
             if c.rope_local_theta is not None:
-                local = rope_tables(l, c.head_dim, c.rope_local_theta)
+                local = rope_tables(l, c.head_dim, c.rope_local_theta, positions=positions)
 
             def body(x, w_and_sliding):
                 w, is_sliding = w_and_sliding
@@ -259,7 +273,7 @@ class Llama(nnx.Module):
                 cos, sin = cos_LxE2, sin_LxE2
                 if local is not None:
                     cos, sin = jnp.where(is_sliding, local[0], cos), jnp.where(is_sliding, local[1], sin)
-                return decoder_layer(c, x, w, cos, sin, window), None
+                return decoder_layer(c, x, w, cos, sin, window, segment_ids), None
 
         if c.remat:
             body = jax.checkpoint(body, prevent_cse=False)
@@ -283,9 +297,11 @@ class Llama(nnx.Module):
         logits = jnp.einsum("bld,dv->blv", h_BxCxD, w_DxV, preferred_element_type=jnp.float32)
         return softcap(logits, self.config.final_softcap)
 
-    def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+    def __call__(
+        self, tokens_BxL: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None
+    ) -> jax.Array:
         """Logits [B, L, V] float32 (accumulated in float32 whatever the compute dtype)."""
-        return self.logits_from_hidden(self.hidden_states(tokens_BxL), self.lm_head_weight())
+        return self.logits_from_hidden(self.hidden_states(tokens_BxL, segment_ids, positions), self.lm_head_weight())
 
 
 def random_fingerprint(config: LlamaConfig, seed: int) -> str:

@@ -103,10 +103,15 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> t
     return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
 
 
-def rope_tables(length: int, head_dim: int, theta: float, scaling: dict | None = None) -> tuple[jax.Array, jax.Array]:
-    """(cos, sin) [L, E/2] float32 for positions 0..L-1 (YaRN's multiplier folded in)."""
+def rope_tables(
+    length: int, head_dim: int, theta: float, scaling: dict | None = None, positions: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin) [L, E/2] float32 for positions 0..L-1 (YaRN's multiplier folded in), or
+    [B, L, E/2] for explicit per-row `positions` int [B, L] (document masking: they restart
+    at 0 at each document start)."""
     inv_freq, mult = rope_inv_freq(head_dim, theta, scaling)
-    angles_LxE2 = jnp.arange(length, dtype=jnp.float32)[:, None] * jnp.asarray(inv_freq)
+    pos = jnp.arange(length) if positions is None else positions
+    angles_LxE2 = pos.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
     cos_LxE2, sin_LxE2 = jnp.cos(angles_LxE2), jnp.sin(angles_LxE2)
     if mult != 1.0:
         cos_LxE2, sin_LxE2 = cos_LxE2 * mult, sin_LxE2 * mult
