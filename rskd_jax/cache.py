@@ -103,8 +103,9 @@ class Cacher:
         self.run = run
         self.tokens = open_token_store(c.tokens)
         self.vocab = int(self.tokens.manifest["tokenizer"]["vocab_size"])
-        self.model = build_model(run.teacher, self.vocab)
         self.mesh = sharding.make_mesh(run.mesh, devices)
+        # A pretrained teacher is read straight into state_shardings below (each device its shard).
+        self.model = build_model(run.teacher, self.vocab, self.mesh)
         self.P, self.p = jax.process_count(), jax.process_index()
         sharding.check_batch(c.batch_size, self.mesh, key="cache.batch_size")
         local = c.batch_size // self.P
