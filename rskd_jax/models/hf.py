@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from rskd_jax.models.config import config_from_hf
 from rskd_jax.models.hf_config import ARCHS, config_to_hf  # noqa: F401 (API)
 from rskd_jax.models.llama import DTYPES, Llama, LlamaConfig
-from rskd_jax.models.safetensors_mmap import MappedSafetensors
+from rskd_jax.models.safetensors_mmap import MappedSafetensors, read_slice
 
 _IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -99,15 +99,20 @@ def _check_shape(var: nnx.Param, shape: tuple[int, ...], name: str) -> None:
 def _place(var: nnx.Param, shape: tuple[int, ...], read: Callable, name: str, dtype, sharding) -> None:
     """Sets `var` to the array of `shape` whose slice `idx` is read(idx) (numpy, any dtype).
 
-    sharding None: read whole and put on the default device (the unsharded load). Else
-    jax.make_array_from_callback: each device's shard is read on its own, converted to the
-    param dtype, and placed on that device; the whole array never exists on the host.
+    sharding None: read whole and put on the default device (the unsharded load). Else each
+    of this process's devices gets its shard, read on its own (read(idx) for that device's
+    index), converted to the param dtype and put on that device, then the shards are assembled
+    (what jax.make_array_from_callback does). PERF: one shard at a time, so the host holds one
+    shard, not make_array_from_callback's list of every device's host copy.
     """
     _check_shape(var, shape, name)
     if sharding is None:
         var.set_value(jnp.asarray(np.ascontiguousarray(read(tuple(slice(None) for _ in shape))), dtype=dtype))
         return
-    var.set_value(jax.make_array_from_callback(shape, sharding, lambda idx: np.array(read(idx), dtype=dtype)))
+    shards = []
+    for device, idx in sharding.addressable_devices_indices_map(shape).items():
+        shards.append(jax.device_put(np.asarray(read(idx), dtype=dtype), device).block_until_ready())
+    var.set_value(jax.make_array_from_single_device_arrays(shape, sharding, shards))
 
 
 def model_from_hf_tensors(
@@ -138,8 +143,14 @@ def model_from_hf_tensors(
         return name
 
     def whole(ours, hf_name):
-        value = tensors[get(hf_name)]
-        _place(getattr(model, ours), value.shape, lambda idx: value[idx], hf_name, pd, shardings.get(ours))
+        value, sharding = tensors[get(hf_name)], shardings.get(ours)
+        read = value.__getitem__
+        if sharding is not None:  # a fresh memory map per block read (read_slice)
+
+            def read(idx):
+                return read_slice(lambda: tensors[hf_name], idx)
+
+        _place(getattr(model, ours), value.shape, read, hf_name, pd, sharding)
 
     whole("embed", "model.embed_tokens.weight")
     whole("final_norm", "model.norm.weight")
@@ -156,11 +167,14 @@ def model_from_hf_tensors(
         def layer(i, ours=ours, names=names):  # a fresh (memory-mapped) view per read
             return _to_ours(ours, tensors[names[i]], c)
 
-        def read(idx, layer=layer):
-            return np.stack([layer(i)[idx[1:]] for i in range(*idx[0].indices(n))])
+        sharding = shardings["layers"].get(ours)
+
+        def read(idx, layer=layer, sharded=sharding is not None):
+            if not sharded:
+                return np.stack([layer(i) for i in range(n)])
+            return np.stack([read_slice(lambda i=i: layer(i), idx[1:]) for i in range(*idx[0].indices(n))])
 
         shape = (n, *layer(0).shape)
-        sharding = shardings["layers"].get(ours)
         _place(getattr(model.layers, ours), shape, read, f"model.layers.*.{theirs}", pd, sharding)
     extra = sorted(n for n in tensors if n not in used and not n.endswith(_IGNORED_TENSOR_SUFFIXES))
     if extra:

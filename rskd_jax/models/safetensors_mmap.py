@@ -13,13 +13,14 @@ numpy reader refuses them).
     st = MappedSafetensors([Path("model.safetensors")])
     w = st["model.embed_tokens.weight"]    # np.memmap [V, D]; nothing read yet
     rows = np.array(w[:128])               # reads the first 128 rows only
+    cols = read_slice(lambda: st["model.embed_tokens.weight"], (slice(None), slice(0, 64)))
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -98,3 +99,30 @@ class MappedSafetensors(Mapping):
     def nbytes(self) -> int:
         """Bytes of all tensors (what the files hold, less the headers)."""
         return sum(t.dtype.itemsize * int(np.prod(t.shape, dtype=np.int64)) for t in self.info.values())
+
+
+BLOCK_BYTES = 1 << 24
+
+
+def read_slice(fresh: Callable[[], np.ndarray], idx: tuple[slice, ...], block_bytes: int = BLOCK_BYTES) -> np.ndarray:
+    """fresh()[idx] as a new array, read in blocks of about block_bytes along the first axis.
+
+    fresh() returns a new view of the tensor per call (a new memory map for MappedSafetensors,
+    unmapped when dropped), so a slice across the last axes (a column shard: every page of the
+    tensor is touched) keeps only one block's pages resident at a time, not the whole tensor.
+    idx: one slice per leading axis (what jax.make_array_from_callback passes).
+    """
+    a = fresh()
+    idx = (*idx, *(slice(None),) * (a.ndim - len(idx)))
+    if a.ndim == 0:
+        return np.array(a)
+    out = np.empty(a[idx].shape, a.dtype)  # a view's shape: nothing read
+    rows = range(*idx[0].indices(a.shape[0]))
+    per_block = max(1, block_bytes // max(1, a.nbytes // max(1, a.shape[0])))
+    del a
+    for j in range(0, len(rows), per_block):
+        sub = rows[j : j + per_block]
+        block = fresh()[sub.start : sub.stop : sub.step]
+        out[j : j + len(sub)] = block[(slice(None), *idx[1:])]
+        del block
+    return out
