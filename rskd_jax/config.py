@@ -30,6 +30,9 @@ from rskd_jax.configlib import save_config as save_config
 from rskd_jax.corpus import CORPUS_EXTENSIONS, TEXT_EXTENSIONS
 from rskd_jax.methods import LOSS_METHODS, STORE_METHODS
 
+# models.attention.ATTENTION_KINDS (that module imports jax; tests/test_attention.py checks they agree)
+ATTENTION_KINDS = ("auto", "xla", "cudnn", "splash", "chunked")
+
 # ----------------------------------------------------------------------------- program configs
 
 
@@ -160,7 +163,8 @@ class ModelSpec:
     remat: bool = opt(False, "recompute each layer's activations in the backward pass")
     attention: str = opt(
         "auto",
-        "attention implementation: auto (chunked on CPU, jax.nn.dot_product_attention elsewhere), xla or chunked",
+        "attention implementation: auto (cudnn on GPU in bf16/fp16, splash on TPU, chunked on CPU), xla, "
+        "cudnn, splash or chunked; a path that cannot run falls back with a logged reason",
     )
     seed: int = opt(0, "random init seed (source: random)")
     vocab_size: int | None = opt(None, "random: vocabulary (default: the tokenizer's)")
@@ -178,8 +182,8 @@ class ModelSpec:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16"):
                 raise ConfigError(f"{name} must be float32 or bfloat16, got {getattr(self, name)!r}")
-        if self.attention not in ("auto", "xla", "chunked"):
-            raise ConfigError(f"attention must be auto, xla or chunked, got {self.attention!r}")
+        if self.attention not in ATTENTION_KINDS:
+            raise ConfigError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
 
 
 # ----------------------------------------------------------------------------- cache
