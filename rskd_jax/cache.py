@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from rskd_jax import cache_step, sharding
-from rskd_jax.cache_writer import CacheError, StoreWriter, open_stores, recorded_device_batches
+from rskd_jax.cache_writer import CacheError, StoreWriter, open_stores, recorded_device_batches, recorded_values
 from rskd_jax.config import CacheRun, ConfigError, parse_cli, save_config
 from rskd_jax.store.common import StoreError
 
@@ -126,6 +126,7 @@ class Cacher:
             raise CacheError(f"cache.splits: {err}") from None
         prefix = (store_prefix or c.output).rstrip("/")
         self.device_batch = self._device_batch(prefix)
+        self.position_chunk = self._position_chunk(prefix)
         self.num_rows = {s: min(self.tokens.num_rows(s), c.max_rows or sys.maxsize) for s in c.splits}
         self._check_full_size()
 
@@ -140,6 +141,7 @@ class Cacher:
             with_diagnostics=c.diagnostics,
             device_batch=self.device_batch,
             batch_shards=sharding.batch_shards(self.mesh),
+            positions=self.position_chunk,
             batch_sharding=sharding.batch_sharding(self.mesh, 2),
         )
         # The split code is traced (not static): one compile serves every split.
@@ -184,6 +186,18 @@ class Cacher:
             )
         return db
 
+    def _position_chunk(self, prefix: str) -> int:
+        """Positions per row per LM-head iteration: with cache.logits_chunk_mb 0 the stores'
+        recorded value when resuming, else from the budget (cache_step.logits_budget of the
+        first device's memory, or the override). A value that differs from the stores' is
+        refused when they are opened (their manifests record it)."""
+        c = self.cfg
+        recorded = {} if c.overwrite else recorded_values(prefix, [o.name for o in c.outputs], "position_chunk")
+        if c.logits_chunk_mb == 0 and len(set(recorded.values())) == 1:
+            return next(iter(recorded.values()))
+        budget = cache_step.logits_budget(cache_step.device_bytes_limit(self.mesh.devices.flat[0]), c.logits_chunk_mb)
+        return cache_step.position_chunk(self.tokens.seq_len, self.device_batch, self.model.config.vocab_size, budget)
+
     def _open_stores(self, prefix: str) -> dict:
         freqs = self._id_frequencies()  # every process: refuses foreign token ids before any work
         return open_stores(
@@ -196,6 +210,7 @@ class Cacher:
             id_frequencies=freqs,
             device_batch=self.device_batch,
             mesh_shape=dict(self.mesh.shape),
+            position_chunk=self.position_chunk,
             process_index=self.p,
             process_count=self.P,
         )

@@ -33,7 +33,9 @@ class CacheError(ValueError):
     """Bad input to the cache program (`rskd_jax.cache` re-exports it): it says what to change."""
 
 
-def store_manifest(run: CacheRun, out, model, tokens, *, device_batch: int, mesh_shape: dict) -> dict[str, Any]:
+def store_manifest(
+    run: CacheRun, out, model, tokens, *, device_batch: int, mesh_shape: dict, position_chunk: int
+) -> dict[str, Any]:
     """What a teacher store's bytes depend on; a re-run must match it to resume. Identity is
     by content: the teacher's fingerprint (its weights and resolved config, dtypes included)
     and the token store's. Where they were found (the teacher spec with its source path, the
@@ -53,21 +55,27 @@ def store_manifest(run: CacheRun, out, model, tokens, *, device_batch: int, mesh
         "key_rule": cache_step.KEY_RULE,
         # what the teacher forward's rounding depends on (cache_step: fixed micro-batch shape)
         "device_batch": int(device_batch),
+        "position_chunk": int(position_chunk),  # the LM head's rows per matmul: device_batch x this
         "teacher_layout": {"fsdp": int(mesh_shape["fsdp"]), "tensor": int(mesh_shape["tensor"])},
         "provenance": {"teacher_spec": spec, "tokens_url": tokens.url},
     }
 
 
-def recorded_device_batches(prefix: str, names: Sequence[str]) -> dict[str, int]:
-    """{output name: device_batch} of the teacher stores already under prefix that record one."""
+def recorded_values(prefix: str, names: Sequence[str], key: str) -> dict[str, int]:
+    """{output name: manifest[key]} of the teacher stores already under prefix that record one."""
     from rskd_jax.store.common import read_json
 
     recorded = {}
     for name in names:
         m = read_json(f"{prefix}/{name}")
-        if m is not None and m.get("kind") == "teacher" and "device_batch" in m:
-            recorded[name] = int(m["device_batch"])
+        if m is not None and m.get("kind") == "teacher" and key in m:
+            recorded[name] = int(m[key])
     return recorded
+
+
+def recorded_device_batches(prefix: str, names: Sequence[str]) -> dict[str, int]:
+    """{output name: device_batch} of the teacher stores already under prefix that record one."""
+    return recorded_values(prefix, names, "device_batch")
 
 
 def open_stores(
@@ -81,6 +89,7 @@ def open_stores(
     id_frequencies: np.ndarray,
     device_batch: int,
     mesh_shape: dict,
+    position_chunk: int,
     process_index: int = 0,
     process_count: int = 1,
 ) -> dict[str, Any]:
@@ -94,7 +103,15 @@ def open_stores(
         return {
             o.name: create_teacher_store(
                 f"{prefix}/{o.name}",
-                manifest=store_manifest(run, o, model, tokens, device_batch=device_batch, mesh_shape=mesh_shape),
+                manifest=store_manifest(
+                    run,
+                    o,
+                    model,
+                    tokens,
+                    device_batch=device_batch,
+                    mesh_shape=mesh_shape,
+                    position_chunk=position_chunk,
+                ),
                 num_rows=num_rows,
                 seq_len=tokens.seq_len,
                 method=o.method,

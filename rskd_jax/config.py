@@ -231,6 +231,13 @@ class CacheConfig:
         "on this). 0: the store's recorded value, or for a new store the rows "
         "per device of batch_size",
     )
+    logits_chunk_mb: float = opt(
+        0.0,
+        "float32 logits per device per LM-head iteration of the step, in MB (the positions per row "
+        "this gives, `position_chunk`, are recorded in the store: the rounding may depend on them). "
+        "0: the store's recorded chunk, or for a new store 1/64 of the device's memory (16 MB to "
+        "1 GB), 16 MB where the device does not report it (CPU)",
+    )
     seed: int = opt(
         0,
         "sampling seed; row r of split s: fold_in(fold_in(key(seed), split_code(s)), r), "

@@ -75,7 +75,7 @@ def make_forward(cacher):
     from rskd_jax import cache_step, sharding
 
     graphdef, _ = nnx.split(cacher.model)
-    chunk = cache_step.position_chunk(cacher.tokens.seq_len, cacher.device_batch, cacher.model.config.vocab_size)
+    chunk = cacher.position_chunk
     vocab = cacher.vocab
 
     def forward(state, tokens_BxL):
