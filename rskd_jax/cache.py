@@ -188,14 +188,15 @@ class Cacher:
 
     def _position_chunk(self, prefix: str) -> int:
         """Positions per row per LM-head iteration: with cache.logits_chunk_mb 0 the stores'
-        recorded value when resuming, else from the budget (cache_step.logits_budget of the
-        first device's memory, or the override). A value that differs from the stores' is
+        recorded value when resuming, else from the budget (cache_step.logits_budget of this
+        process's first mesh device's memory, or the override). A value that differs from the stores' is
         refused when they are opened (their manifests record it)."""
         c = self.cfg
         recorded = {} if c.overwrite else recorded_values(prefix, [o.name for o in c.outputs], "position_chunk")
         if c.logits_chunk_mb == 0 and len(set(recorded.values())) == 1:
             return next(iter(recorded.values()))
-        budget = cache_step.logits_budget(cache_step.device_bytes_limit(self.mesh.devices.flat[0]), c.logits_chunk_mb)
+        local = next(d for d in self.mesh.devices.flat if d.process_index == self.p)  # memory_stats: own devices only
+        budget = cache_step.logits_budget(cache_step.device_bytes_limit(local), c.logits_chunk_mb)
         return cache_step.position_chunk(self.tokens.seq_len, self.device_batch, self.model.config.vocab_size, budget)
 
     def _open_stores(self, prefix: str) -> dict:

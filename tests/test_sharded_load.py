@@ -12,7 +12,7 @@ from flax import nnx
 from rskd_jax import sharding
 from rskd_jax.config import MeshConfig
 from rskd_jax.models import LlamaConfig, from_pretrained, init_model, save_pretrained
-from rskd_jax.models.safetensors_mmap import MappedSafetensors
+from rskd_jax.models.safetensors_mmap import MappedSafetensors, read_slice
 
 CONFIG = LlamaConfig(
     vocab_size=64,
@@ -106,3 +106,24 @@ def test_sharded_load_refuses_a_missing_tensor(tmp_path, mesh):
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="lacks tensor 'model.layers.2.mlp.up_proj.weight'"):
         from_pretrained(tmp_path, mesh=mesh)
+
+
+@pytest.mark.parametrize(
+    "idx", [(slice(None), slice(3, 9)), (slice(2, 17), slice(None)), (slice(1, 20, 3), slice(0, 4)), ()]
+)
+def test_read_slice_reads_blocks_through_fresh_views(tmp_path, idx):
+    from safetensors.numpy import save_file
+
+    a = np.arange(20 * 12, dtype=np.float32).reshape(20, 12)
+    save_file({"a": a}, str(tmp_path / "x.safetensors"))
+    st, calls = MappedSafetensors([tmp_path / "x.safetensors"]), []
+
+    def fresh():
+        calls.append(1)
+        return st["a"]
+
+    got = read_slice(fresh, idx, block_bytes=4 * 12 * 4)  # 4 rows a block
+    np.testing.assert_array_equal(got, a[idx])
+    assert not isinstance(got, np.memmap)
+    rows = len(range(20)[idx[0] if idx else slice(None)])
+    assert len(calls) == 1 + -(-rows // 4)  # the shape, then one fresh map per 4-row block

@@ -143,14 +143,12 @@ def model_from_hf_tensors(
         return name
 
     def whole(ours, hf_name):
-        value, sharding = tensors[get(hf_name)], shardings.get(ours)
-        read = value.__getitem__
-        if sharding is not None:  # a fresh memory map per block read (read_slice)
+        shape, sharding = tensors[get(hf_name)].shape, shardings.get(ours)
 
-            def read(idx):
-                return read_slice(lambda: tensors[hf_name], idx)
+        def read(idx):  # sharded: read_slice, a fresh memory map per block of rows
+            return tensors[hf_name][idx] if sharding is None else read_slice(lambda: tensors[hf_name], idx)
 
-        _place(getattr(model, ours), value.shape, read, hf_name, pd, sharding)
+        _place(getattr(model, ours), shape, read, hf_name, pd, sharding)
 
     whole("embed", "model.embed_tokens.weight")
     whole("final_norm", "model.norm.weight")
