@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from rskd_jax import cache_step, sharding
-from rskd_jax.cache_writer import CacheError, StoreWriter, open_stores, recorded_device_batches
+from rskd_jax.cache_writer import CacheError, StoreWriter, open_stores, recorded_device_batches, recorded_values
 from rskd_jax.config import CacheRun, ConfigError, parse_cli, save_config
 from rskd_jax.store.common import StoreError
 
@@ -104,8 +104,9 @@ class Cacher:
         self.documents = run.context.document_masking
         self.tokens = open_token_store(c.tokens)
         self.vocab = int(self.tokens.manifest["tokenizer"]["vocab_size"])
-        self.model = build_model(run.teacher, self.vocab)
         self.mesh = sharding.make_mesh(run.mesh, devices)
+        # A pretrained teacher is read straight into state_shardings below (each device its shard).
+        self.model = build_model(run.teacher, self.vocab, self.mesh)
         self.P, self.p = jax.process_count(), jax.process_index()
         sharding.check_batch(c.batch_size, self.mesh, key="cache.batch_size")
         local = c.batch_size // self.P
@@ -129,6 +130,7 @@ class Cacher:
             raise CacheError(f"cache.splits: {err}") from None
         prefix = (store_prefix or c.output).rstrip("/")
         self.device_batch = self._device_batch(prefix)
+        self.position_chunk = self._position_chunk(prefix)
         self.num_rows = {s: min(self.tokens.num_rows(s), c.max_rows or sys.maxsize) for s in c.splits}
         self._check_full_size()
 
@@ -143,6 +145,7 @@ class Cacher:
             with_diagnostics=c.diagnostics,
             device_batch=self.device_batch,
             batch_shards=sharding.batch_shards(self.mesh),
+            positions=self.position_chunk,
             batch_sharding=sharding.batch_sharding(self.mesh, 2),
         )
         # The split code is traced (not static): one compile serves every split.
@@ -188,6 +191,19 @@ class Cacher:
             )
         return db
 
+    def _position_chunk(self, prefix: str) -> int:
+        """Positions per row per LM-head iteration: with cache.logits_chunk_mb 0 the stores'
+        recorded value when resuming, else from the budget (cache_step.logits_budget of this
+        process's first mesh device's memory, or the override). A value that differs from the stores' is
+        refused when they are opened (their manifests record it)."""
+        c = self.cfg
+        recorded = {} if c.overwrite else recorded_values(prefix, [o.name for o in c.outputs], "position_chunk")
+        if c.logits_chunk_mb == 0 and len(set(recorded.values())) == 1:
+            return next(iter(recorded.values()))
+        local = next(d for d in self.mesh.devices.flat if d.process_index == self.p)  # memory_stats: own devices only
+        budget = cache_step.logits_budget(cache_step.device_bytes_limit(local), c.logits_chunk_mb)
+        return cache_step.position_chunk(self.tokens.seq_len, self.device_batch, self.model.config.vocab_size, budget)
+
     def _open_stores(self, prefix: str) -> dict:
         freqs = self._id_frequencies()  # every process: refuses foreign token ids before any work
         return open_stores(
@@ -200,6 +216,7 @@ class Cacher:
             id_frequencies=freqs,
             device_batch=self.device_batch,
             mesh_shape=dict(self.mesh.shape),
+            position_chunk=self.position_chunk,
             process_index=self.p,
             process_count=self.P,
         )

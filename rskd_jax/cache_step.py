@@ -27,7 +27,9 @@ from rskd_jax import sampling
 from rskd_jax.config import OutputConfig
 
 SPLIT_CODES = {"train": 0, "val": 1}
-CHUNK_BYTES = 16 << 20  # float32 logits per lax.map iteration of the step
+CHUNK_BYTES = 16 << 20  # float32 logits per lax.map iteration where the device has no memory figure (CPU)
+MAX_CHUNK_BYTES = 1 << 30
+MEMORY_FRACTION = 64  # the logits chunk's share of device memory (the samplers hold a few copies)
 KEY_RULE = (
     "fold_in(fold_in(key(seed), split_code), row), then fold_in(position); split_code: "
     "train 0, val 1, any other name the first 4 bytes (little-endian) of sha256(name)"
@@ -155,6 +157,29 @@ def position_chunk(seq_len: int, rows: int, vocab: int, budget_bytes: int = CHUN
     return best
 
 
+def logits_budget(bytes_limit: int | None, override_mb: float = 0.0) -> int:
+    """Bytes of float32 logits per LM-head iteration: override_mb when > 0, else bytes_limit /
+    MEMORY_FRACTION clipped to [CHUNK_BYTES, MAX_CHUNK_BYTES], CHUNK_BYTES when the device
+    reports no limit (CPU).
+
+    >>> logits_budget(141 << 30) == MAX_CHUNK_BYTES, logits_budget(16 << 30) >> 20, logits_budget(None) >> 20
+    (True, 256, 16)
+    """
+    if override_mb < 0:
+        raise ValueError(f"cache.logits_chunk_mb={override_mb} must be >= 0 (0: from the device's memory)")
+    if override_mb > 0:
+        return max(1, int(override_mb * (1 << 20)))
+    if not bytes_limit:
+        return CHUNK_BYTES
+    return int(min(MAX_CHUNK_BYTES, max(CHUNK_BYTES, bytes_limit // MEMORY_FRACTION)))
+
+
+def device_bytes_limit(device: Any) -> int | None:
+    """The device's memory limit (memory_stats()["bytes_limit"]), None where it has none (CPU)."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
+
+
 def make_step(
     graphdef: Any,
     outputs: Sequence[OutputConfig],
@@ -165,6 +190,7 @@ def make_step(
     device_batch: int,
     batch_shards: int = 1,
     batch_sharding: Any = None,
+    positions: int | None = None,
 ) -> Callable:
     """step(state, tokens_BxL, rows_B, split, docs=None) -> {"finite": [B] bool, "<output>":
     {...}, "diagnostics": {...}}; jit it with the shardings of the caller's mesh. docs: {} /
@@ -174,11 +200,13 @@ def make_step(
     lays them out); each device runs the teacher on `device_batch` of its rows at a time
     (lax.map), so B must be a multiple of batch_shards * device_batch. `batch_sharding`
     (a NamedSharding of the micro-batch's leading axis, e.g. sharding.batch_sharding(mesh, 2))
-    pins each micro-batch to the devices that hold its rows.
+    pins each micro-batch to the devices that hold its rows. `positions`: positions per row
+    per LM-head iteration (a divisor of L; None: position_chunk(L, device_batch, V)).
 
     PERF: the [B, L, V] logits are never materialised: the LM head, the samplers and the
     diagnostics run over a chunk of positions of every row at a time (lax.map, float32
-    logits of ~CHUNK_BYTES per device). Buffers of a few MB stay in the allocator's cache;
+    logits of ~logits_budget bytes per device: few iterations on a large-memory accelerator,
+    16 MB on CPU). Buffers of a few MB stay in the allocator's cache;
     [B, L, V] ones are fresh mmaps whose page faults cost more than the math on CPU (x + 1
     over 8 x 128 x 49,152 floats: 0.21 s at once, 0.036 s as 8 row-sized pieces).
     """
@@ -187,7 +215,9 @@ def make_step(
     def micro_step(model, w_DxV, tokens_BxL, keys_BxL, docs):
         h_BxLxD = model.hidden_states(tokens_BxL, docs.get("segment_ids"), docs.get("positions"))
         B, L = tokens_BxL.shape
-        chunk = position_chunk(L, device_batch, w_DxV.shape[-1])
+        chunk = positions or position_chunk(L, device_batch, w_DxV.shape[-1])
+        if L % chunk:
+            raise ValueError(f"positions={chunk} does not divide the sequence length {L}")
         n = L // chunk
         next_BxL = jnp.concatenate([tokens_BxL[:, 1:], tokens_BxL[:, -1:]], axis=1)
 

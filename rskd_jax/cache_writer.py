@@ -47,6 +47,7 @@ def store_manifest(
     *,
     device_batch: int,
     mesh_shape: Mapping[str, int],
+    position_chunk: int,
 ) -> dict[str, Any]:
     """What a teacher store's bytes depend on; a re-run must match it to resume. Identity is
     by content: the teacher's fingerprint (its weights and resolved config, dtypes included)
@@ -75,6 +76,13 @@ def store_manifest(
         "key_rule": cache_step.KEY_RULE,
         # what the teacher forward's rounding depends on (cache_step: fixed micro-batch shape)
         "device_batch": int(device_batch),
+        # the LM head's positions per matmul (x device_batch rows); left out when it is the 16 MB
+        # default's, as in stores made before it was recorded, so those still resume
+        **(
+            {}
+            if position_chunk == cache_step.position_chunk(tokens.seq_len, device_batch, model.config.vocab_size)
+            else {"position_chunk": int(position_chunk)}
+        ),
         "teacher_layout": {"fsdp": int(mesh_shape["fsdp"]), "tensor": int(mesh_shape["tensor"])},
         "provenance": {"teacher_spec": spec, "tokens_url": tokens.url},
         # only when on, so stores made before the option keep their manifest (absent: false)
@@ -82,16 +90,21 @@ def store_manifest(
     }
 
 
-def recorded_device_batches(prefix: str, names: Sequence[str]) -> dict[str, int]:
-    """{output name: device_batch} of the teacher stores already under prefix that record one."""
+def recorded_values(prefix: str, names: Sequence[str], key: str) -> dict[str, int]:
+    """{output name: manifest[key]} of the teacher stores already under prefix that record one."""
     from rskd_jax.store.common import read_json
 
     recorded: dict[str, int] = {}
     for name in names:
         m = read_json(f"{prefix}/{name}")
-        if m is not None and m.get("kind") == "teacher" and "device_batch" in m:
-            recorded[name] = int(m["device_batch"])
+        if m is not None and m.get("kind") == "teacher" and key in m:
+            recorded[name] = int(m[key])
     return recorded
+
+
+def recorded_device_batches(prefix: str, names: Sequence[str]) -> dict[str, int]:
+    """{output name: device_batch} of the teacher stores already under prefix that record one."""
+    return recorded_values(prefix, names, "device_batch")
 
 
 def open_stores(
@@ -105,6 +118,7 @@ def open_stores(
     id_frequencies: np.ndarray,
     device_batch: int,
     mesh_shape: Mapping[str, int],
+    position_chunk: int,
     process_index: int = 0,
     process_count: int = 1,
 ) -> dict[str, TeacherStore]:
@@ -118,7 +132,15 @@ def open_stores(
         return {
             o.name: create_teacher_store(
                 f"{prefix}/{o.name}",
-                manifest=store_manifest(run, o, model, tokens, device_batch=device_batch, mesh_shape=mesh_shape),
+                manifest=store_manifest(
+                    run,
+                    o,
+                    model,
+                    tokens,
+                    device_batch=device_batch,
+                    mesh_shape=mesh_shape,
+                    position_chunk=position_chunk,
+                ),
                 num_rows=num_rows,
                 seq_len=tokens.seq_len,
                 method=o.method,

@@ -30,6 +30,9 @@ from rskd_jax.configlib import save_config as save_config
 from rskd_jax.corpus import CORPUS_EXTENSIONS, TEXT_EXTENSIONS
 from rskd_jax.methods import LOSS_METHODS, STORE_METHODS
 
+# models.attention.ATTENTION_KINDS (that module imports jax; tests/test_attention.py checks they agree)
+ATTENTION_KINDS = ("auto", "xla", "cudnn", "splash", "chunked")
+
 # ----------------------------------------------------------------------------- program configs
 
 
@@ -174,7 +177,8 @@ class ModelSpec:
     remat: bool = opt(False, "recompute each layer's activations in the backward pass")
     attention: str = opt(
         "auto",
-        "attention implementation: auto (chunked on CPU, jax.nn.dot_product_attention elsewhere), xla or chunked",
+        "attention implementation: auto (cudnn on GPU in bf16/fp16, splash on TPU, chunked on CPU), xla, "
+        "cudnn, splash or chunked; a path that cannot run falls back with a logged reason",
     )
     seed: int = opt(0, "random init seed (source: random)")
     vocab_size: int | None = opt(None, "random: vocabulary (default: the tokenizer's)")
@@ -192,8 +196,8 @@ class ModelSpec:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16"):
                 raise ConfigError(f"{name} must be float32 or bfloat16, got {getattr(self, name)!r}")
-        if self.attention not in ("auto", "xla", "chunked"):
-            raise ConfigError(f"attention must be auto, xla or chunked, got {self.attention!r}")
+        if self.attention not in ATTENTION_KINDS:
+            raise ConfigError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
 
 
 # ----------------------------------------------------------------------------- cache
@@ -263,6 +267,13 @@ class CacheConfig:
         "does not depend on batch_size or the data-parallel width (it depends "
         "on this). 0: the store's recorded value, or for a new store the rows "
         "per device of batch_size",
+    )
+    logits_chunk_mb: float = opt(
+        0.0,
+        "float32 logits per device per LM-head iteration of the step, in MB (the positions per row "
+        "this gives, `position_chunk`, are recorded in the store: the rounding may depend on them). "
+        "0: the store's recorded chunk, or for a new store 1/64 of the device's memory (16 MB to "
+        "1 GB), 16 MB where the device does not report it (CPU)",
     )
     seed: int = opt(
         0,

@@ -169,7 +169,7 @@ def run(cfg: EvaluateRun) -> dict[str, Any]:
     teacher_graphdef = teacher_params = teacher_sh = None
     if e.teacher and store is None:
         spec = cfg.teacher if e.teacher == "random" else dataclasses.replace(cfg.teacher, source=e.teacher)
-        teacher = build_model(spec, vocab)
+        teacher = build_model(spec, vocab, mesh)
         teacher_graphdef, teacher_params = split_model(teacher)
         teacher_sh = model_shardings(teacher, mesh)
         teacher_params = jax.device_put(teacher_params, teacher_sh)

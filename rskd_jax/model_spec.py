@@ -21,9 +21,12 @@ from rskd_jax.config import ConfigError, ModelSpec
 NOT_ARCHITECTURE = ("source", "seed")
 
 
-def build_model(spec: ModelSpec, vocab_size: int):
+def build_model(spec: ModelSpec, vocab_size: int, mesh=None):
     """The model `spec` describes; `vocab_size` (the tokenizer's) sizes a random model and is
-    checked against a pretrained one (its vocabulary may be larger: padded rows)."""
+    checked against a pretrained one (its vocabulary may be larger: padded rows).
+
+    mesh: a pretrained model is loaded straight into its parameter shardings on that mesh
+    (models.from_pretrained); a random one is initialised as before."""
     from rskd_jax import models  # flax and friends only where a model is built
 
     if spec.source == "random":
@@ -38,7 +41,7 @@ def build_model(spec: ModelSpec, vocab_size: int):
     else:
         path = models.smollm2_path() if spec.source == "smollm2" else spec.source
         model = models.from_pretrained(
-            path, dtype=spec.dtype, param_dtype=spec.param_dtype, remat=spec.remat, attention=spec.attention
+            path, dtype=spec.dtype, param_dtype=spec.param_dtype, remat=spec.remat, attention=spec.attention, mesh=mesh
         )
     if model.config.vocab_size < vocab_size:
         raise ConfigError(

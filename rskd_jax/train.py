@@ -259,7 +259,7 @@ def run(cfg: TrainRun) -> dict[str, Any]:
     state_sh = optim.state_shardings(params, param_sh, tx, mesh)
     teacher_graphdef = teacher_params = teacher_sh = None
     if lc.method == "full_online":
-        teacher = build_model(cfg.teacher, vocab)
+        teacher = build_model(cfg.teacher, vocab, mesh)
         teacher_graphdef, teacher_params = ts.split_model(teacher)
         teacher_sh = ts.model_shardings(teacher, mesh)
         teacher_params = jax.device_put(teacher_params, teacher_sh)

@@ -1,5 +1,7 @@
-"""Attention implementations agree on CPU: the chunked path and jax.nn.dot_product_attention
-("xla"), with causal, sliding-window (static and traced) masks and GQA; model.attention."""
+"""Attention implementations agree on CPU: the chunked path, jax.nn.dot_product_attention
+("xla"; cudnn's traced-window lax.cond) and Pallas splash attention (interpreted), with
+causal, sliding-window (static and traced) masks, soft-capping and GQA; the fallback choice
+(choose_attention) as a pure function; model.attention."""
 
 import logging
 
@@ -10,7 +12,16 @@ import pytest
 from flax import nnx
 
 from rskd_jax.models import LlamaConfig, init_model
-from rskd_jax.models.attention import causal_attention, resolve_attention, xla_attention
+from rskd_jax.models import attention as attention_module
+from rskd_jax.models.attention import (
+    ATTENTION_KINDS,
+    causal_attention,
+    choose_attention,
+    dot_product_attention,
+    resolve_attention,
+    splash_attention,
+    xla_attention,
+)
 
 forward = nnx.jit(lambda model, tokens: model(tokens))
 
@@ -35,15 +46,48 @@ def test_xla_matches_chunked(window):
         np.testing.assert_allclose(traced(q, k, v, jnp.int32(window)), chunked, rtol=1e-5, atol=1e-5)
 
 
-def test_resolve_attention(caplog):
-    assert resolve_attention("auto", backend="cpu") == "chunked"
-    assert resolve_attention("auto", backend="gpu") == "xla"
-    assert resolve_attention("chunked", backend="gpu") == "chunked"
+@pytest.mark.parametrize(
+    "kind, backend, dtype, softcap, length, want, reason",
+    [
+        ("auto", "cpu", "float32", False, None, "chunked", None),
+        ("auto", "cpu", "bfloat16", True, None, "chunked", None),
+        ("auto", "gpu", "bfloat16", False, None, "cudnn", None),
+        ("auto", "gpu", "float16", False, 512, "cudnn", None),
+        ("auto", "gpu", "float32", False, None, "xla", "needs bfloat16 or float16, not float32"),
+        ("auto", "gpu", "bfloat16", True, None, "chunked", "no attention logit soft-capping"),
+        ("auto", "tpu", "float32", True, 256, "splash", None),
+        ("auto", "tpu", "bfloat16", False, 100, "xla", "multiple of 128, not 100"),
+        ("cudnn", "gpu", "bfloat16", False, 4096, "cudnn", None),
+        ("cudnn", "cpu", "bfloat16", False, None, "xla", "GPU only, not cpu"),
+        ("cudnn", "tpu", "float32", True, None, "chunked", "GPU only, not tpu"),
+        ("splash", "tpu", "bfloat16", True, 512, "splash", None),
+        ("splash", "cpu", "float32", False, 512, "chunked", "TPU only, not cpu"),
+        ("splash", "gpu", "bfloat16", False, 512, "cudnn", "TPU only, not gpu"),
+        ("splash", "gpu", "float32", True, 512, "chunked", "TPU only, not gpu"),
+        ("xla", "gpu", "bfloat16", False, None, "xla", None),
+        ("xla", "tpu", "float32", True, None, "chunked", "soft-capping is not supported"),
+        ("chunked", "gpu", "bfloat16", True, None, "chunked", None),
+    ],
+)
+def test_choose_attention(kind, backend, dtype, softcap, length, want, reason):
+    impl, why = choose_attention(kind, backend=backend, dtype=dtype, softcap=softcap, length=length)
+    assert impl == want
+    assert (why is None) if reason is None else (reason in why)
+
+
+def test_resolve_attention_logs_each_reason_once(caplog):
+    attention_module._LOGGED.clear()
     with caplog.at_level(logging.WARNING, logger="rskd_jax.models.attention"):
-        assert resolve_attention("xla", softcap=50.0) == "chunked"
-    assert "soft-capping" in caplog.text
-    with pytest.raises(ValueError, match="splash"):
-        resolve_attention("splash")
+        for _ in range(3):
+            assert resolve_attention("xla", softcap=50.0, backend="cpu") == "chunked"
+            assert resolve_attention("splash", backend="cpu") == "chunked"
+        assert resolve_attention("chunked", backend="cpu") == "chunked"
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2, messages
+    assert "soft-capping" in messages[0] and "using the chunked path" in messages[0]
+    assert "TPU only" in messages[1]
+    with pytest.raises(ValueError, match="attention"):
+        resolve_attention("flash")
     with pytest.raises(ValueError, match="attention"):
         LlamaConfig(
             vocab_size=8,
@@ -54,6 +98,43 @@ def test_resolve_attention(caplog):
             num_kv_heads=1,
             attention="flash",
         )
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_dot_product_attention_traced_window_by_cond(window):
+    """cudnn's traced-window path (lax.cond between two static kernels), run with jax's default
+    implementation (cuDNN itself needs a GPU: tools/gpu_bench.sh)."""
+    q, k, v = _qkv()
+    chunked = jax.jit(lambda q, k, v: causal_attention(q, k, v, 16, window=window))(q, k, v)
+    traced = jax.jit(lambda q, k, v, w: dot_product_attention(q, k, v, window=w, implementation=None, local_window=7))
+    w = jnp.int32(window if window is not None else q.shape[2] + 1)
+    np.testing.assert_allclose(traced(q, k, v, w), chunked, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window, softcap, traced", [(None, None, False), (7, 5.0, False), (7, None, True)])
+def test_splash_matches_chunked(window, softcap, traced):
+    """Pallas splash attention in the interpreter (CPU) against the chunked path; L = 256."""
+    q, k, v = _qkv(b=1, kh=2, l=256, g=2, e=16)
+    q = q * 0.3
+    want = jax.jit(lambda q, k, v: causal_attention(q, k, v, window=window, softcap=softcap))(q, k, v)
+    if traced:
+        fn = jax.jit(
+            lambda q, k, v, w: splash_attention(q, k, v, window=w, softcap=softcap, local_window=7, interpret=True)
+        )
+        got = fn(q, k, v, jnp.int32(window))
+        full = fn(q, k, v, jnp.int32(257))  # a full layer of the same scan
+        np.testing.assert_allclose(full, causal_attention(q, k, v), rtol=1e-5, atol=1e-5)
+    else:
+        got = jax.jit(lambda q, k, v: splash_attention(q, k, v, window=window, softcap=softcap, interpret=True))(
+            q, k, v
+        )
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_kinds_are_one_list():
+    from rskd_jax import config
+
+    assert config.ATTENTION_KINDS == ATTENTION_KINDS
 
 
 MIXED = LlamaConfig(
@@ -98,4 +179,4 @@ def test_model_spec_attention_reaches_the_model():
     assert build_model(ModelSpec(attention="xla"), 64).config.attention == "xla"
     assert build_model(ModelSpec(), 64).config.attention == "auto"
     with pytest.raises(ConfigError, match="attention"):
-        ModelSpec(attention="splash")
+        ModelSpec(attention="flash")

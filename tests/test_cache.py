@@ -369,6 +369,54 @@ def test_resume_refuses_another_device_batch_and_takes_the_stores_by_default(ref
     assert store_files(ref) == before
 
 
+def test_logits_budget_from_device_memory_or_override():
+    assert cache_step.logits_budget(None) == cache_step.CHUNK_BYTES  # CPU: no memory figure
+    assert cache_step.logits_budget(16 << 30) == (16 << 30) // cache_step.MEMORY_FRACTION
+    assert cache_step.logits_budget(141 << 30) == cache_step.MAX_CHUNK_BYTES
+    assert cache_step.logits_budget(256 << 20) == cache_step.CHUNK_BYTES
+    assert cache_step.logits_budget(141 << 30, override_mb=2.0) == 2 << 20
+    assert cache_step.device_bytes_limit(jax.devices()[0]) is None
+    with pytest.raises(ValueError, match="logits_chunk_mb"):
+        cache_step.logits_budget(None, -1.0)
+    # V = 152k, 8 rows, L = 2048: 16 MB is 1,024 LM-head iterations, a 16 GB chip's budget 64
+    assert 2048 // cache_step.position_chunk(2048, 8, 151_936) == 1024
+    assert 2048 // cache_step.position_chunk(2048, 8, 151_936, cache_step.logits_budget(16 << 30)) == 64
+
+
+def test_position_chunk_is_recorded_and_does_not_change_the_rows(ref, work, tokens, teacher):
+    """The chunk comes from the budget (16 MB on CPU: 32 of 64 positions at V = 49,152 and
+    device_batch 2); the manifest records any other chunk (the 16 MB default's is left out, as
+    in stores made before the chunk was recorded), and a resume with another is refused: another chunk
+    (4 positions) rounds the LM head differently in the last bits (so the store records it),
+    floats agree to rounding and a near-tie draw may move."""
+    assert "position_chunk" not in read_json(str(ref / "rskd_n50"))  # 32: the 16 MB default's
+    assert cache_step.position_chunk(64, 2, 49_152) == 32
+    before = store_files(ref)
+    with pytest.raises(StoreError, match="differs in: position_chunk"):
+        cache.run(
+            cfg_for(tokens, ref, "cache.logits_chunk_mb=1.5", "mesh.data=1", teacher=teacher),
+            progress=False,
+            devices=one_device(),
+        )
+    assert store_files(ref) == before
+    out = work / "chunk4"
+    cache.run(
+        cfg_for(tokens, out, "cache.batch_size=8", "cache.logits_chunk_mb=1.5", "mesh.data=1", teacher=teacher),
+        progress=False,
+        devices=one_device(),
+    )
+    rows, exact = np.arange(ROWS), True
+    for name in STORES:
+        assert read_json(str(out / name))["position_chunk"] == 4
+        a = open_teacher_store(str(ref / name)).read_rows("train", rows)
+        b = open_teacher_store(str(out / name)).read_rows("train", rows)
+        same_BxL = (a["ids"] == b["ids"]).all(-1)
+        assert same_BxL.mean() >= 0.995, f"{name}: {(~same_BxL).sum()} positions differ"
+        np.testing.assert_allclose(a["weights"][same_BxL], b["weights"][same_BxL], rtol=1e-5, atol=1e-7)
+        exact &= bool((a["weights"] == b["weights"]).all())
+    assert not exact, "chunks 32 and 4 round alike: recording the chunk would be unneeded"
+
+
 def test_split_codes_differ_for_the_comparisons_names_and_collisions_are_refused():
     names = ["train", "val", "val_stdlib", "val_docs", "val_std", "val_doc"]
     codes = cache_step.check_split_codes(names)

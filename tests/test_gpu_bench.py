@@ -1,4 +1,5 @@
-"""tools/gpu_bench.py: the FLOPs formula, and the --smoke run (tiny sizes, CPU, same code paths)."""
+"""tools/gpu_bench.py: the FLOPs formula, and the --smoke run (tiny sizes, CPU, same code paths;
+the Qwen3- and Gemma-3-shaped teachers too)."""
 
 import importlib.util
 import json
@@ -38,6 +39,12 @@ def test_gpu_bench_smoke(tmp_path):
     assert out["cache"]["store"]["mean_unique_ids"] > 0
     assert out["train"]["ce"]["tokens_per_s"] > 0 and out["train"]["rskd"]["tokens_per_s"] > 0
     assert out["cache"]["flops_per_token"] > 0 and out["train"]["flops_per_token"] > 0
+    for name, family in (("qwen3_1.7b", "qwen3"), ("gemma3_1b", "gemma3_text")):
+        fam = out[name]
+        assert fam["config"]["family"] == family and fam["cache"]["tokens_per_s"] > 0
+        assert fam["cache"]["teacher"]["attention"] == "chunked"  # auto on CPU
+        assert fam["train"]["student"]["family"] == family
+        assert fam["train"]["ce"]["tokens_per_s"] > 0 and fam["train"]["rskd"]["tokens_per_s"] > 0
 
 
 def test_flops_formula():

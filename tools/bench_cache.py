@@ -1,6 +1,7 @@
 """Teacher cache throughput: the full dump vs running the teacher alone, same teacher, same batches.
 
     python tools/bench_cache.py --json [--random] [--batch 8] [--len 512] [--steps 2] [--reps 3]
+    python tools/bench_cache.py --json --vocabs 49152,151936,262144 --set teacher.num_layers=4 ...
 
 Makes a real token store of stdlib text with the data program (tmp dir), opens a
 `cache.Cacher` (SmolLM2-135M by default; --random: a random SmolLM2-shaped teacher, 30
@@ -56,6 +57,13 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--inputs", default="[@stdlib]", help="data.inputs of the token store")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra cache config overrides")
+    p.add_argument(
+        "--vocabs",
+        type=lambda s: [int(v) for v in s.split(",")],
+        default=None,
+        help="comma-separated vocabulary sizes: one random teacher each (teacher.vocab_size; rows past "
+        "the tokenizer's are padding, masked as in any padded vocabulary), ratios by V",
+    )
     p.add_argument("--json", action="store_true", help="print only the JSON object")
     return p.parse_args(argv)
 
@@ -75,7 +83,7 @@ def make_forward(cacher):
     from rskd_jax import cache_step, sharding
 
     graphdef, _ = nnx.split(cacher.model)
-    chunk = cache_step.position_chunk(cacher.tokens.seq_len, cacher.device_batch, cacher.model.config.vocab_size)
+    chunk = cacher.position_chunk
     vocab = cacher.vocab
 
     def forward(state, tokens_BxL):
@@ -97,10 +105,8 @@ def make_forward(cacher):
 
 def main(argv=None) -> None:
     args = _parse(argv)
-    import numpy as np
-
-    from rskd_jax import cache, data
-    from rskd_jax.config import CacheRun, DataRun, load_config
+    from rskd_jax import data
+    from rskd_jax.config import DataRun, load_config
 
     tmp = tempfile.mkdtemp(prefix="rskd-bench-cache-")
     rows_needed = (args.reps * args.steps + 2) * args.batch
@@ -120,17 +126,55 @@ def main(argv=None) -> None:
         progress=False,
     )
     data_s = time.perf_counter() - t
+    if not args.vocabs:
+        out = measure(args, tmp, [])
+        out["data_s"] = round(data_s, 2)
+    else:
+        out = {"vocabs": {}, "data_s": round(data_s, 2)}
+        for v in args.vocabs:
+            one = measure(args, tmp, [f"teacher.vocab_size={v}"], name=f"teacher_v{v}")
+            out["vocabs"][str(v)] = {k: one[k] for k in VOCAB_KEYS}
+            out.update({k: one[k] for k in one if k not in VOCAB_KEYS})
+        out["teacher"] += f", V = {', '.join(map(str, args.vocabs))}"
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(out) if args.json else json.dumps(out, indent=2))
+    sys.stdout.flush()
+
+
+VOCAB_KEYS = (
+    "chunk_positions",
+    "forward_tokens_per_s",
+    "dump_tokens_per_s",
+    "ratio",
+    "step_ratio",
+    "cpu_ratio",
+    "seconds",
+    "cpu_seconds",
+)
+
+
+def measure(args: argparse.Namespace, tmp: str, extra: list[str], name: str = "teacher") -> dict:
+    """One teacher's forward / step / dump tokens/s over the token store under tmp."""
+    import numpy as np
+
+    from rskd_jax import cache
+    from rskd_jax.config import CacheRun, load_config
+
+    rows_needed = (args.reps * args.steps + 2) * args.batch
     cfg = load_config(
         CacheRun,
         None,
         [
             f"cache.tokens={tmp}/tokens",
-            f"cache.output={tmp}/teacher",
+            f"cache.output={tmp}/{name}",
             "cache.splits=[train]",
             f"cache.batch_size={args.batch}",
             f"cache.chunk_rows={min(8, args.batch)}",
             f"cache.outputs=[{{name: rskd_n{args.draws}, method: sample, num_draws: {args.draws}}}]",
-            *(SMOLLM2_SHAPE if args.random else ["teacher.source=smollm2"]),
+            *(SMOLLM2_SHAPE if args.random or args.vocabs else ["teacher.source=smollm2"]),
+            *extra,
             *args.set,
         ],
     )
@@ -192,7 +236,8 @@ def main(argv=None) -> None:
     store = next(iter(cacher.stores.values()))
     stats = store.stats()
     out = {
-        "teacher": "random SmolLM2-shaped" if args.random else "SmolLM2-135M (GGUF)",
+        "teacher": "random SmolLM2-shaped" if args.random or args.vocabs else "SmolLM2-135M (GGUF)",
+        "teacher_overrides": args.set,
         "batch": args.batch,
         "len": L,
         "num_draws": args.draws,
@@ -210,7 +255,6 @@ def main(argv=None) -> None:
         "seconds": {n: [round(x, 2) for x in v] for n, v in times.items()},
         "cpu_seconds": {n: [round(x, 2) for x in v] for n, v in cpu.items()},
         "warmup_s": compile_s,
-        "data_s": round(data_s, 2),
         "load_s": round(load_s, 2),
         "store_bytes_per_token": round(stats["bytes_per_token"], 2),
         "mean_unique_ids": round(stats["mean_unique_ids"], 2),
@@ -218,13 +262,9 @@ def main(argv=None) -> None:
         "cpus": len(os.sched_getaffinity(0)),
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
-    import shutil
-
     for st in cacher.stores.values():
         st.close()
-    shutil.rmtree(tmp, ignore_errors=True)
-    print(json.dumps(out) if args.json else json.dumps(out, indent=2))
-    sys.stdout.flush()
+    return out
 
 
 if __name__ == "__main__":

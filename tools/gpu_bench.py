@@ -1,6 +1,6 @@
 """Device throughput check (run through tools/gpu_bench.sh): teacher cache and student train step.
 
-    python tools/gpu_bench.py [--smoke] [--out FILE] [--peak-tflops 989]
+    python tools/gpu_bench.py [--smoke] [--out FILE] [--peak-tflops 989] [--families qwen3_1.7b,gemma3_1b|none]
 
 cache  A SmolLM2-135M-shaped RANDOM teacher (30 layers, d=576, 9 heads / 3 KV heads, F=1536,
        V=49,152, tied, RoPE 1e5; no weights file) over random token rows in a real token store,
@@ -13,6 +13,11 @@ train  A ~113M-parameter Llama student (d=768, 12 layers, 12 / 4 heads, F=2048, 
        bfloat16 compute, float32 master weights and loss math, AdamW: the CE step vs the RS-KD
        step on store-shaped targets (K = 50 slots, 12 unique ids, weights c/50), from
        `train_step.make_train_step`, interleaved after a warm-up; medians.
+families  (--families, default both) Qwen3-1.7B- and Gemma-3-1B-shaped RANDOM teachers from
+       their config.json values (FAMILIES), in the run's dtype (bfloat16) with attention "auto"
+       (cuDNN flash attention on GPU; reported as "attention"): exported with save_pretrained,
+       cached as above through the sharded load (256 x 1024 tokens, batch 16), and trained as
+       the student (batch 8 x 1024), CE vs RS-KD. --smoke: tiny versions of the same families.
 MFU = model FLOPs/token x tokens/s / peak. FLOPs/token (PaLM convention, no causal halving):
 forward 2 N + 4 n_layers d L, train 6 N + 12 n_layers d L, with N the matmul parameters
 (layers + the LM head once). Peak: 989 TFLOP/s (H100/H200 SXM bf16 dense) unless --peak-tflops.
@@ -56,6 +61,61 @@ SMOKE = {
     "reps": 2,
     "dtype": "float32",
 }
+# Teachers users have, as their Hugging Face config.json (random weights of these shapes).
+QWEN3_1P7B = dict(
+    architectures=["Qwen3ForCausalLM"],
+    model_type="qwen3",
+    vocab_size=151936,
+    hidden_size=2048,
+    intermediate_size=6144,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    hidden_act="silu",
+    max_position_embeddings=40960,
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+    tie_word_embeddings=True,
+    attention_bias=False,
+)
+GEMMA3_1B = dict(
+    architectures=["Gemma3ForCausalLM"],
+    model_type="gemma3_text",
+    vocab_size=262144,
+    hidden_size=1152,
+    intermediate_size=6912,
+    num_hidden_layers=26,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=256,
+    hidden_activation="gelu_pytorch_tanh",
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+    rope_local_base_freq=10000.0,
+    sliding_window=512,
+    sliding_window_pattern=6,
+    query_pre_attn_scalar=256,
+    tie_word_embeddings=True,
+    attention_bias=False,
+)
+TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, head_dim=16)
+FAMILIES = {
+    "qwen3_1.7b": (QWEN3_1P7B, dict(TINY, vocab_size=1024, num_hidden_layers=2, num_key_value_heads=2)),
+    "gemma3_1b": (
+        GEMMA3_1B,
+        dict(
+            TINY,
+            vocab_size=2048,
+            num_hidden_layers=3,
+            num_key_value_heads=1,
+            sliding_window=16,
+            sliding_window_pattern=3,
+        ),
+    ),
+}
+FAMILY_SIZE = {"cache_rows": 256, "cache_len": 1024, "cache_batch": 16, "train_batch": 8, "train_len": 1024, "reps": 5}
 PEAKS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 UNIQUE = 12
 
@@ -67,6 +127,11 @@ def _parse(argv=None):
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
     p.add_argument("--skip-cache", action="store_true")
     p.add_argument("--skip-train", action="store_true")
+    p.add_argument(
+        "--families",
+        default=",".join(FAMILIES),
+        help=f"family-shaped random teachers to run (comma-separated, of {list(FAMILIES)}; 'none': skip)",
+    )
     return p.parse_args(argv)
 
 
@@ -89,15 +154,17 @@ def _mfu(tokens_per_s, flops, peak_tflops):
 # ----------------------------------------------------------------------------- cache
 
 
-def bench_cache(size: dict, tmp: str, peak) -> dict:
+def bench_cache(size: dict, tmp: str, peak, teacher=None, vocab: int | None = None) -> dict:
+    """The cache section; teacher: a ModelSpec (default: the random SmolLM2-shaped one of `size`)."""
     import jax
     import numpy as np
 
     from rskd_jax.cache import Cacher
     from rskd_jax.config import CacheConfig, CacheRun, ModelSpec, OutputConfig
+    from rskd_jax.models.attention import resolve_attention
     from rskd_jax.store.tokens import write_token_store
 
-    v, rows, length, b = size["vocab"], size["cache_rows"], size["cache_len"], size["cache_batch"]
+    v, rows, length, b = vocab or size["vocab"], size["cache_rows"], size["cache_len"], size["cache_batch"]
     rng = np.random.default_rng(0)
     tokens = f"{tmp}/tokens"
     write_token_store(
@@ -108,7 +175,7 @@ def bench_cache(size: dict, tmp: str, peak) -> dict:
             "eos_id": 0,
         },
     )
-    teacher = ModelSpec(
+    teacher = teacher or ModelSpec(
         source="random",
         seed=0,
         dtype=size["dtype"],
@@ -146,7 +213,14 @@ def bench_cache(size: dict, tmp: str, peak) -> dict:
     for s in cacher.stores.values():
         s.close()
     return {
-        "teacher": {**size["teacher"], "vocab": v, "dtype": size["dtype"], "matmul_params": matmul_params(cfg)},
+        "teacher": {
+            **({} if teacher.source != "random" else size["teacher"]),
+            "vocab": v,
+            "dtype": cfg.dtype,
+            "matmul_params": matmul_params(cfg),
+            "attention": resolve_attention(cfg.attention, cfg.attn_softcap, dtype=cfg.dtype, length=length),
+            "position_chunk": cacher.position_chunk,
+        },
         "rows": rows,
         "seq_len": length,
         "batch_size": b,
@@ -174,10 +248,10 @@ def _forward_tokens_per_s(cacher, b: int, length: int, reps: int = 3) -> float:
     import numpy as np
     from flax import nnx
 
-    from rskd_jax import cache_step, sharding
+    from rskd_jax import sharding
 
     graphdef = nnx.graphdef(cacher.model)
-    chunk = cache_step.position_chunk(length, b, cacher.model.config.vocab_size)
+    chunk = cacher.position_chunk
 
     def fwd(state, tokens_BxL):
         model = nnx.merge(graphdef, state)
@@ -205,10 +279,37 @@ def _forward_tokens_per_s(cacher, b: int, length: int, reps: int = 3) -> float:
     return b * length / statistics.median(times)
 
 
+# ----------------------------------------------------------------------------- families
+
+
+def bench_family(name: str, size: dict, tmp: str, peak) -> dict:
+    """A family-shaped random teacher (FAMILIES; --smoke: its tiny version) in size["dtype"] with
+    attention "auto" (cuDNN flash attention on GPU in bfloat16): exported with save_pretrained
+    (the family's HF layout), cached through the sharded load (`Cacher` -> from_pretrained with
+    the mesh), and trained as a student of the same shape."""
+    from rskd_jax.config import ModelSpec
+    from rskd_jax.models import LlamaConfig, init_model, save_pretrained
+
+    full, tiny = FAMILIES[name]
+    hf = {**full, **tiny} if size is SMOKE else full
+    sizes = size if size is SMOKE else {**size, **FAMILY_SIZE}
+    cfg = LlamaConfig.from_hf(hf, dtype=size["dtype"], param_dtype=size["dtype"])
+    path = f"{tmp}/{name}"
+    t = time.perf_counter()
+    save_pretrained(init_model(cfg, seed=0), path)
+    export_s = time.perf_counter() - t
+    spec = ModelSpec(source=path, dtype=size["dtype"], param_dtype=size["dtype"])
+    out = {"config": cfg.to_dict(), "export_s": round(export_s, 2)}
+    out["cache"] = bench_cache(sizes, f"{tmp}/{name}_cache", peak, teacher=spec, vocab=cfg.vocab_size)
+    out["train"] = bench_train(sizes, peak, cfg=cfg.replace(param_dtype="float32"))
+    return out
+
+
 # ----------------------------------------------------------------------------- train
 
 
-def bench_train(size: dict, peak) -> dict:
+def bench_train(size: dict, peak, cfg=None) -> dict:
+    """The train section; cfg: the student's LlamaConfig (default: the ~113M Llama of `size`)."""
     import jax
     import numpy as np
 
@@ -216,16 +317,18 @@ def bench_train(size: dict, peak) -> dict:
     from rskd_jax import train_step as ts
     from rskd_jax.config import MeshConfig
     from rskd_jax.models import LlamaConfig, init_model
+    from rskd_jax.models.attention import resolve_attention
 
-    v, b, length, k = size["vocab"], size["train_batch"], size["train_len"], size["draws"]
-    cfg = LlamaConfig(
-        vocab_size=v,
+    b, length, k = size["train_batch"], size["train_len"], size["draws"]
+    cfg = cfg or LlamaConfig(
+        vocab_size=size["vocab"],
         tie_embeddings=True,
         rope_theta=1e5,
         max_position_embeddings=max(2048, length),
         dtype=size["dtype"],
         **size["student"],
     )
+    v = cfg.vocab_size
     student = init_model(cfg, seed=0)
     mesh = sharding.make_mesh(MeshConfig(data=-1))
     graphdef, params = ts.split_model(student)
@@ -241,9 +344,11 @@ def bench_train(size: dict, peak) -> dict:
     host = {"tokens": rng.integers(0, v, (b, length)).astype(np.int32), "ids": ids, "weights": w}
     out = {
         "student": {
-            **size["student"],
+            **({k: getattr(cfg, k) for k in size["student"]}),
+            "family": cfg.family or "llama",
+            "attention": resolve_attention(cfg.attention, cfg.attn_softcap, dtype=cfg.dtype, length=length),
             "vocab": v,
-            "dtype": size["dtype"],
+            "dtype": cfg.dtype,
             "params": int(sum(x.size for x in jax.tree.leaves(params))),
             "matmul_params": matmul_params(cfg),
         },
@@ -303,6 +408,13 @@ def main(argv=None) -> None:
             result["cache"] = bench_cache(size, tmp, peak)
     if not args.skip_train:
         result["train"] = bench_train(size, peak)
+    families = [f for f in args.families.split(",") if f and f != "none"]
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        raise SystemExit(f"--families {unknown}: unknown; use {list(FAMILIES)} or 'none'")
+    for name in families:
+        with tempfile.TemporaryDirectory(prefix=f"gpu-bench-{name}-") as tmp:
+            result[name] = bench_family(name, size, tmp, peak)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     text = json.dumps(result)
     print(text)

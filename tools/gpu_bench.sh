@@ -2,10 +2,13 @@
 # One prepared device check for a single NVIDIA H200 with no network (< 8 minutes): teacher
 # cache throughput (tokens/s, MFU) of a SmolLM2-135M-shaped RANDOM teacher writing a real
 # N = 50 teacher store, and student train throughput (tokens/s, MFU) of a ~113M-parameter
-# student, CE step vs RS-KD step, bfloat16 compute. Prints one JSON object; with $OUT set it
-# is also saved as $OUT/gpu_bench.json. Details: tools/gpu_bench.py.
+# student, CE step vs RS-KD step, bfloat16 compute; then Qwen3-1.7B- and Gemma-3-1B-shaped
+# random teachers in bfloat16 with attention "auto" (cuDNN flash attention on GPU), exported in
+# their HF layout, loaded sharded, cached and trained (tokens/s, MFU). Prints one JSON object;
+# with $OUT set it is also saved as $OUT/gpu_bench.json. Details: tools/gpu_bench.py.
 #
-#   bash tools/gpu_bench.sh            # on the device machine (run tool: carry [".whl"])
+#   bash tools/gpu_bench.sh --families none              # SmolLM2 cache + student train (< 8 min)
+#   bash tools/gpu_bench.sh --skip-cache --skip-train    # the Qwen3 / Gemma 3 teachers only
 #   bash tools/gpu_bench.sh --smoke    # tiny sizes on CPU, same code paths (tests/test_gpu_bench.py)
 #
 # The device image has jax (CUDA), flax, optax, orbax (hence PyYAML), tensorstore, but not

@@ -212,8 +212,9 @@ def verify(
     from rskd_jax.documents import document_fields, store_setting
 
     graphdef, state = nnx.split(model)
-    # the store's own micro-batch shape, so the recomputation rounds as the cache did
+    # the store's own micro-batch shape and LM-head chunk, so the recomputation rounds as the cache did
     length, batch = store.seq_len, int(m.get("device_batch") or VERIFY_BATCH)
+    positions = m.get("position_chunk")
     step = jax.jit(
         cache_step.make_step(
             graphdef,
@@ -222,6 +223,7 @@ def verify(
             vocab_size=vocab,
             with_diagnostics=store.layout["diagnostics"],
             device_batch=batch,
+            positions=None if positions is None else int(positions),
         )
     )
     report: dict[str, Any] = {

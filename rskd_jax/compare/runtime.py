@@ -28,7 +28,7 @@ def build_teacher(cmp, vocab: int, mesh):
     from rskd_jax.model_spec import build_model
     from rskd_jax.train_step import model_shardings, split_model
 
-    teacher = build_model(cmp.cfg.teacher, vocab)
+    teacher = build_model(cmp.cfg.teacher, vocab, mesh)
     graphdef, params = split_model(teacher)
     shardings = model_shardings(teacher, mesh)
     return graphdef, jax.device_put(params, shardings), shardings

@@ -14,6 +14,8 @@ import importlib.util
 import os
 from pathlib import Path
 
+from jax.sharding import Mesh
+
 from rskd_jax.models.hf import save_pretrained
 from rskd_jax.models.llama import Llama, LlamaConfig, init_model, model_fingerprint
 
@@ -54,12 +56,15 @@ def from_pretrained(
     param_dtype: str | None = None,
     remat: bool = False,
     attention: str | None = None,
+    mesh: Mesh | None = None,
 ) -> Llama:
     """Load a `.gguf` file or an HF directory (config.json + *.safetensors) as a Llama.
 
     dtype: compute dtype ("float32" default, "bfloat16"); param_dtype: storage dtype
-    ("float32" default); attention: "auto" (default), "xla" or "chunked". The model's
-    `fingerprint` is the sha256 of the source files and the resolved config.
+    ("float32" default); attention: models.attention.ATTENTION_KINDS ("auto" default). mesh:
+    load each parameter straight into its NamedSharding on that mesh (`sharding.param_shardings`),
+    each device reading only its shard of the memory-mapped safetensors (models.hf.load_hf_dir).
+    The model's `fingerprint` is the sha256 of the source files and the resolved config.
     """
     overrides = {"remat": remat}
     if attention is not None:
@@ -72,9 +77,9 @@ def from_pretrained(
     if p.is_file() and p.suffix == ".gguf":
         from rskd_jax.models.gguf import load_gguf
 
-        return load_gguf(p, **overrides)
+        return load_gguf(p, mesh=mesh, **overrides)
     if p.is_dir():
         from rskd_jax.models.hf import load_hf_dir
 
-        return load_hf_dir(p, **overrides)
+        return load_hf_dir(p, mesh=mesh, **overrides)
     raise FileNotFoundError(f"{path}: expected a .gguf file or an HF directory with config.json")

@@ -171,12 +171,15 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     return hf, tensors
 
 
-def load_gguf(path: str | os.PathLike, **overrides) -> Llama:
-    """A Llama from a GGUF file; overrides: LlamaConfig fields (dtype, param_dtype, remat)."""
+def load_gguf(path: str | os.PathLike, *, mesh=None, **overrides) -> Llama:
+    """A Llama from a GGUF file; overrides: LlamaConfig fields (dtype, param_dtype, remat).
+
+    mesh: place each parameter straight into its sharding (models.hf.model_from_hf_tensors);
+    the dequantised tensors are in host memory either way."""
     hf, tensors = read_gguf(path)
     config = config_from_hf(hf, **overrides)
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 24):
             h.update(chunk)
-    return model_from_hf_tensors(config, tensors, source_fingerprint(h.hexdigest(), config))
+    return model_from_hf_tensors(config, tensors, source_fingerprint(h.hexdigest(), config), mesh)

@@ -14,16 +14,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from rskd_jax.models.config import config_from_hf
 from rskd_jax.models.hf_config import ARCHS, config_to_hf  # noqa: F401 (API)
 from rskd_jax.models.llama import DTYPES, Llama, LlamaConfig
+from rskd_jax.models.safetensors_mmap import MappedSafetensors, read_slice
 
 _IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -87,37 +90,90 @@ def _to_hf(name: str, w: np.ndarray) -> np.ndarray:
     return w
 
 
-def _set(var: nnx.Param, value: np.ndarray, name: str, dtype) -> None:
+def _check_shape(var: nnx.Param, shape: tuple[int, ...], name: str) -> None:
     want = tuple(var.get_value().shape)
-    if tuple(value.shape) != want:
-        raise ValueError(f"weight {name}: shape {tuple(value.shape)}, model expects {want}")
-    var.set_value(jnp.asarray(np.ascontiguousarray(value), dtype=dtype))
+    if tuple(shape) != want:
+        raise ValueError(f"weight {name}: shape {tuple(shape)}, model expects {want}")
 
 
-def model_from_hf_tensors(config: LlamaConfig, tensors: Mapping[str, np.ndarray], fingerprint: str) -> Llama:
-    """Build a Llama from HF-named numpy tensors without a random init (one copy to jax)."""
+def _place(var: nnx.Param, shape: tuple[int, ...], read: Callable, name: str, dtype, sharding) -> None:
+    """Sets `var` to the array of `shape` whose slice `idx` is read(idx) (numpy, any dtype).
+
+    sharding None: read whole and put on the default device (the unsharded load). Else each
+    of this process's devices gets its shard, read on its own (read(idx) for that device's
+    index), converted to the param dtype and put on that device, then the shards are assembled
+    (what jax.make_array_from_callback does). PERF: one shard at a time, so the host holds one
+    shard, not make_array_from_callback's list of every device's host copy.
+    """
+    _check_shape(var, shape, name)
+    if sharding is None:
+        var.set_value(jnp.asarray(np.ascontiguousarray(read(tuple(slice(None) for _ in shape))), dtype=dtype))
+        return
+    shards = []
+    for device, idx in sharding.addressable_devices_indices_map(shape).items():
+        shards.append(jax.device_put(np.asarray(read(idx), dtype=dtype), device).block_until_ready())
+    var.set_value(jax.make_array_from_single_device_arrays(shape, sharding, shards))
+
+
+def model_from_hf_tensors(
+    config: LlamaConfig, tensors: Mapping[str, np.ndarray], fingerprint: str, mesh: Mesh | None = None
+) -> Llama:
+    """Build a Llama from HF-named numpy tensors without a random init (one copy to jax).
+
+    mesh: place every parameter straight into its NamedSharding on `mesh`, the one the
+    programs jit with (`sharding.param_shardings` of the model's logical axis names). Each
+    device's shard is read from `tensors` per layer (slices of memory-mapped arrays for
+    `load_hf_dir`: only the bytes that device needs) and converted to param_dtype on its own;
+    no parameter is stacked whole in host memory or put on one device.
+    """
     c = config
     pd = DTYPES[c.param_dtype]
     model = nnx.eval_shape(lambda: Llama(c, rngs=nnx.Rngs(0), fingerprint=fingerprint))
+    shardings: dict = {"layers": {}}
+    if mesh is not None:
+        from rskd_jax.sharding import param_shardings
+
+        shardings = nnx.to_pure_dict(param_shardings(nnx.state(model, nnx.Param), mesh))
     used = set()
 
     def get(name):
         if name not in tensors:
             raise ValueError(f"checkpoint lacks tensor {name!r}")
         used.add(name)
-        return tensors[name]
+        return name
 
-    _set(model.embed, get("model.embed_tokens.weight"), "model.embed_tokens.weight", pd)
-    _set(model.final_norm, get("model.norm.weight"), "model.norm.weight", pd)
+    def whole(ours, hf_name):
+        shape, sharding = tensors[get(hf_name)].shape, shardings.get(ours)
+
+        def read(idx):  # sharded: read_slice, a fresh memory map per block of rows
+            return tensors[hf_name][idx] if sharding is None else read_slice(lambda: tensors[hf_name], idx)
+
+        _place(getattr(model, ours), shape, read, hf_name, pd, sharding)
+
+    whole("embed", "model.embed_tokens.weight")
+    whole("final_norm", "model.norm.weight")
     if not c.tie_embeddings:
-        _set(model.lm_head, get("lm_head.weight"), "lm_head.weight", pd)
+        whole("lm_head", "lm_head.weight")
     elif "lm_head.weight" in tensors:
         used.add("lm_head.weight")  # some tied checkpoints store the copy; it is the embedding
+    n = c.num_layers
     for ours, theirs in layer_names(c).items():
         if not hasattr(model.layers, ours):
             continue
-        stacked = np.stack([_to_ours(ours, get(f"model.layers.{i}.{theirs}"), c) for i in range(c.num_layers)])
-        _set(getattr(model.layers, ours), stacked, f"model.layers.*.{theirs}", pd)
+        names = [get(f"model.layers.{i}.{theirs}") for i in range(n)]
+
+        def layer(i, ours=ours, names=names):  # a fresh (memory-mapped) view per read
+            return _to_ours(ours, tensors[names[i]], c)
+
+        sharding = shardings["layers"].get(ours)
+
+        def read(idx, layer=layer, sharded=sharding is not None):
+            if not sharded:
+                return np.stack([layer(i) for i in range(n)])
+            return np.stack([read_slice(lambda i=i: layer(i), idx[1:]) for i in range(*idx[0].indices(n))])
+
+        shape = (n, *layer(0).shape)
+        _place(getattr(model.layers, ours), shape, read, f"model.layers.*.{theirs}", pd, sharding)
     extra = sorted(n for n in tensors if n not in used and not n.endswith(_IGNORED_TENSOR_SUFFIXES))
     if extra:
         raise ValueError(
@@ -177,24 +233,30 @@ def source_fingerprint(source_digest: str, config: LlamaConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def load_hf_dir(path: str | os.PathLike, **overrides) -> Llama:
+def load_hf_dir(path: str | os.PathLike, *, mesh: Mesh | None = None, **overrides) -> Llama:
     """A Llama from an HF directory (config.json + *.safetensors, sharded or not).
 
     overrides: LlamaConfig fields (dtype, param_dtype, remat) applied on top of config.json.
+    mesh: the sharded load (model_from_hf_tensors): the files are memory-mapped and each
+    device reads only its shard. Without a mesh every tensor is read into host memory and the
+    parameters are put on the default device.
     """
-    from safetensors import safe_open
-
     path = Path(path)
     hf = json.loads((path / "config.json").read_text())
     config = config_from_hf(hf, **overrides)
     files = _safetensors_files(path)
-    tensors = {}
-    for f in files:
-        with safe_open(str(f), framework="np") as st:
-            for name in st.keys():
-                tensors[name] = st.get_tensor(name)
     digest = _sha256_files([path / "config.json", *files]).hexdigest()
-    return model_from_hf_tensors(config, tensors, source_fingerprint(digest, config))
+    if mesh is not None:
+        tensors: Mapping[str, np.ndarray] = MappedSafetensors(files)
+    else:
+        from safetensors import safe_open
+
+        tensors = {}
+        for f in files:
+            with safe_open(str(f), framework="np") as st:
+                for name in st.keys():
+                    tensors[name] = st.get_tensor(name)
+    return model_from_hf_tensors(config, tensors, source_fingerprint(digest, config), mesh)
 
 
 def save_pretrained(model: Llama, out_dir: str | os.PathLike, *, arch: str | None = None) -> None:

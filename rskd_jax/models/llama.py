@@ -17,7 +17,7 @@ One decoder with a few explicit variations (models.config.LlamaConfig fields, de
     attn_softcap, final_softcap
                              cap * tanh(x / cap) on attention scores / logits (Gemma 2)
     family                   the Hugging Face architecture it exports as (tensor names only)
-    attention                "auto" | "xla" | "chunked": the attention implementation
+    attention                "auto" | "xla" | "cudnn" | "splash" | "chunked": the implementation
                              (models.attention.resolve_attention; same math)
 
 Shape letters (README's B, L, D, V, H, C, plus): NL layers, KV key/value heads, G = H / KV query
@@ -188,7 +188,14 @@ def decoder_layer(
     q_BxKVxLxGxE = apply_rope(q * jnp.asarray(scale, dt), cos_q, sin_q)
     k_BxKVxLxE = apply_rope(kk, cos_k, sin_k)
     o_BxKVxLxGxE = attention(
-        c.attention, q_BxKVxLxGxE, k_BxKVxLxE, v, window=window, softcap=c.attn_softcap, segment_ids=segment_ids_BxL
+        c.attention,
+        q_BxKVxLxGxE,
+        k_BxKVxLxE,
+        v,
+        window=window,
+        softcap=c.attn_softcap,
+        local_window=c.sliding_window,
+        segment_ids=segment_ids_BxL,
     )
     wo_DxKVxGxE = w["o_proj"].astype(dt).reshape(-1, k, g, e)
     attn_BxLxD = jnp.einsum("bklge,dkge->bld", o_BxKVxLxGxE, wo_DxKVxGxE)
