@@ -58,10 +58,11 @@ def store_manifest(
     spec = config_to_dict(run.teacher)
     if spec["source"] not in ("random", "smollm2"):
         spec["source"] = os.path.realpath(spec["source"])
-    sampler = {"sampler": sampling.WOR_SAMPLER} if out.method == "sample_wor" else {}
+    samplers = {"sample_wor": sampling.WOR_SAMPLER, "systematic": sampling.SYSTEMATIC_SAMPLER}
+    sampler = {"sampler": samplers[out.method]} if out.method in samplers else {}
     return {
         "method": out.method,
-        # which draws a key gives (sample_wor only): a resume never mixes two samplers
+        # which draws a key gives (sample_wor, systematic): a resume never mixes two samplers
         **sampler,
         # `head` only where it applies, so stores made before it existed still resume
         "params": {

@@ -104,6 +104,18 @@ def _rows(x_M: jax.Array, fill: float) -> jax.Array:
     return jnp.pad(x_M, (0, size - x_M.shape[-1]), constant_values=fill).reshape(-1, _RADIX)
 
 
+def _child_cdf(mass_NxR: jax.Array, u_N: jax.Array):
+    """`_pick_child`'s search: (child int32 [N], -1 for a row with no mass; cdf [N, R]; positive
+    mask [N, R]; target [N, 1], the point u * total clamped below the row total)."""
+    cdf_NxR = jnp.cumsum(mass_NxR, axis=-1)
+    positive_NxR = mass_NxR > 0
+    total_Nx1 = jnp.max(jnp.where(positive_NxR, cdf_NxR, 0.0), axis=-1, keepdims=True)
+    target_Nx1 = jnp.minimum(u_N[:, None] * total_Nx1, jnp.nextafter(total_Nx1, 0.0))
+    hit_NxR = (cdf_NxR > target_Nx1) & positive_NxR
+    first_N = jnp.min(jnp.where(hit_NxR, jnp.arange(_RADIX, dtype=jnp.int32), _RADIX), axis=-1)
+    return jnp.where(first_N < _RADIX, first_N, -1), cdf_NxR, positive_NxR, target_Nx1
+
+
 def _pick_child(mass_NxR: jax.Array, u_N: jax.Array) -> jax.Array:
     """Inverse CDF within each row: the first child whose cumulative mass exceeds u * total,
     among children with positive mass. int32 [N]; -1 only for a row with no mass.
@@ -114,33 +126,62 @@ def _pick_child(mass_NxR: jax.Array, u_N: jax.Array) -> jax.Array:
     positive child above it always exists. The row's own total is used, not 1, so float32
     rounding of the masses never shifts mass onto the last child.
     """
-    cdf_NxR = jnp.cumsum(mass_NxR, axis=-1)
-    positive_NxR = mass_NxR > 0
-    total_Nx1 = jnp.max(jnp.where(positive_NxR, cdf_NxR, 0.0), axis=-1, keepdims=True)
-    target_Nx1 = jnp.minimum(u_N[:, None] * total_Nx1, jnp.nextafter(total_Nx1, 0.0))
-    hit_NxR = (cdf_NxR > target_Nx1) & positive_NxR
-    first_N = jnp.min(jnp.where(hit_NxR, jnp.arange(_RADIX, dtype=jnp.int32), _RADIX), axis=-1)
-    return jnp.where(first_N < _RADIX, first_N, -1)
+    return _child_cdf(mass_NxR, u_N)[0]
+
+
+def _pick_child_within(mass_NxR: jax.Array, u_N: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`_pick_child` (never -1: a row with no mass gives child 0) and where the point falls
+    inside the chosen child c, as a fraction of its mass: (target - lo) / (hi - lo) in [0, 1),
+    hi = cdf[c], lo = the largest cdf of the positive children before c (0 if none).
+
+    lo <= target < hi by the choice of c (every earlier positive child has cdf <= target), so
+    hi > lo, and float rounding is monotone: points in one child keep their order. Clipped
+    below 1 (nextafter) so the next level's pick stays inside the child.
+    """
+    child_N, cdf_NxR, positive_NxR, target_Nx1 = _child_cdf(mass_NxR, u_N)
+    child_N = jnp.maximum(child_N, 0)
+    before_NxR = positive_NxR & (jnp.arange(_RADIX, dtype=jnp.int32) < child_N[:, None])
+    lo_N = jnp.max(jnp.where(before_NxR, cdf_NxR, 0.0), axis=-1)
+    hi_N = jnp.take_along_axis(cdf_NxR, child_N[:, None], axis=-1)[:, 0]
+    frac_N = (target_Nx1[:, 0] - lo_N) / jnp.where(hi_N > lo_N, hi_N - lo_N, 1.0)
+    return child_N, jnp.clip(frac_N, 0.0, jnp.nextafter(jnp.float32(1.0), jnp.float32(0.0)))
+
+
+def _mass_tree(s_V: jax.Array) -> tuple[jax.Array, jax.Array, list[jax.Array], jax.Array]:
+    """The sampling tree of softmax(s_V) (see `_draw_one`): logits in rows [V/R, R] (padded
+    with -inf), their max, the levels bottom-up (each [rows, R]: masses of the R-sized groups
+    of the level below; the last is a single row, the root's children) and the root mass,
+    sum exp(s - max). One fused pass over V; the levels above are small."""
+    s_rows = _rows(s_V, -jnp.inf)  # [V/R, R]
+    s_max = jnp.max(s_V)
+    mass = jnp.sum(jnp.exp(s_rows - s_max), axis=-1)  # [V/R], fused: PERF the only O(V) pass
+    levels = []
+    while mass.shape[-1] > 1:
+        levels.append(_rows(mass, 0.0))
+        mass = jnp.sum(levels[-1], axis=-1)
+    return s_rows, s_max, levels, mass[0]
+
+
+def _pick_leaf(leaf_s_NxR: jax.Array, s_max: jax.Array, u_N: jax.Array) -> jax.Array:
+    """The leaf within each leaf row, on exp recomputed for its R logits. -1 only if exp
+    rounded differently from the fused pass: then the row's largest logit, which is finite
+    because the row had positive mass."""
+    leaf_N = _pick_child(jnp.exp(leaf_s_NxR - s_max), u_N)
+    return jnp.where(leaf_N >= 0, leaf_N, jnp.argmax(leaf_s_NxR, axis=-1))
 
 
 def _draw_one(key: jax.Array, s_V: jax.Array, num_draws: int) -> tuple[jax.Array, jax.Array]:
     """N i.i.d. draws from softmax(s_V) for one position, O(V + N R log_R V), R = 16.
 
-    Inverse-CDF search down a tree of partial sums: leaves are the V tokens in rows of R,
-    each internal level holds the masses of R-sized groups of the level below. One fused pass
-    over V computes the bottom masses (exp(s - max) summed per row, never materialised);
-    the levels above are small. Each draw walks from the root, choosing a child of its node
-    with one uniform per level (only the R children of the N current nodes are read), and
-    recomputes exp for the R logits of its leaf row. Returns ids int32 [N] and
+    Inverse-CDF search down a tree of partial sums (`_mass_tree`): leaves are the V tokens in
+    rows of R, each internal level holds the masses of R-sized groups of the level below. One
+    fused pass over V computes the bottom masses (exp(s - max) summed per row, never
+    materialised); the levels above are small. Each draw walks from the root, choosing a child
+    of its node with one uniform per level (only the R children of the N current nodes are
+    read), and recomputes exp for the R logits of its leaf row. Returns ids int32 [N] and
     log Z = logsumexp(s_V).
     """
-    s_rows = _rows(s_V, -jnp.inf)  # [V/R, R]
-    s_max = jnp.max(s_V)
-    mass = jnp.sum(jnp.exp(s_rows - s_max), axis=-1)  # [V/R], fused: PERF the only O(V) pass
-    levels = []  # bottom-up; the last one is a single row (the root's children)
-    while mass.shape[-1] > 1:
-        levels.append(_rows(mass, 0.0))
-        mass = jnp.sum(levels[-1], axis=-1)
+    s_rows, s_max, levels, root = _mass_tree(s_V)
     # PERF: a 1-D draw compiles ~2x faster under vmap than a 2-D one (CPU, jax 0.10).
     u_LxN = jax.random.uniform(key, ((len(levels) + 1) * num_draws,), jnp.float32)
     u_LxN = u_LxN.reshape(len(levels) + 1, num_draws)
@@ -148,13 +189,8 @@ def _draw_one(key: jax.Array, s_V: jax.Array, num_draws: int) -> tuple[jax.Array
     for depth, level in enumerate(reversed(levels)):
         # A node with positive mass has a positive child (its mass is their sum): never -1.
         node_N = node_N * _RADIX + jnp.maximum(_pick_child(level[node_N], u_LxN[depth]), 0)
-    leaf_s_NxR = s_rows[node_N]
-    leaf_N = _pick_child(jnp.exp(leaf_s_NxR - s_max), u_LxN[-1])
-    # -1 only if exp rounded differently from the fused pass: take the row's largest logit,
-    # which is finite because the row had positive mass.
-    leaf_N = jnp.where(leaf_N >= 0, leaf_N, jnp.argmax(leaf_s_NxR, axis=-1))
-    ids_N = node_N * _RADIX + leaf_N
-    return ids_N.astype(jnp.int32), s_max + jnp.log(mass[0])
+    ids_N = node_N * _RADIX + _pick_leaf(s_rows[node_N], s_max, u_LxN[-1])
+    return ids_N.astype(jnp.int32), s_max + jnp.log(root)
 
 
 def _sample(key, logits, num_draws, temperature):
@@ -423,26 +459,36 @@ def ghost_targets(teacher_logits: jax.Array, k: int) -> GhostTargets:
 # --------------------------------------------------------------------------- variance-reduced
 
 
-def _systematic_one(key: jax.Array, s_V: jax.Array, num_draws: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Systematic draws from softmax(s_V) for one position, O(V): unique ids [N] (increasing),
-    counts [N] (summing to N), log Z of s.
+# What `systematic_counts` draws for a given key, recorded in systematic stores so a resume
+# never mixes two samplers in one store. Version 1 (unnamed, no record) located the points
+# in a cumsum over V; v2 walks the tree's partial sums with the same u per key, so the same
+# law but other float rounding at interval boundaries: a point there may change ids.
+SYSTEMATIC_SAMPLER = "tree-fraction-v2"
 
-    One uniform u; the points (u + j) / N of the CDF (vocabulary order). Id i receives
-    F_i - F_{i-1} points, F_i = ceil(N cdf_i - u) clipped to [0, N], so its count is floor or
-    ceil of N q_i and E[c_i] = N q_i. The CDF is a cumsum over positive-mass ids made monotone
-    by a cummax (exact in any association), so a zero-mass id's F equals its predecessor's
-    and it gets no point even if the parallel cumsum rounds differently around it.
+
+def _systematic_one(key: jax.Array, s_V: jax.Array, num_draws: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Systematic draws from softmax(s_V) for one position, O(V + N R log_R V): unique ids [N]
+    (increasing), counts [N] (summing to N), log Z of s.
+
+    One uniform u; the points (u + j) / N of the CDF (vocabulary order), located by walking
+    `_draw_one`'s tree: at each level a point picks the child its fraction falls in
+    (`_pick_child`) and becomes its fraction within that child (`_pick_child_within`), so each
+    id receives the points of its own interval, F_i - F_{i-1} of them with
+    F_i = ceil(N cdf_i - u) clipped to [0, N]: its count is floor or ceil of N q_i and
+    E[c_i] = N q_i. Zero-mass ids are never picked (masked at every level). The map into a
+    child is monotone, so the ids come out non-decreasing in j; `_unique_counts` counts them
+    (a sort of N, which does not rely on it).
     """
-    s_max = jnp.max(s_V)
-    e_V = jnp.exp(s_V - s_max)
-    cdf_V = jax.lax.cummax(jnp.where(e_V > 0, jnp.cumsum(e_V), 0.0))
-    total = cdf_V[-1]
+    s_rows, s_max, levels, root = _mass_tree(s_V)
     u = jax.random.uniform(key, (), jnp.float32)
-    f_V = jnp.clip(jnp.ceil(num_draws * (cdf_V / total) - u), 0, num_draws).astype(jnp.int32)
-    c_V = jnp.diff(f_V, prepend=0)
-    (ids_N,) = jnp.nonzero(c_V > 0, size=num_draws, fill_value=0)
-    counts_N = jnp.where(jnp.arange(num_draws) < jnp.sum(c_V > 0), c_V[ids_N], 0)
-    return ids_N.astype(jnp.int32), counts_N, s_max + jnp.log(total)
+    u_N = (u + jnp.arange(num_draws, dtype=jnp.float32)) / num_draws
+    node_N = jnp.zeros((num_draws,), jnp.int32)
+    for level in reversed(levels):
+        child_N, u_N = _pick_child_within(level[node_N], u_N)
+        node_N = node_N * _RADIX + child_N
+    ids_N = node_N * _RADIX + _pick_leaf(s_rows[node_N], s_max, u_N)
+    uniq_N, counts_N = _unique_counts(ids_N.astype(jnp.int32))
+    return uniq_N, counts_N, s_max + jnp.log(root)
 
 
 @functools.partial(jax.jit, static_argnames=("num_draws", "temperature"))
@@ -456,7 +502,9 @@ def systematic_counts(
     so E[c_i] = N q_i exactly, and c_i is floor(N q_i) or ceil(N q_i). Weights
     w_i = (c_i / N) * t_i / q_i (= c_i / N at temperature 1): unbiased, E[w_i] = t_i, with
     counts of variance <= 1/4 instead of N q_i (1 - q_i). Ids in increasing order; empty slots
-    id 0, count 0, weight 0. O(V) per position (a cumsum over V), never N x V.
+    id 0, count 0, weight 0. O(V + N R log_R V) per position (R = 16: one fused pass over V,
+    then the N points walk a tree of partial sums), never N x V. Sampler version:
+    `SYSTEMATIC_SAMPLER`.
 
     >>> sc = systematic_counts(jax.random.key(0), jnp.log(jnp.array([0.5, 0.25, 0.25])), 4)
     >>> sc.ids.tolist(), sc.counts.tolist()

@@ -19,7 +19,7 @@ from test_sampling import (
     softmax64,
 )
 
-from rskd_jax.sampling import sample_tokens
+from rskd_jax.sampling import sample_tokens, systematic_counts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,4 +50,14 @@ def test_tiny_run_reports_every_ratio():
     names = {"naive_categorical", "sample_tokens_replace", "sample_tokens_no_replace", "gumbel_top_k_no_replace"}
     assert names <= set(out["ratio_vs_log_softmax"]) and out["ratio_vs_log_softmax"]["log_softmax"] == 1.0
     assert out["reps"]["naive_categorical"] == 1 and out["reps"]["log_softmax"] == 2
-    assert out["no_replace_speedup_vs_gumbel"] > 0
+    assert out["no_replace_speedup_vs_gumbel"] > 0 and out["systematic_speedup_vs_cumsum"] > 0
+
+
+def test_systematic_baseline_gives_the_same_counts():
+    """The cumsum baseline and the tree walk locate the same u's points (ties aside: none here)."""
+    logits = np.random.default_rng(3).normal(size=(32, 1000)).astype(np.float32) * 3.0
+    logits[:, ::7] = -np.inf
+    ids, counts = jax.jit(_bench().systematic_cumsum, static_argnums=2)(jax.random.key(5), logits, 20)
+    sc = systematic_counts(jax.random.key(5), logits, 20)
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(sc.ids))
+    np.testing.assert_array_equal(np.asarray(counts), np.asarray(sc.counts))

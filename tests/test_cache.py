@@ -682,6 +682,16 @@ def test_every_method_in_one_pass_matches_direct_sampling(work, tokens, teacher)
     with pytest.raises(StoreError, match=r"sampler 'v1 .*other draws"):  # not reported as corrupt
         inspect_store_module().verify(wor_url, 1)
     write_json(wor_url, manifest)
+    # likewise systematic stores (v1, unrecorded, located the points with a cumsum over V)
+    sys_url = str(out / "sys16")
+    manifest = read_json(sys_url)
+    assert manifest["sampler"] == sampling.SYSTEMATIC_SAMPLER
+    write_json(sys_url, {k: v for k, v in manifest.items() if k != "sampler"})
+    with pytest.raises(StoreError, match=r"sys16.*differs in: sampler\).*overwrite=true"):
+        cache.run(cfg, progress=False, devices=one_device())
+    with pytest.raises(StoreError, match=r"systematic sampler 'v1 .*other draws"):
+        inspect_store_module().verify(sys_url, 1)
+    write_json(sys_url, manifest)
 
     st = ref["top12"]
     for a, b in zip(canon(got["top12"]["ids"], got["top12"]["weights"]), canon(st.ids, st.weights)):

@@ -13,7 +13,9 @@ first --naive-reps rounds. The variance-reduced unbiased samplers run beside the
 `systematic_counts` (N stratified points of the CDF) and `head_tail_h4` (top-4 exact + N tail
 draws). Without replacement, `sample_tokens(..., replace=False)` (sequential
 draws down the sampling tree) runs beside `gumbel_top_k_no_replace`, the first sampler's
-algorithm (V Gumbels per position + top_k, kept here as the baseline), same k and logits.
+algorithm (V Gumbels per position + top_k, kept here as the baseline), same k and logits;
+`systematic_cumsum` is the first systematic sampler (a cumsum + cummax + nonzero over V per
+position, kept as the baseline of `systematic_counts`, which walks the sampling tree).
 """
 
 from __future__ import annotations
@@ -48,6 +50,24 @@ def gumbel_top_k(key, logits_PxV, k):
     return jax.vmap(one)(keys_P, logits_PxV)
 
 
+def systematic_cumsum(key, logits_PxV, num_draws):
+    """The first systematic sampler (same law as systematic_counts, temperature 1): per
+    position the CDF by a cumsum over V made monotone by a cummax, F_i = ceil(N cdf_i - u),
+    ids by nonzero. ids, counts [P, N]."""
+
+    def one(key, s_V):
+        e_V = jnp.exp(s_V - jnp.max(s_V))
+        cdf_V = jax.lax.cummax(jnp.where(e_V > 0, jnp.cumsum(e_V), 0.0))
+        u = jax.random.uniform(key, (), jnp.float32)
+        f_V = jnp.clip(jnp.ceil(num_draws * (cdf_V / cdf_V[-1]) - u), 0, num_draws).astype(jnp.int32)
+        c_V = jnp.diff(f_V, prepend=0)
+        (ids_N,) = jnp.nonzero(c_V > 0, size=num_draws, fill_value=0)
+        return ids_N, jnp.where(jnp.arange(num_draws) < jnp.sum(c_V > 0), c_V[ids_N], 0)
+
+    keys_P = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(logits_PxV.shape[0]))
+    return jax.vmap(one)(keys_P, logits_PxV)
+
+
 def build_candidates(num_draws: int):
     """name -> jitted fn(key, logits_PxV)."""
 
@@ -60,6 +80,7 @@ def build_candidates(num_draws: int):
         "sample_tokens_no_replace": jax.jit(lambda k, l: sample_tokens(k, l, num_draws, replace=False)),
         "gumbel_top_k_no_replace": jax.jit(lambda k, l: gumbel_top_k(k, l, num_draws)),
         "systematic_counts": jax.jit(lambda k, l: systematic_counts(k, l, num_draws)),
+        "systematic_cumsum": jax.jit(lambda k, l: systematic_cumsum(k, l, num_draws)),
         # the head (h = 4) kept exactly, N draws from the tail
         "head_tail_h4": jax.jit(lambda k, l: head_tail_targets(k, l, 4, num_draws)),
         "top_k_targets": jax.jit(lambda k, l: top_k_targets(l, num_draws)),
@@ -115,6 +136,7 @@ def run(vocab: int, num_draws: int, positions: int, scale: float, reps: int, nai
         "cpu_count": os.cpu_count(),
     }
     out["no_replace_speedup_vs_gumbel"] = seconds["gumbel_top_k_no_replace"] / seconds["sample_tokens_no_replace"]
+    out["systematic_speedup_vs_cumsum"] = seconds["systematic_cumsum"] / seconds["systematic_counts"]
     if "naive_categorical" in seconds:
         naive_s = seconds["naive_categorical"]
         out["speedup_vs_naive"] = {name: naive_s / s for name, s in seconds.items()}

@@ -19,8 +19,9 @@ URL as first cached; informational, so a resume never compares these paths) unle
 --teacher SOURCE replaces the spec's source, --tokens URL the token store; a token store no
 longer at its URL is looked up in the config.yaml saved next to the store. Their content
 fingerprints must equal the manifest's. Adds "verify" to the output; exits 1 on any mismatch.
-A sample_wor store drawn by another without-replacement sampler than this code's
-(`rskd_jax.sampling.WOR_SAMPLER`, the manifest's "sampler") is refused with an error.
+A sample_wor or systematic store drawn by another sampler than this code's
+(`rskd_jax.sampling.WOR_SAMPLER` / `SYSTEMATIC_SAMPLER`, the manifest's "sampler") is
+refused with an error.
 Stores cached with mesh.fsdp or mesh.tensor > 1 reduce in another float order, which moves
 a few near-tie draws (~0.1% of positions) to a neighbouring id: check them with
 --position-tolerance 0.005 (the fraction of a row's positions allowed to differ).
@@ -184,11 +185,15 @@ def verify(
             f"{store.url} was not written by `python -m rskd_jax.cache` (manifest field {err}); "
             "--verify needs its teacher spec, method parameters and seed"
         ) from err
-    if m["method"] == "sample_wor" and m.get("sampler") != sampling.WOR_SAMPLER:
+    samplers = {
+        "sample_wor": ("without-replacement", sampling.WOR_SAMPLER, "v1 (V Gumbels + top-k; not recorded)"),
+        "systematic": ("systematic", sampling.SYSTEMATIC_SAMPLER, "v1 (cumsum over V; not recorded)"),
+    }
+    if m["method"] in samplers and m.get("sampler") != samplers[m["method"]][1]:
+        what, ours, old = samplers[m["method"]]
         raise StoreError(
-            f"{store.url} was drawn by the without-replacement sampler "
-            f"{m.get('sampler', 'v1 (V Gumbels + top-k; not recorded)')!r}, this code draws with "
-            f"{sampling.WOR_SAMPLER!r}: the same law, other draws, so its rows cannot be recomputed"
+            f"{store.url} was drawn by the {what} sampler {m.get('sampler', old)!r}, this code draws "
+            f"with {ours!r}: the same law, other draws, so its rows cannot be recomputed"
         )
     tok = open_token_store(_token_store_url(store.url, tokens, provenance.get("tokens_url")))
     if tok.fingerprint != want_tokens:
