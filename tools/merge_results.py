@@ -55,6 +55,7 @@ def merge(base: dict, others: list[tuple[str, dict]]) -> dict:
             rows = [x for x in rows if x["method"] != r["method"]]
             rows.append({**r, "run": other["commands"]["reproduce"], "results": path})
     merged = dict(base, methods=rows)
+    merged["notes"] = {**{k: v for _, o in others for k, v in o.get("notes", {}).items()}, **base.get("notes", {})}
     merged["merged_from"] = [p for p, _ in others]
     return merged
 

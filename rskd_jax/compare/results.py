@@ -135,6 +135,8 @@ def build_results(cmp, runs: dict) -> dict[str, Any]:
     rows = [borrowed] if borrowed else []
     for m in r.methods:
         e, family_desc = ev["students"][m.name], describe(cmp, m)
+        if m.set:  # the method's own train/loss/optim overrides
+            family_desc = (family_desc[0], f"{family_desc[1]}; {', '.join(m.set)}")
         store = cache["stores"].get(m.store) if m.store else None
         by_array = store["bytes_per_token_by_array"] if store else {}
         g = grad["methods"].get(m.name)
