@@ -131,12 +131,17 @@ def main(argv=None) -> dict:
     tg, tparams, _ = build_teacher(cmp, vocab, mesh)
     r = cfg.reproduce
 
+    fns: dict = {}
+
     def grads(loss: str, batch, tp=None):
-        spec = loss_spec(cmp, loss, vocab)
-        tgd = tg if loss == "full_online" else None
-        return jax.jit(
-            lambda p, b, t: ts.loss_and_grad(p, t, b, graphdef=graphdef, spec=spec, teacher_graphdef=tgd)[2]
-        )(params, batch, tp)
+        """The loss's student gradient, one jitted function per loss (compiled once)."""
+        if loss not in fns:
+            spec = loss_spec(cmp, loss, vocab)
+            tgd = tg if loss == "full_online" else None
+            fns[loss] = jax.jit(
+                lambda p, b, t: ts.loss_and_grad(p, t, b, graphdef=graphdef, spec=spec, teacher_graphdef=tgd)[2]
+            )
+        return fns[loss](params, batch, tp)
 
     update = jax.jit(lambda g: tx.update(g, state.opt_state, params)[0])
 
@@ -169,7 +174,7 @@ def main(argv=None) -> dict:
     counts = target_counts(tokens, vocab)
     nus = {}
     for name in [args.at, *args.methods]:
-        _, st, _ = restore_state(runs[name], vocab, mesh)
+        st = state if name == args.at else restore_state(runs[name], vocab, mesh)[1]
         nus[name] = nu_by_bucket(np.asarray(_adam_nu(st.opt_state)["embed"]), counts)
     for groups in nus.values():
         for g, v in groups.items():
