@@ -33,17 +33,20 @@ from rskd_jax.train_step import fit_vocab, prepare_targets, sum_over_positions
 log = logging.getLogger("rskd_jax.evaluate")
 
 
-def make_eval_fn(graphdef, *, vocab_size: int | None, teacher_graphdef=None, chunk_size: int = 0) -> Callable:
+def make_eval_fn(
+    graphdef, *, vocab_size: int | None, teacher_graphdef=None, chunk_size: int = 0, per_row: bool = False
+) -> Callable:
     """`fn(params, teacher_params, batch) -> sums` (metrics.* sums; jit it).
 
     batch: tokens, mask, optionally segment_ids and positions (document masking: both models
     read them) and a teacher's ids/weights/entropy (estimated KL) or logprobs (exact KL); with
-    teacher_graphdef the teacher model runs here (exact KL).
+    teacher_graphdef the teacher model runs here (exact KL). per_row adds each row's nll sum
+    and label count (metrics.lm_sums).
     """
 
     def position_sums(logits_xV, t, teacher_logits_xV):
         logits_xV = metrics.mask_vocab(logits_xV, vocab_size)
-        out = metrics.lm_sums(logits_xV, t["labels"], t["ce_where"])
+        out = metrics.lm_sums(logits_xV, t["labels"], t["ce_where"], per_row=per_row)
         if teacher_logits_xV is not None:
             teacher_xV = metrics.mask_vocab(fit_vocab(teacher_logits_xV, logits_xV.shape[-1]), vocab_size)
             out.update(metrics.teacher_sums(logits_xV, teacher_xV, t["kd_where"]))

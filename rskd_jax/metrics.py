@@ -54,12 +54,19 @@ def _where(where: jax.Array | None, shape) -> jax.Array:
 
 
 def lm_sums(
-    logits_xV: jax.Array, labels_x: jax.Array, where_x: jax.Array | None = None, *, num_bins: int = NUM_BINS
+    logits_xV: jax.Array,
+    labels_x: jax.Array,
+    where_x: jax.Array | None = None,
+    *,
+    num_bins: int = NUM_BINS,
+    per_row: bool = False,
 ) -> dict[str, jax.Array]:
     """Sums for loss, perplexity, accuracy and ECE over positions with a label.
 
     Returns nll_sum, count, correct_sum (scalars) and bin_count, bin_conf, bin_correct [NB]
-    (positions, summed top-1 confidence and summed correctness per confidence bin).
+    (positions, summed top-1 confidence and summed correctness per confidence bin); per_row
+    adds row_nll_sum and row_count [B] (summed over every axis but the first: x is [B, ...]),
+    for paired bootstraps over rows (not additive across batches: keep them per batch).
     """
     logp_xV = jax.nn.log_softmax(logits_xV.astype(jnp.float32), axis=-1)
     w_x = _where(where_x, labels_x.shape)
@@ -73,7 +80,7 @@ def lm_sums(
     onehot_xNB = (bin_x[..., None] == jnp.arange(num_bins)) & w_x[..., None]
     onehot_xNB = onehot_xNB.astype(jnp.float32)
     lead = tuple(range(labels_x.ndim))
-    return {
+    out = {
         "nll_sum": jnp.sum(jnp.where(w_x, nll_x, 0.0)),
         "count": jnp.sum(wf_x),
         "correct_sum": jnp.sum(correct_x * wf_x),
@@ -81,6 +88,11 @@ def lm_sums(
         "bin_conf": jnp.sum(onehot_xNB * conf_x[..., None], axis=lead),
         "bin_correct": jnp.sum(onehot_xNB * correct_x[..., None], axis=lead),
     }
+    if per_row:
+        rest = tuple(range(1, labels_x.ndim))
+        out["row_nll_sum"] = jnp.sum(jnp.where(w_x, nll_x, 0.0), axis=rest)
+        out["row_count"] = jnp.sum(wf_x, axis=rest)
+    return out
 
 
 def teacher_sums(

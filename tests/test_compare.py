@@ -159,6 +159,14 @@ def test_configs():
         )
     with pytest.raises(ConfigError, match="named 'ce'"):
         load_config(CompareRun, TINY, ["reproduce.methods=[{name: a, loss: ce}]"])
+    two = "reproduce.methods=[{name: a, loss: ce}, {name: b, loss: full_online}, {name: c, loss: ce}]"
+    ends = load_config(CompareRun, TINY, [two, "reproduce.gap_ends=[c, b]"]).reproduce
+    assert (ends.ce_end, ends.full_end) == ("c", "b")
+    default = load_config(CompareRun, TINY).reproduce
+    assert (default.ce_end, default.full_end) == ("ce", "full_kd")
+    for bad in ("[b, a]", "[a]", "[a, b, c]", "[a, nope]", "[a, c]"):  # a ce method, then a full_online one
+        with pytest.raises(ConfigError, match="gap_ends"):
+            load_config(CompareRun, TINY, [two, f"reproduce.gap_ends={bad}"])
     stdlib_only = load_config(CompareRun, os.path.join(ROOT, "configs/reproduce.yaml"), ["reproduce.docs=false"])
     assert [s.name for s in sources.active_sources(stdlib_only.reproduce)] == ["stdlib"]
     for path in sorted(glob.glob(os.path.join(ROOT, "configs/diagnosis/*.yaml"))):  # issue 15's runs load
@@ -327,6 +335,23 @@ def test_results_fields(tiny):
     assert r["wall_time_s"] > 0 and r["hardware"]["cpu_count"] >= 1
     assert r["commands"]["reproduce"].startswith("python -m rskd_jax.compare --config")
     assert r["config"]["reproduce"]["methods"][0]["name"] == "ce"
+    assert r["gap_ends"] == ["ce", "full_kd"]
+    # the eval's per-row sums pool to the reported val losses, and give every other method an interval
+    ev = json.loads(_read(tiny["root"] / "run" / "state.json"))["stages"]["eval"]["result"]
+    for name in METHODS:
+        rows = ev["row_sums"][name]
+        assert set(rows) == {"val_mime", "val_json"}
+        for split, want in (("val_mime", by[name]["val_loss_by_source"]["mime"]), ("val_json", None)):
+            assert len(rows[split]["count"]) == r["setup"]["val_rows_evaluated"][split]
+            if want is not None:
+                assert sum(rows[split]["nll_sum"]) / sum(rows[split]["count"]) == pytest.approx(want, rel=1e-6)
+        pooled = sum(sum(rows[s]["nll_sum"]) for s in rows) / sum(sum(rows[s]["count"]) for s in rows)
+        assert pooled == pytest.approx(by[name]["val_loss"], rel=1e-6)
+        ci = by[name]["gap_closed_ci95"]
+        if name in ("ce", "full_kd"):
+            assert ci is None
+        else:
+            assert ci is not None and ci[0] <= ci[1] and set(by[name]["gap_closed_ci95_by_source"]) == {"mime", "json"}
 
 
 @pytest.mark.slow

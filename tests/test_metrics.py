@@ -63,6 +63,20 @@ def test_lm_sums_match_numpy():
     assert total["tokens"] == where.sum()
 
 
+def test_per_row_sums_split_the_pooled_sums():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(3, 5, 7)).astype(np.float32)
+    labels = rng.integers(0, 7, size=(3, 5))
+    where = rng.random((3, 5)) < 0.6
+    where[1] = False  # a row without labels
+    out = metrics.lm_sums(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(where), per_row=True)
+    nll = -np.take_along_axis(_log_softmax(logits), labels[..., None], -1)[..., 0]
+    np.testing.assert_allclose(out["row_nll_sum"], np.where(where, nll, 0).sum(1), rtol=1e-5)
+    np.testing.assert_array_equal(out["row_count"], where.sum(1))
+    np.testing.assert_allclose(out["row_nll_sum"].sum(), out["nll_sum"], rtol=1e-6)
+    assert "row_nll_sum" not in metrics.lm_sums(jnp.asarray(logits), jnp.asarray(labels))
+
+
 def test_sums_add_over_chunks_and_batches():
     logits, teacher, labels, where = _random_case(1)
     whole = metrics.accumulate(

@@ -104,6 +104,11 @@ class CompareConfig:
         "results.json of an earlier run of the same data, student and eval whose full-KD row gives the gap's "
         "end when no method here is full_online (its ce val losses must equal this run's)",
     )
+    gap_ends: tuple[str, ...] | None = opt(
+        None,
+        "[CE method, full-KD method]: the ends of the gap closed, e.g. both trained with the same optim "
+        "override (null: the method named 'ce' and the full_online one)",
+    )
     eval_batch_size: int = opt(8, "rows per eval batch (teacher online)")
     eval_max_rows: int | None = opt(None, "val rows per source evaluated (null: all)")
     grad_at: Literal["ce_final", "init"] = opt("ce_final", "params of the gradient check")
@@ -118,12 +123,32 @@ class CompareConfig:
     until: str | None = opt(None, "stop after this stage: " + ", ".join(STAGES))
     progress: bool = opt(True, "progress bars")
 
+    @property
+    def ce_end(self) -> str:
+        """The CE method: the baseline of the gap closed, the gradient check's params, step times."""
+        return self.gap_ends[0] if self.gap_ends else "ce"
+
+    @property
+    def full_end(self) -> str | None:
+        """The full-KD method the gap closes towards (None: none here, see `reference`)."""
+        if self.gap_ends:
+            return self.gap_ends[1]
+        return next((m.name for m in self.methods if m.loss == "full_online"), None)
+
     def __post_init__(self):
         names = [m.name for m in self.methods]
         if len(set(names)) != len(names) or not names:
             raise ConfigError(f"reproduce.methods needs unique names, got {names}")
-        if "ce" not in names:
-            raise ConfigError("reproduce.methods must include a method named 'ce' (the baseline)")
+        if self.gap_ends is None and "ce" not in names:
+            raise ConfigError("reproduce.methods must include a method named 'ce' (the baseline), or set gap_ends")
+        if self.gap_ends is not None:
+            loss = {m.name: m.loss for m in self.methods}
+            ends = tuple(self.gap_ends)
+            if len(ends) != 2 or loss.get(ends[0]) != "ce" or loss.get(ends[1]) != "full_online":
+                raise ConfigError(
+                    f"reproduce.gap_ends must name a ce method and a full_online method of reproduce.methods, "
+                    f"got {list(ends)}"
+                )
         if len({s.name for s in self.sources}) != len(self.sources) or not self.sources:
             raise ConfigError("reproduce.sources needs at least one source and unique names")
         if self.until is not None and self.until not in STAGES:

@@ -3,7 +3,8 @@
 The teacher runs once per batch and is shared by all students: val loss, accuracy, ECE with
 its 15 reliability bins, exact KL(teacher || student) and top-1 agreement
 (rskd_jax.evaluate.make_eval_fn with the teacher's logits as the batch's `logprobs`;
-rskd_jax.metrics sums, kept before `finalize` for the bins).
+rskd_jax.metrics sums, kept before `finalize` for the bins), and each evaluated row's nll sum
+and label count (`row_sums`: the paired bootstrap of rskd_jax.compare.bootstrap).
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ def eval_rows(num_rows: int, max_rows: int | None) -> np.ndarray:
 
 
 def evaluate_students(cmp, runs: dict) -> dict[str, Any]:
-    """{"teacher": {split: figures}, "students": {method: {split: figures}}, "rows": ...}; the
-    split "all" pools every source's val rows."""
+    """{"teacher": {split: figures}, "students": {method: {split: figures}}, "rows": ...,
+    "row_sums": {method: {split: {"nll_sum": [...], "count": [...]}}}}; the split "all" pools every
+    source's val rows."""
     import jax
     from flax import nnx
 
@@ -75,7 +77,7 @@ def evaluate_students(cmp, runs: dict) -> dict[str, Any]:
         graphdef, params, _ = evaluate.load_student(tcfg.train.output, vocab, mesh)
         fn = next((f for g, f in fns if g == graphdef), None)
         if fn is None:
-            raw = evaluate.make_eval_fn(graphdef, vocab_size=vocab, chunk_size=cmp.cfg.loss.chunk_size)
+            raw = evaluate.make_eval_fn(graphdef, vocab_size=vocab, chunk_size=cmp.cfg.loss.chunk_size, per_row=True)
             fn = evaluate.jit_eval_fn(raw, jax.tree.map(lambda a: a.sharding, params), mesh)
             fns.append((graphdef, fn))
         students[name] = (params, fn)
@@ -94,6 +96,7 @@ def evaluate_students(cmp, runs: dict) -> dict[str, Any]:
     )
     splits = [f"val_{s.name}" for s in cmp.sources]
     totals: dict[str, dict[str, dict]] = {n: {} for n in [*runs, "<teacher>"]}
+    per_row: dict[str, dict[str, dict[str, list[float]]]] = {n: {} for n in runs}  # name -> split -> sums
     rows = {}
     t0 = time.perf_counter()
     for split in splits:
@@ -102,6 +105,7 @@ def evaluate_students(cmp, runs: dict) -> dict[str, Any]:
         source = token_rows(cmp, tokens, split)
         for lo in range(0, n, r.eval_batch_size):
             read = source.read(rows_S[lo : lo + r.eval_batch_size])
+            real = len(read["tokens"])  # the rest of the batch is padding
             docs = {k: read[k] for k in DOCUMENT_KEYS if k in read}
             batch = sharding.global_batch(pad_batch(read["tokens"], r.eval_batch_size, **docs), mesh)
             logits, tsums = teacher_jit(tparams, batch)
@@ -109,7 +113,10 @@ def evaluate_students(cmp, runs: dict) -> dict[str, Any]:
                 totals["<teacher>"][key] = metrics.accumulate(totals["<teacher>"].get(key), tsums)
             batch = dict(batch, logprobs=logits)  # raw logits: the eval fn log-softmaxes them
             for name, (params, fn) in students.items():
-                sums = fn(params, None, batch)
+                sums = dict(fn(params, None, batch))
+                split_rows = per_row[name].setdefault(split, {"nll_sum": [], "count": []})
+                for k in ("nll_sum", "count"):
+                    split_rows[k] += np.asarray(sums.pop(f"row_{k}"), np.float64)[:real].tolist()
                 for key in (split, "all"):
                     totals[name][key] = metrics.accumulate(totals[name].get(key), sums)
             print(f"   eval {split}: rows {min(lo + r.eval_batch_size, n)}/{n}", flush=True)
@@ -118,6 +125,7 @@ def evaluate_students(cmp, runs: dict) -> dict[str, Any]:
         "teacher": teacher,
         "students": {n: {k: figures(v) for k, v in t.items()} for n, t in totals.items()},
         "rows": rows,
+        "row_sums": per_row,
         "seconds": round(time.perf_counter() - t0, 2),
         "kl": "exact: sum_v t_v log(t_v / p_v), the teacher run online on every evaluated val row",
     }

@@ -34,7 +34,7 @@ def gradient_check(cmp, runs: dict) -> dict[str, Any]:
     mesh, tokens, vocab = setup(cmp)
     sharding.check_batch(r.grad_batch_size, mesh, key="reproduce.grad_batch_size")
     if r.grad_at == "ce_final":
-        graphdef, params, _ = evaluate.load_student(runs["ce"].train.output, vocab, mesh)
+        graphdef, params, _ = evaluate.load_student(runs[r.ce_end].train.output, vocab, mesh)
     else:
         student = build_model(c.student, vocab)
         graphdef, params = ts.split_model(student)

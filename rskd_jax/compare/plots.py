@@ -185,11 +185,12 @@ def gap_curves(results, runs) -> dict[str, tuple[list[float], list[float]]]:
 
     curves = _curves(results, runs)
     full = next((r["method"] for r in results["methods"] if r["loss"] == "full_online"), None)
-    if "ce" not in curves or full not in curves:
+    ce_name, full = results.get("gap_ends", ["ce", full])
+    if ce_name not in curves or full not in curves:
         return {}
     out = {}
     for name, (tokens, losses) in curves.items():
-        ce = np.interp(tokens, *curves["ce"])
+        ce = np.interp(tokens, *curves[ce_name])
         fk = np.interp(tokens, *curves[full])
         with np.errstate(divide="ignore", invalid="ignore"):
             gap = np.where(np.abs(ce - fk) > 1e-9, 100.0 * (ce - np.asarray(losses)) / (ce - fk), np.nan)

@@ -41,6 +41,15 @@ def _f(x, fmt: str, scale: float = 1.0) -> str:
     return format(x * scale, fmt)
 
 
+def _gap(pct: float | None, ci: list[float] | None) -> str:
+    """A gap-closed cell: the figure, with its bootstrap interval when there is one.
+
+    >>> _gap(87.04, [80.2, 93.9]), _gap(63.0, None), _gap(None, None)
+    ('87 [80, 94]', '63', '-')
+    """
+    return _f(pct, ".0f") + (f" [{ci[0]:.0f}, {ci[1]:.0f}]" if ci and pct is not None else "")
+
+
 def _grouped(stage_seconds: dict) -> dict:
     """{stage: seconds} with the train/<method> stages summed, in pipeline order."""
     order = ("data", "cache", "train", "eval", "grad", "timing")
@@ -69,8 +78,9 @@ def render_section(results: dict, readme_dir: str, results_dir: str) -> str:
         flag = {True: "yes", False: "no"}.get(r.get("unbiased"), "-")
         cells = [name, r["targets"], flag, _f(r["stored_ids"], ".1f"), bpt, _f(r["val_loss"], ".4f")]
         cells += [_f(r["val_loss_by_source"][s], ".4f") for s in srcs]
-        cells += [_f(r["gap_closed_pct"], ".0f")]
-        cells += [_f(r["gap_closed_pct_by_source"][s], ".0f") for s in srcs] if len(srcs) > 1 else []
+        cells += [_gap(r["gap_closed_pct"], r.get("gap_closed_ci95"))]
+        by_ci = r.get("gap_closed_ci95_by_source") or {}
+        cells += [_gap(r["gap_closed_pct_by_source"][s], by_ci.get(s)) for s in srcs] if len(srcs) > 1 else []
         cells += [
             _f(r["ece"], ".2f", 100),
             _f(r["kl_to_teacher"], ".4f"),
@@ -93,6 +103,11 @@ def render_section(results: dict, readme_dir: str, results_dir: str) -> str:
         + ".",
         "",
         f"- **val loss**: {n['val_loss']}. **gap closed**: {n['gap_closed']}. **ECE**: {n['ece']}.",
+        *(
+            [f"- **[lo, hi]** after a gap closed: {n['gap_closed_ci95']}."]
+            if any(r.get("gap_closed_ci95") for r in results["methods"]) and "gap_closed_ci95" in n
+            else []
+        ),
         f"- **KL to teacher**: {n['kl_to_teacher']}.",
         f"- **B/token**: {n['bytes_per_token']}.",
         f"- **step / CE**: {n['step_time']}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from rskd_jax.compare import bootstrap
 from rskd_jax.config import config_to_dict
 
 PAPER_UNIQUE_IDS = {4: 2.4, 13: 5.0, 50: 12.1, 150: 24.5}
@@ -125,14 +126,22 @@ def build_results(cmp, runs: dict) -> dict[str, Any]:
     grad, timing = st["grad"]["result"], st["timing"]["result"]
     srcs = [s.name for s in cmp.sources]
     keys = ["all", *[f"val_{s}" for s in srcs]]
-    full_name = next((m.name for m in r.methods if m.loss == "full_online"), None)
-    ref = {k: ev["students"]["ce"][k]["val_loss"] for k in keys}
+    ce_name, full_name = r.ce_end, r.full_end
+    ref = {k: ev["students"][ce_name][k]["val_loss"] for k in keys}
     ref_full = {k: ev["students"][full_name][k]["val_loss"] if full_name else None for k in keys}
     borrowed = None
     if full_name is None and r.reference:  # the full-KD student of an earlier, identical run
         borrowed = reference_full_row(r.reference, ref, srcs)
         ref_full = {"all": borrowed["val_loss"], **{f"val_{s}": borrowed["val_loss_by_source"][s] for s in srcs}}
     rows = [borrowed] if borrowed else []
+    row_sums = ev.get("row_sums")  # per-row sums (evals before they were kept: no intervals)
+
+    def interval(name: str, splits: list[str]) -> list[float] | None:
+        if not row_sums or full_name is None or name in (ce_name, full_name):
+            return None
+        ci = bootstrap.gap_interval(row_sums[ce_name], row_sums[full_name], row_sums[name], splits)
+        return None if ci is None else [round(ci["lo"], 2), round(ci["hi"], 2)]
+
     for m in r.methods:
         e, family_desc = ev["students"][m.name], describe(cmp, m)
         if m.set:  # the method's own train/loss/optim overrides
@@ -163,6 +172,8 @@ def build_results(cmp, runs: dict) -> dict[str, Any]:
                 "gap_closed_pct_by_source": {
                     s: gap_closed(ref[f"val_{s}"], ref_full[f"val_{s}"], e[f"val_{s}"]["val_loss"]) for s in srcs
                 },
+                "gap_closed_ci95": interval(m.name, [f"val_{s}" for s in srcs]),
+                "gap_closed_ci95_by_source": {s: interval(m.name, [f"val_{s}"]) for s in srcs},
                 "ece": e["all"]["ece"],
                 "ece_by_source": by_src("ece"),
                 "accuracy": e["all"]["accuracy"],
@@ -203,6 +214,7 @@ def build_results(cmp, runs: dict) -> dict[str, Any]:
             f"students, {steps * c.train.batch_size * seq_len:,} training tokens ({' + '.join(srcs)})"
         ),
         "methods": rows,
+        "gap_ends": [ce_name, borrowed["method"] if borrowed else full_name],
         "teacher": {
             "val_loss": teacher["all"]["val_loss"],
             "ece": teacher["all"]["ece"],
@@ -230,7 +242,11 @@ def build_results(cmp, runs: dict) -> dict[str, Any]:
             "kl_to_teacher": ev["kl"],
             "gradient_check": grad["note"],
             "step_time": timing["source"],
-            "gap_closed": "100 (L_CE - L) / (L_CE - L_fullKD), val loss of the same split",
+            "gap_closed": "100 (L_CE - L) / (L_CE - L_fullKD), val loss of the same split (the CE and full-KD "
+            "students: gap_ends)",
+            "gap_closed_ci95": "2.5-97.5 percentiles of the gap closed over 2000 paired bootstrap resamples of the "
+            "val rows (within each source; the same rows for the CE, full-KD and method students): the "
+            "uncertainty from which rows were evaluated, not from the store's or the data order's seed",
             "unbiased": "whether the stored targets equal the teacher's distribution in expectation "
             "(E[w_i] = t_i for every id: RS-KD, systematic, head + tail, unnormalised w/o replacement)",
             "ece": "15 equal-width bins of top-1 confidence",

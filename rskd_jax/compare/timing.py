@@ -35,7 +35,7 @@ def timed_methods(cmp) -> list:
     """reproduce.timing_methods (all if null), always with the CE baseline."""
     r = cmp.cfg.reproduce
     names = r.timing_methods or [m.name for m in r.methods]
-    return [m for m in r.methods if m.name in names or m.name == "ce"]
+    return [m for m in r.methods if m.name in names or m.name == r.ce_end]
 
 
 def measure_steps(cmp, methods, reps: int, *, synthetic: bool = False) -> dict[str, Any]:
@@ -133,7 +133,7 @@ def time_steps(cmp, runs: dict) -> dict[str, Any]:
         source = f"interleaved timing, median of {r.timing_reps} steps of {c.train.batch_size} rows"
     else:
         source = "the runs' metrics.jsonl (median tokens/s of the logged steps)"
-    ce = out["ce"]
+    ce = out[r.ce_end]
     for v in out.values():  # interleaved if both were timed, else the runs' own throughput
         if v.get("step_s") and ce.get("step_s"):
             v["step_time_rel_ce"], v["step_time_source"] = v["step_s"] / ce["step_s"], "interleaved"
@@ -163,13 +163,13 @@ def estimate(cmp) -> dict[str, Any]:
     train = {n: round(v["step_s"] * steps * (1 + eval_frac), 1) for n, v in timing.items()}
     teacher_tps = dry["tokens_per_s"]  # teacher forward + sampling: a lower bound of forward speed
     full = {m.name for m in r.methods if m.loss == "full_online"}
-    ce_s = timing["ce"]["step_s"]
+    ce_s = timing[r.ce_end]["step_s"]
     full_s = next((v["step_s"] for n, v in timing.items() if n in full), 0.0)
     grad = r.grad_batches * (r.grad_batch_size / c.train.batch_size) * (full_s + ce_s * len(r.methods))
     proj = {
         "cache": dry["projected_seconds"],
         "train": train,
-        "eval": round(val_tokens / teacher_tps + len(r.methods) * val_tokens / timing["ce"]["tokens_per_s"] / 3, 1),
+        "eval": round(val_tokens / teacher_tps + len(r.methods) * val_tokens / timing[r.ce_end]["tokens_per_s"] / 3, 1),
         "grad": round(grad, 1),
         "timing": round((r.timing_reps + 1) * sum(v["step_s"] for v in timing.values()), 1),
     }
