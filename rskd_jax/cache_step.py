@@ -5,7 +5,8 @@ methods never means re-running the teacher. Randomness depends only on (seed, sp
 
     key(row r of split s) = fold_in(fold_in(key(seed), split_code(s)), r)
 
-and each position is sampled on its own with fold_in(row key, position).
+and each position is sampled on its own with fold_in(row key, position) (folded once more with
+the output's `stream` when it is > 0: independent draws of the same positions).
 
 Batch invariance by construction: the step runs the teacher on a fixed per-device micro-batch
 of `device_batch` rows (a lax.map over the rows each device holds), so every forward has the
@@ -90,6 +91,8 @@ def output_targets(
     n = out.num_draws
     lead = logits_xCxV.shape[:-1]
     keys_P = keys_xC.reshape(-1)
+    if out.stream:  # an independent draw stream of the same positions
+        keys_P = jax.vmap(lambda k: jax.random.fold_in(k, out.stream))(keys_P)
     logits_PxV = logits_xCxV.reshape(-1, logits_xCxV.shape[-1])
 
     def per_position(fn):

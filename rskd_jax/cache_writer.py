@@ -64,11 +64,14 @@ def store_manifest(
         "method": out.method,
         # which draws a key gives (sample_wor, systematic): a resume never mixes two samplers
         **sampler,
-        # `head` only where it applies, so stores made before it existed still resume
+        # `head` only where it applies and `stream` only when > 0, so stores made before they
+        # existed still resume
         "params": {
             k: v
             for k, v in config_to_dict(out).items()
-            if k not in ("name", "method") and (k != "head" or out.method == "head_tail")
+            if k not in ("name", "method")
+            and (k != "head" or out.method == "head_tail")
+            and (k != "stream" or out.stream)
         },
         "seed": run.cache.seed,
         "teacher": {"fingerprint": model.fingerprint, "vocab_size": model.config.vocab_size},

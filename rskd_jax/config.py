@@ -225,8 +225,17 @@ class OutputConfig:
     )
     normalize: bool = opt(False, "sample_wor: self-normalised weights (consistent, biased)")
     renormalize: bool = opt(True, "top_k: divide the kept probabilities by their sum")
+    stream: int = opt(
+        0,
+        "draw stream: outputs that differ only in stream draw independently (each position's key "
+        "is folded with the stream when > 0), e.g. fresh samples per epoch from one teacher pass",
+    )
 
     def __post_init__(self):
+        if not 0 <= self.stream < 2**32:
+            raise ConfigError(f"outputs[{self.name}].stream must be in [0, 2**32), got {self.stream}")
+        if self.stream and self.method in ("top_k", "ghost", "full"):
+            raise ConfigError(f"outputs[{self.name}]: stream applies to sampled stores, not {self.method!r}")
         if self.num_draws < 1:
             raise ConfigError(f"outputs[{self.name}].num_draws must be >= 1, got {self.num_draws}")
         if not self.temperature > 0:
@@ -314,6 +323,11 @@ class TrainConfig:
 
     tokens: str = opt("runs/tokens", "token store (path or kvstore URL)")
     teacher_store: str | None = opt(None, "teacher store (sparse, ghost, full_cached losses)")
+    epoch_stores: tuple[str, ...] = opt(
+        (),
+        "more teacher stores of the same tokens and kind (e.g. other draw streams of one teacher "
+        "pass): epoch e trains on [teacher_store, *epoch_stores][e mod n], fresh targets per epoch",
+    )
     output: str = opt("runs/train", "run directory: checkpoints, metrics.jsonl, TensorBoard, hf/")
     steps: int = opt(1000, "optimizer steps in total (a resumed run continues to this)")
     batch_size: int = opt(8, "sequences per optimizer step, global (all processes)")
@@ -342,6 +356,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_every < 0:
             raise ConfigError(f"train.eval_every must be >= 0, got {self.eval_every}")
+        if self.epoch_stores and not self.teacher_store:
+            raise ConfigError("train.epoch_stores needs train.teacher_store (the first epoch's store)")
 
 
 @dataclasses.dataclass(frozen=True)

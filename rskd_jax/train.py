@@ -228,7 +228,14 @@ def run(cfg: TrainRun) -> dict[str, Any]:
     from rskd_jax.model_spec import build_model
     from rskd_jax.store.teacher import open_teacher_store
     from rskd_jax.store.tokens import open_token_store
-    from rskd_jax.train_data import eval_batch_iterator, host_batch, make_batch_iterator, run_rows, tokenizer_vocab
+    from rskd_jax.train_data import (
+        epoch_rows,
+        eval_batch_iterator,
+        host_batch,
+        make_batch_iterator,
+        run_rows,
+        tokenizer_vocab,
+    )
 
     t, lc, oc = cfg.train, cfg.loss, cfg.optim
     started = time.perf_counter()
@@ -240,6 +247,7 @@ def run(cfg: TrainRun) -> dict[str, Any]:
     tokens = open_token_store(t.tokens)
     vocab = tokenizer_vocab(tokens)
     store = open_teacher_store(t.teacher_store) if t.teacher_store else None
+    more = [open_teacher_store(url) for url in t.epoch_stores]  # fresh targets per epoch
     student = build_model(cfg.student, vocab)
     rows = run_rows(
         tokens,
@@ -279,8 +287,12 @@ def run(cfg: TrainRun) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     check_resume_config(cfg, t.output)
     ckpt = Checkpointer(os.fspath(out / "checkpoints"), keep=t.keep_checkpoints, async_save=t.async_checkpoints)
-    it = make_batch_iterator(
+    train_sources = [
         rows.train,
+        *epoch_rows(tokens, store, more, fields=rows.fields, document_masking=cfg.context.document_masking),
+    ]
+    it = make_batch_iterator(
+        train_sources,
         global_batch_size=t.batch_size,
         seed=t.seed,
         shuffle=True,

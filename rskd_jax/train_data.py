@@ -217,6 +217,43 @@ def run_rows(tokens, store, *, method: str, student_vocab: int, document_masking
     return RunRows(train, split_rows(tokens, store, "val", eval_fields, document_masking), fields, eval_fields)
 
 
+def epoch_rows(tokens, first, others: Sequence, *, fields: Sequence[str], document_masking: bool = False) -> list[Rows]:
+    """The train rows of each further epoch store (train.epoch_stores): the same tokens, teacher,
+    method and parameters as `first`, the draw stream or seed aside (a store identical to
+    `first` in those too holds the same draws: a warning)."""
+    out = []
+    for other in others:
+        check_stores(
+            tokens, other, student_vocab=tokenizer_vocab(tokens), method=None, document_masking=document_masking
+        )
+        mine, theirs = (
+            {
+                "method": m.get("method"),
+                "sampler": m.get("sampler"),
+                "teacher": _get(m, "teacher", "fingerprint"),
+                "params": {k: v for k, v in (m.get("params") or {}).items() if k != "stream"},
+            }
+            for m in (first.manifest, other.manifest)
+        )
+        off = sorted(k for k in mine if mine[k] != theirs[k])
+        if off:
+            raise DataMismatch(
+                f"epoch store {other.url} differs from train.teacher_store {first.url} in {', '.join(off)}: "
+                "every epoch store must hold the same teacher's targets of the same kind (another draw stream "
+                "or seed only)"
+            )
+        same = (other.manifest.get("seed"), (other.manifest.get("params") or {}).get("stream", 0)) == (
+            first.manifest.get("seed"),
+            (first.manifest.get("params") or {}).get("stream", 0),
+        )
+        if same:
+            log.warning(
+                "epoch store %s has the seed and stream of %s: the same draws, not fresh ones", other.url, first.url
+            )
+        out.append(split_rows(tokens, other, "train", fields, document_masking))
+    return out
+
+
 def host_batch(batch: dict[str, np.ndarray], fields: Sequence[str]) -> dict[str, np.ndarray]:
     """The arrays the step reads: tokens, mask (rows padded with index -1 are masked), the
     document fields when the rows carry them (segment_ids, positions), fields."""
@@ -260,7 +297,7 @@ def _read_local(idx_B: np.ndarray, *, source: Rows, global_batch_size: int, lo: 
 
 
 def make_batch_iterator(
-    source: Rows,
+    source: Rows | Sequence[Rows],
     *,
     global_batch_size: int,
     seed: int,
@@ -277,17 +314,22 @@ def make_batch_iterator(
     Each epoch is a fresh permutation of row indices (seeded by `seed` and the epoch);
     global batches are cut within an epoch; process p gets rows [p*b, (p+1)*b) of each global
     batch (b = global_batch_size / process_count) and reads them with one `source.read`.
-    `num_epochs=None` repeats forever. With `drop_remainder=False` the last global batch of
+    `num_epochs=None` repeats forever. Several sources (the same rows with other teacher
+    targets, e.g. fresh draws per epoch): epoch e reads source[e mod len(source)].
+    With `drop_remainder=False` the last global batch of
     an epoch is padded to full size with rows whose "index" is -1 (zeros elsewhere), so
     every batch has a static shape; mask on `index >= 0`.
     `it.get_state()` / `it.set_state(state)` resume exactly (a dict; store it as JSON).
     """
     import grain
 
+    sources = [source] if isinstance(source, Rows) else list(source)
+    if not sources or len({s.num_rows for s in sources}) != 1:
+        raise DataError(f"the sources per epoch must hold the same rows, got {[s.num_rows for s in sources]} rows")
     b = local_batch_size(global_batch_size, process_count)
     if not 0 <= process_index < process_count:
         raise DataError(f"process_index {process_index} is outside [0, {process_count})")
-    n = source.num_rows
+    n = sources[0].num_rows
     if n == 0 or (drop_remainder and n < global_batch_size):
         raise DataError(
             f"the source has {n} rows, fewer than one global batch of {global_batch_size}; "
@@ -299,11 +341,16 @@ def make_batch_iterator(
             raise DataError(f"seed must be in [0, 2**32), got {seed}")
         ds = ds.shuffle(seed=seed)
     ds = ds.batch(global_batch_size, drop_remainder=drop_remainder)  # within each epoch
+    per_epoch = len(ds)
     ds = ds.repeat(num_epochs)
     lo = process_index * b
-    ds = ds.map(
-        lambda idx: _read_local(
-            np.asarray(idx, np.int64), source=source, global_batch_size=global_batch_size, lo=lo, hi=lo + b
+    ds = ds.map_with_index(
+        lambda i, idx: _read_local(
+            np.asarray(idx, np.int64),
+            source=sources[(i // per_epoch) % len(sources)],
+            global_batch_size=global_batch_size,
+            lo=lo,
+            hi=lo + b,
         )
     )
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)

@@ -60,3 +60,34 @@ def test_unpaired_rows_give_no_interval():
     ce = {"v": {"nll_sum": [1.0, 2.0], "count": [1.0, 1.0]}}
     other = {"v": {"nll_sum": [1.0, 2.0], "count": [1.0, 2.0]}}  # not the same rows' tokens
     assert bootstrap.gap_interval(ce, ce, other, ["v"]) is None
+
+
+def test_difference_interval_covers_the_population_difference():
+    rng = np.random.default_rng(2)
+    sims, hits = 200, 0
+    for i in range(sims):
+        ce, _, m = _dataset(rng, rows=80, gap=0.3)  # population L_m - L_ce = -0.3
+        d = bootstrap.difference_interval(m, ce, ["val"], reps=400, seed=i)
+        hits += d["lo"] <= -0.3 <= d["hi"]
+    assert abs(hits / sims - 0.95) < 3.5 * np.sqrt(0.95 * 0.05 / sims), hits
+
+
+def test_paired_diff_tool_reads_a_run_state(tmp_path, capsys):
+    import importlib.util
+    import json
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "paired_diff.py")
+    spec = importlib.util.spec_from_file_location("paired_diff", path)  # tools/ is not a package
+    paired_diff = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paired_diff)
+
+    rng = np.random.default_rng(4)
+    ce, full, m = _dataset(rng, rows=40, gap=0.5)
+    rows = {"ce": {"val_x": ce["val"], "val_y": full["val"]}, "m": {"val_x": m["val"], "val_y": full["val"]}}
+    (tmp_path / "state.json").write_text(json.dumps({"stages": {"eval": {"result": {"row_sums": rows}}}}))
+    assert paired_diff.main(["--run", str(tmp_path), "m", "ce", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["y"]["diff"] == 0.0 and out["x"]["lo"] <= out["x"]["diff"] <= out["x"]["hi"] < 0
+    with pytest.raises(SystemExit):
+        paired_diff.main(["--run", str(tmp_path), "m", "nope"])

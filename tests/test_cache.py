@@ -928,3 +928,25 @@ def test_inspect_verify_recomputes_rows(ref, work):
     assert code == 1 and v["rows_checked"] == 2 * ROWS
     assert sorted((m["split"], m["row"]) for m in v["mismatches"]) == [("train", r) for r in range(8)]
     assert not any(m["token_hash_ok"] for m in v["mismatches"])
+
+
+def test_a_draw_stream_gives_other_draws_and_stream_0_is_the_plain_store(ref, work, tokens, teacher):
+    out = work / "streams"
+    outputs = (
+        "cache.outputs=[{name: rskd_n50, method: sample, num_draws: 50},"
+        " {name: fresh, method: sample, num_draws: 50, stream: 7}]"
+    )
+    cfg = cfg_for(tokens, out, "cache.batch_size=8", "mesh.data=1", "cache.splits=[train]", outputs, teacher=teacher)
+    cache.run(cfg, progress=False, devices=one_device())
+    plain, fresh = open_teacher_store(str(ref / "rskd_n50")), open_teacher_store(str(out / "rskd_n50"))
+    other = open_teacher_store(str(out / "fresh"))
+    rows = np.arange(ROWS)
+    a, b, c = (s.read_rows("train", rows) for s in (plain, fresh, other))
+    for k in ("ids", "counts"):  # stream 0: the same draws (and manifest) as a store made without streams
+        np.testing.assert_array_equal(a[k], b[k])
+    assert "stream" not in fresh.manifest["params"] and other.manifest["params"]["stream"] == 7
+    # another stream: other draws of the same distributions (50 draws per position, unique ids differ)
+    assert np.mean(np.any(a["ids"] != c["ids"], axis=-1)) > 0.9
+    np.testing.assert_array_equal(a["counts"].sum(-1), c["counts"].sum(-1))  # still 50 draws each
+    with pytest.raises(ConfigError, match="stream applies to sampled stores"):
+        cfg_for(tokens, out, "cache.outputs=[{name: t, method: top_k, num_draws: 4, stream: 1}]")

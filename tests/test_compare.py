@@ -7,6 +7,7 @@ section between the markers of a README copy."""
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -128,6 +129,21 @@ def test_method_overrides_change_only_that_student(tmp_path):
     ]:
         with pytest.raises(ConfigError, match=match):
             load_config(CompareRun, TINY, [f"reproduce.methods=[{{name: ce, loss: ce, set: ['{bad}']}}]"])
+    fresh = "{name: f, loss: sparse, store: rskd_n50, epoch_stores: [top_k_12]}"
+    cfg = load_config(
+        CompareRun, TINY, [f"reproduce.output={tmp_path}/run", f"reproduce.methods=[{{name: ce}}, {fresh}]"]
+    )
+    cmp = Comparison(cfg)
+    cmp.log.stages["data"] = {"result": {"mix": {"rows": {"train": 40}}}}
+    assert cmp.train_runs()["f"].train.epoch_stores == (f"{tmp_path}/run/teacher/top_k_12",)
+    assert cmp.train_runs()["ce"].train.epoch_stores == ()
+    for bad, match in [
+        ("{name: f, loss: sparse, store: rskd_n50, epoch_stores: [nope]}", "epoch store 'nope' is not in"),
+        ("{name: f, loss: ce, epoch_stores: [rskd_n50]}", "epoch_stores need a store"),
+        ("{name: f, loss: sparse, store: rskd_n50, set: ['train.epoch_stores=[x]']}", "other than"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(match) if "'" in match else match):
+            load_config(CompareRun, TINY, [f"reproduce.methods=[{{name: ce}}, {bad}]"])
 
 
 def test_configs():

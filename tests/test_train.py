@@ -446,3 +446,76 @@ def test_a_corrupt_chunk_stops_training_with_the_message(stores, tmp_path, capsy
         )
     err = capsys.readouterr().err
     assert exc.value.code == 1 and "train/ids rows [16]" in err and "Traceback" not in err, err[-2000:]
+
+
+# ----------------------------------------------------------------------------- fresh targets per epoch
+
+
+@pytest.fixture(scope="module")
+def epoch_stores(tmp_path_factory):
+    """A token store and three `sample` stores of it: a (stream 0), b (another stream: other
+    draws) and c (another num_draws: another kind of targets)."""
+    root = tmp_path_factory.mktemp("epochs")
+    splits, manifest = make_tokens(str(root / "tokens"))
+    make_teacher(str(root / "a"), splits, manifest, seed=0, params={"num_draws": K})
+    make_teacher(str(root / "b"), splits, manifest, seed=1, params={"num_draws": K, "stream": 1})
+    make_teacher(str(root / "c"), splits, manifest, seed=2, params={"num_draws": 4})
+    return {k: str(root / k) for k in ("tokens", "a", "b", "c")}
+
+
+def test_epoch_stores_feed_their_epochs_and_resume_exactly(epoch_stores, caplog):
+    from rskd_jax.store.teacher import open_teacher_store
+    from rskd_jax.store.tokens import open_token_store
+    from rskd_jax.train_data import DataMismatch, epoch_rows, make_batch_iterator, run_rows
+
+    tokens = open_token_store(epoch_stores["tokens"])
+    a, b, c = (open_teacher_store(epoch_stores[k]) for k in "abc")
+    rows = run_rows(tokens, a, method="sparse", student_vocab=VOCAB)
+    sources = [rows.train, *epoch_rows(tokens, a, [b], fields=rows.fields)]
+    make = lambda: make_batch_iterator(sources, global_batch_size=16, seed=3)  # 4 batches per epoch
+    reference = [batch for batch, _ in zip(make(), range(12))]
+    for i, batch in enumerate(reference):  # epochs 0, 1, 2 read a, b, a
+        mine, other = sources[(i // 4) % 2], sources[1 - (i // 4) % 2]
+        assert np.array_equal(batch["ids"], mine.read(batch["index"])["ids"]), i
+        assert not np.array_equal(batch["ids"], other.read(batch["index"])["ids"]), i
+    for k in (3, 4, 6):  # 4 = the first batch of epoch 1
+        it = make()
+        for _ in range(k):
+            next(it)
+        resumed = make()
+        resumed.set_state(json.loads(json.dumps(it.get_state())))
+        for want in reference[k:]:
+            got = next(resumed)
+            assert np.array_equal(got["index"], want["index"]) and np.array_equal(got["ids"], want["ids"])
+    with pytest.raises(DataMismatch, match=r"epoch store .*/c.* differs from train.teacher_store .*/a.* in params"):
+        epoch_rows(tokens, a, [c], fields=rows.fields)
+    with caplog.at_level("WARNING", logger="rskd_jax"):
+        epoch_rows(tokens, a, [a], fields=rows.fields)
+    assert "the same draws, not fresh ones" in caplog.text
+
+
+def test_train_with_epoch_stores_crosses_the_epoch_boundary(epoch_stores, tmp_path):
+    from rskd_jax import train
+
+    stores = (epoch_stores["tokens"], epoch_stores["a"])
+    out = tmp_path / "run"
+    cfg = load_config(
+        TrainRun,
+        os.path.join(ROOT, "configs/tiny/train.yaml"),
+        overrides(
+            stores, str(out), "train.steps=10", f"train.epoch_stores=[{epoch_stores['b']}]", "train.export_hf=false"
+        ),
+    )  # 64 rows / batch 8: steps 9 and 10 train on b's draws
+    train.run(cfg)
+    assert [r["step"] for r in map(json.loads, open(out / "metrics.jsonl")) if not r.get("eval")][-1] == 10
+    bad = dataclasses_replace_train(cfg, output=str(tmp_path / "never"), epoch_stores=(epoch_stores["c"],))
+    with pytest.raises(StoreError, match="differs from train.teacher_store"):
+        train.run(bad)
+    with pytest.raises(ConfigError, match="epoch_stores needs train.teacher_store"):
+        load_config(TrainRun, None, [f"train.epoch_stores=[{epoch_stores['b']}]"])
+
+
+def dataclasses_replace_train(cfg, **changes):
+    import dataclasses
+
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))

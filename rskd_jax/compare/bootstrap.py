@@ -73,3 +73,26 @@ def gap_interval(
     tail = 100.0 * (1.0 - level) / 2.0
     lo, hi = np.percentile(gaps, [tail, 100.0 - tail])
     return {"lo": float(lo), "hi": float(hi), "se": float(np.std(gaps, ddof=1))}
+
+
+def difference_interval(
+    a: RowSums, b: RowSums, splits: Sequence[str], *, reps: int = 2000, seed: int = 0, level: float = 0.95
+) -> dict[str, float] | None:
+    """{"diff", "lo", "hi", "se"} of the pooled val loss L_a - L_b over `splits` (paired resamples of
+    the same rows); None if the rows disagree.
+
+    >>> a = {"v": {"nll_sum": [5.0, 6.0, 7.0], "count": [1, 1, 1]}}
+    >>> b = {"v": {"nll_sum": [5.5, 6.5, 7.5], "count": [1, 1, 1]}}
+    >>> d = difference_interval(a, b, ["v"], reps=100)
+    >>> round(d["diff"], 6), round(d["lo"], 6), round(d["hi"], 6), round(d["se"], 6)
+    (-0.5, -0.5, -0.5, 0.0)
+    """
+    if any(list(a[s]["count"]) != list(b[s]["count"]) for s in splits):
+        return None
+    everything = {s: np.arange(len(a[s]["count"]))[None] for s in splits}
+    diff = float((pooled_losses(a, splits, everything) - pooled_losses(b, splits, everything))[0])
+    idx = resample_indices({s: len(a[s]["count"]) for s in splits}, reps, seed)
+    d = pooled_losses(a, splits, idx) - pooled_losses(b, splits, idx)
+    tail = 100.0 * (1.0 - level) / 2.0
+    lo, hi = np.percentile(d, [tail, 100.0 - tail])
+    return {"diff": diff, "lo": float(lo), "hi": float(hi), "se": float(np.std(d, ddof=1))}

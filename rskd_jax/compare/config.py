@@ -30,7 +30,7 @@ from rskd_jax.configlib import load_config_dict
 
 STAGES = ("data", "cache", "train", "eval", "grad", "timing", "report")
 # a student's keys that the comparison sets itself (MethodConfig.set may not change them)
-METHOD_FIXED = frozenset({"train.tokens", "train.teacher_store", "train.output", "loss.method"})
+METHOD_FIXED = frozenset({"train.tokens", "train.teacher_store", "train.epoch_stores", "train.output", "loss.method"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +69,9 @@ class MethodConfig:
     name: str = opt("ce", "method name (run dir train/<name>, results row)")
     loss: Literal["ce", "sparse", "ghost", "full_online"] = opt("ce", "loss.method of its train run")
     store: str | None = opt(None, "cache output it trains from (sparse, ghost)")
+    epoch_stores: tuple[str, ...] = opt(
+        (), "cache outputs of later epochs (train.epoch_stores): epoch e reads [store, *these][e mod n]"
+    )
     set: tuple[str, ...] = opt(
         (),
         "overrides of this student's train/loss/optim sections, e.g. ['optim.clip_norm=0', "
@@ -172,6 +175,13 @@ class CompareRun(PipelineRun):
                     load_config_dict(TrainRun, {}, m.set)
                 except ConfigError as err:
                     raise ConfigError(f"method {m.name!r}: {err}") from None
+            if m.epoch_stores and m.store is None:
+                raise ConfigError(f"method {m.name!r}: epoch_stores need a store (the first epoch's)")
+            for name in m.epoch_stores:
+                if name not in stores:
+                    raise ConfigError(
+                        f"method {m.name!r}: epoch store {name!r} is not in cache.outputs ({sorted(stores)})"
+                    )
             if m.store is not None and m.store not in stores:
                 raise ConfigError(
                     f"method {m.name!r} trains from store {m.store!r}, which is not in cache.outputs ({sorted(stores)})"

@@ -84,6 +84,7 @@ class Comparison:
                     c.train,
                     tokens=self.mix,
                     teacher_store=self.store_url(m.store),
+                    epoch_stores=tuple(f"{self.teacher_dir}/{s}" for s in m.epoch_stores),
                     output=f"{self.out}/train/{m.name}",
                 ),
                 loss=dataclasses.replace(c.loss, method=m.loss, alpha=1.0 if m.loss == "ce" else c.loss.alpha),
