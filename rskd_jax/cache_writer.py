@@ -58,7 +58,7 @@ def store_manifest(
     spec = config_to_dict(run.teacher)
     if spec["source"] not in ("random", "smollm2"):
         spec["source"] = os.path.realpath(spec["source"])
-    samplers = {"sample_wor": sampling.WOR_SAMPLER, "systematic": sampling.SYSTEMATIC_SAMPLER}
+    samplers = sampling.STORE_SAMPLERS
     sampler = {"sampler": samplers[out.method]} if out.method in samplers else {}
     return {
         "method": out.method,

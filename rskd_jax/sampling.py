@@ -43,6 +43,10 @@ from rskd_jax.sampling_tree import (
 from rskd_jax.sampling_tree import WOR_SAMPLER as WOR_SAMPLER
 from rskd_jax.sampling_tree import _draw_one, _systematic_one, _unique_counts, _wor_one
 
+# store method -> the version of the draws its sampler gives for a key, recorded in store
+# manifests ("sampler"): a resume or `inspect_store --verify` refuses a store of another version
+STORE_SAMPLERS = {"sample_wor": WOR_SAMPLER, "systematic": SYSTEMATIC_SAMPLER}
+
 
 class SparseTargets(NamedTuple):
     """Sparse teacher targets: ids int32 [..., K], importance weights float32 [..., K].

@@ -390,6 +390,19 @@ def test_per_source_val_splits(tiny):
 
 
 @pytest.mark.slow
+def test_source_stats_attribute_every_mix_row(tiny):
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import source_stats
+
+    stats = source_stats.source_stats(str(tiny["root"] / "run"), ["rskd_n50", "top_k_12"])
+    data = json.loads(_read(tiny["root"] / "run" / "state.json"))["stages"]["data"]["result"]
+    assert {s: d["rows"] for s, d in stats.items()} == {s: v["rows"]["train"] for s, v in data["sources"].items()}
+    for d in stats.values():
+        assert d["unique_ids"]["top_k_12"] == 12  # top-K keeps K ids at every position
+        assert 1 <= d["unique_ids"]["rskd_n50"] <= 50 and d["entropy_nats"] > 0 and d["teacher_nll_nats"] > 0
+
+
+@pytest.mark.slow
 def test_plots_and_readme(tiny):
     root = tiny["root"]
     for name in PLOTS:

@@ -185,12 +185,13 @@ def verify(
             f"{store.url} was not written by `python -m rskd_jax.cache` (manifest field {err}); "
             "--verify needs its teacher spec, method parameters and seed"
         ) from err
-    samplers = {
-        "sample_wor": ("without-replacement", sampling.WOR_SAMPLER, "v1 (V Gumbels + top-k; not recorded)"),
-        "systematic": ("systematic", sampling.SYSTEMATIC_SAMPLER, "v1 (cumsum over V; not recorded)"),
+    before = {  # what stores made before the sampler was recorded were drawn with
+        "sample_wor": ("without-replacement", "v1 (V Gumbels + top-k; not recorded)"),
+        "systematic": ("systematic", "v1 (cumsum over V; not recorded)"),
     }
-    if m["method"] in samplers and m.get("sampler") != samplers[m["method"]][1]:
-        what, ours, old = samplers[m["method"]]
+    ours = sampling.STORE_SAMPLERS.get(m["method"])
+    if ours is not None and m.get("sampler") != ours:
+        what, old = before[m["method"]]
         raise StoreError(
             f"{store.url} was drawn by the {what} sampler {m.get('sampler', old)!r}, this code draws "
             f"with {ours!r}: the same law, other draws, so its rows cannot be recomputed"
