@@ -5,6 +5,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.rskd-installed
+# pytest-xdist workers for `make test` and `make test-fast` (CI has 2 cores); WORKERS=0 runs the
+# tests in one process. --dist loadfile keeps each test file on one worker, so its module
+# fixtures (token and teacher stores, tiny runs) and its jit compilations happen once.
+WORKERS ?= 2
 
 .PHONY: install lint format test test-fast demo bench clean
 
@@ -28,10 +32,10 @@ format: $(STAMP)
 	$(PY) -m ruff format .
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile -m "not slow"
 
 demo: $(STAMP)
 	$(PY) -m rskd_jax.compare --config configs/demo.yaml

@@ -42,7 +42,9 @@ def _records(out):
     return [json.loads(x) for x in read_text(run_path(out) / "metrics.jsonl").splitlines()]
 
 
-@pytest.mark.parametrize("kind", ["path", "file_url"])
+# The local path is slow-marked: after run_path both kinds are one local code path, which
+# test-fast keeps through the file:// URL (the default suite runs both).
+@pytest.mark.parametrize("kind", [pytest.param("path", marks=pytest.mark.slow), "file_url"])
 def test_train_resume_and_evaluate_through_a_url(stores, tmp_path, kind):
     """4 steps with checkpoints at 2 and 4; checkpoint 4 removed, the same command resumes
     from 2 and logs exactly the first run's records; evaluate reads the checkpoint by URL."""
