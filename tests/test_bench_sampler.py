@@ -6,6 +6,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 from scipy import stats
 from test_sampling import (
     ALPHA,
@@ -32,6 +33,7 @@ def _bench():
     return module
 
 
+@pytest.mark.slow  # benchmark baselines: test-fast keeps the samplers' own law tests
 def test_gumbel_baseline_has_the_same_law():
     logits = _wor_logits()
     ids, w = jax.jit(_bench().gumbel_top_k, static_argnums=2)(
@@ -45,6 +47,7 @@ def test_gumbel_baseline_has_the_same_law():
     assert stats.ks_2samp(a, b).pvalue > ALPHA
 
 
+@pytest.mark.slow
 def test_tiny_run_reports_every_ratio():
     out = _bench().run(vocab=300, num_draws=5, positions=4, scale=2.0, reps=2, naive_reps=1, seed=0)
     names = {"naive_categorical", "sample_tokens_replace", "sample_tokens_no_replace", "gumbel_top_k_no_replace"}

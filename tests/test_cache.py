@@ -304,6 +304,7 @@ def test_store_identical_for_batch_2_8_16_and_1_or_8_devices(work, teacher):
     assert (a["weights"] != b["weights"]).any(), "device_batch 2 vs 8 round alike: the test cannot fail"
 
 
+@pytest.mark.slow  # 3 cache runs; test-fast keeps tests/test_documents.py's model-level masking
 def test_document_masking_store_is_batch_invariant_and_masks_the_teacher(ref, work, tokens, teacher):
     """context.document_masking=true: batch 2 on one device and batch 16 over 8 devices write
     the same bytes; the manifest records the setting (the unmasked store has no key); the
@@ -383,6 +384,7 @@ def test_logits_budget_from_device_memory_or_override():
     assert 2048 // cache_step.position_chunk(2048, 8, 151_936, cache_step.logits_budget(16 << 30)) == 64
 
 
+@pytest.mark.slow  # 2 cache runs; test-fast keeps position_chunk's sizing tests
 def test_position_chunk_is_recorded_and_does_not_change_the_rows(ref, work, tokens, teacher):
     """The chunk comes from the budget (16 MB on CPU: 32 of 64 positions at V = 49,152 and
     device_batch 2); the manifest records any other chunk (the 16 MB default's is left out, as
@@ -435,6 +437,7 @@ def test_split_codes_differ_for_the_comparisons_names_and_collisions_are_refused
         cache_step.check_split_codes(["train", seen[code], name])
 
 
+@pytest.mark.slow  # test-fast keeps batch 16 on 8 devices == the reference
 def test_fsdp_tensor_mesh_same_up_to_float_rounding(ref, work, tokens, teacher):
     """data=2, fsdp=2, tensor=2 reduces in another order: floats agree to rounding, and the
     draws of a few near-tie positions may move to the neighbouring id (see cache's doc)."""
@@ -602,6 +605,7 @@ def canon(ids, w):
     return np.where(take(present), take(ids), 0), np.where(take(present), take(w), 0)
 
 
+@pytest.mark.slow  # 10 outputs, each compiled twice; test-fast keeps tests/test_cache_step.py
 def test_every_method_in_one_pass_matches_direct_sampling(work, tokens, teacher):
     path = work / "methods.yaml"
     path.write_text(METHODS_YAML)
@@ -930,6 +934,7 @@ def test_inspect_verify_recomputes_rows(ref, work):
     assert not any(m["token_hash_ok"] for m in v["mismatches"])
 
 
+@pytest.mark.slow
 def test_a_draw_stream_gives_other_draws_and_stream_0_is_the_plain_store(ref, work, tokens, teacher):
     out = work / "streams"
     outputs = (

@@ -231,7 +231,9 @@ def _tiny_model_and_batch():
     return graphdef, params, batch
 
 
-@pytest.mark.parametrize("method,alpha,z,chunk", [("sparse", 0.3, 1e-2, 4), ("ce", 0.0, 0.0, 0)])
+@pytest.mark.parametrize(
+    "method,alpha,z,chunk", [pytest.param("sparse", 0.3, 1e-2, 4, marks=pytest.mark.slow), ("ce", 0.0, 0.0, 0)]
+)
 def test_loss_and_grad_is_the_train_steps_gradient(method, alpha, z, chunk):
     """loss_and_grad == the gradient the train step applies (captured by an optax
     transformation whose state is the last gradient and whose update is zero)."""

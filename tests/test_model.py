@@ -147,6 +147,7 @@ def _loss(model, tokens):
     return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
 
 
+@pytest.mark.slow
 def test_remat_same_logits_and_grads():
     plain = _randomize(init_model(TINY, seed=3))
     remat = nnx.merge(nnx.graphdef(init_model(TINY.replace(remat=True), seed=3)), nnx.state(plain))
@@ -159,6 +160,7 @@ def test_remat_same_logits_and_grads():
     assert float(jnp.abs(g_plain["layers"]["q_proj"][...]).max()) > 0
 
 
+@pytest.mark.slow  # test-fast keeps tests/test_families.py's bfloat16 checks
 def test_bfloat16_compute(tiny):
     tokens = _tokens(2, 16, seed=4)
     bf16 = nnx.merge(nnx.graphdef(init_model(TINY.replace(dtype="bfloat16"), 0)), nnx.state(tiny))

@@ -255,7 +255,7 @@ def _tuple_index(ids_MxK, vocab):
     return np.ravel_multi_index(tuple(np.asarray(ids_MxK).T), (vocab,) * ids_MxK.shape[-1])
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.8])
+@pytest.mark.parametrize("temperature", [1.0, pytest.param(0.8, marks=pytest.mark.slow)])
 def test_without_replacement_ordered_tuples_match_sequential_law(temperature):
     logits = _wor_logits()
     st = _tokens(

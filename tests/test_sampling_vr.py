@@ -34,7 +34,7 @@ def _rejects(samples_MxV, expected_V):
 # ------------------------------------------------------------------ systematic
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("temperature", [1.0, pytest.param(0.7, marks=pytest.mark.slow)])
 def test_systematic_counts_are_floor_or_ceil_of_n_q(temperature):
     vocab, positions, n = 5003, 64, 50
     logits_PxV = np.stack([lm_like_logits(vocab, seed=s, padded=11) for s in range(positions)])

@@ -494,6 +494,7 @@ def test_epoch_stores_feed_their_epochs_and_resume_exactly(epoch_stores, caplog)
     assert "the same draws, not fresh ones" in caplog.text
 
 
+@pytest.mark.slow  # two train runs; test-fast keeps the epoch_rows checks
 def test_train_with_epoch_stores_crosses_the_epoch_boundary(epoch_stores, tmp_path):
     from rskd_jax import train
 

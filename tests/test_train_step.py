@@ -125,9 +125,12 @@ def _compute_sums_and_grads(model, teacher, batch, spec):
 SPEC_KD = dict(vocab_size=VTOK, z_loss=1e-3, kd_temperature=2.0)
 
 
+_SLOW_CHUNKS = [("sparse", 5), ("full_online", 4), ("ghost", 5)]  # 5 does not divide L = 16
+
+
 @pytest.mark.parametrize(
-    "method,chunk", [("sparse", 4), ("sparse", 5), ("full_online", 4), ("ghost", 5)]
-)  # 5 does not divide L = 16
+    "method,chunk", [("sparse", 4)] + [pytest.param(m, c, marks=pytest.mark.slow) for m, c in _SLOW_CHUNKS]
+)
 def test_chunked_equals_unchunked(setup, method, chunk):
     model, teacher, batch = setup
     if method == "ghost":
@@ -218,6 +221,7 @@ def test_bad_batch_is_refused_clearly(setup):
         ts.prepare_targets({"tokens": batch["tokens"]}, "sparse")
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_master(masked):
     batch, h32 = masked
     bf = init_model(CFG.replace(dtype="bfloat16"), seed=0)
@@ -226,6 +230,7 @@ def test_bfloat16_compute_keeps_float32_master(masked):
     np.testing.assert_allclose(h[0]["loss"], h32[0]["loss"], rtol=2e-2)
 
 
+@pytest.mark.slow  # compiles two steps for their memory analysis
 def test_rskd_step_holds_no_more_memory_than_ce_step():
     """CE, KD and the z-loss share one logsumexp and one gather: at alpha = 0 the RS-KD step
     keeps no [B, L, V] buffer beyond the CE step's (it used to keep one more: +4..9% time)."""
