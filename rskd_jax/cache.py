@@ -88,8 +88,9 @@ class Cacher:
     store writer (`cache_writer.StoreWriter`), and the loop (`cache_split`).
 
     The loop's pieces are public, for benchmarks: `plan` (which rows each step computes),
-    `read_tokens`, `global_batch` / `split_code` (the step's device inputs), `dispatch` (the
-    step, asynchronously), `fetch` (its outputs as this process's numpy rows), `writer`.
+    `read_tokens`, `global_batch` / `split_code` (the step's device inputs), `head_DxV` (the
+    LM head the step reads, kept on CPU: `cache_step.lm_head_once`), `dispatch` (the step,
+    asynchronously), `fetch` (its outputs as this process's numpy rows), `writer`.
     """
 
     def __init__(self, run: CacheRun, *, store_prefix: str | None = None, devices: Sequence[Any] | None = None):
@@ -137,6 +138,7 @@ class Cacher:
         graphdef, state = nnx.split(self.model)
         state_shardings = sharding.param_shardings(state, self.mesh)
         self.state = jax.device_put(state, state_shardings)
+        self.head_DxV = cache_step.lm_head_once(graphdef, self.state, self.mesh.devices.flat)
         step = cache_step.make_step(
             graphdef,
             c.outputs,
@@ -157,6 +159,7 @@ class Cacher:
                 sharding.batch_sharding(self.mesh, 1),
                 sharding.replicated(self.mesh),
                 sharding.batch_sharding(self.mesh, 2),  # the document fields ({} when off)
+                None if self.head_DxV is None else self.head_DxV.sharding,
             ),
         )
         self.stores = self._open_stores(prefix)
@@ -290,7 +293,7 @@ class Cacher:
         tokens_RxL = self.read_tokens(split, rows_R)
         tokens_BxL, rows_B, docs = self.global_batch(tokens_RxL, rows_R, self.read_documents(split, rows_R))
         code = self.split_code(split) if code is None else code
-        return tokens_RxL, self.step(self.state, tokens_BxL, rows_B, code, docs)
+        return tokens_RxL, self.step(self.state, tokens_BxL, rows_B, code, docs, self.head_DxV)
 
     def fetch(self, out) -> dict:
         """Device outputs -> this process's rows as numpy (nothing is all-gathered)."""

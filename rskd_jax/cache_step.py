@@ -83,11 +83,17 @@ def position_keys(keys_B: jax.Array, seq_len: int) -> jax.Array:
 
 
 def output_targets(
-    out: OutputConfig, keys_xC: jax.Array, logits_xCxV: jax.Array, vocab_size: int
+    out: OutputConfig,
+    keys_xC: jax.Array,
+    logits_xCxV: jax.Array,
+    vocab_size: int,
+    tree_P: sampling.MassTree | None = None,
 ) -> dict[str, jax.Array]:
     """The arrays one output stores for positions [..., C] (position i sampled with keys_xC[i],
     so a position's targets depend on its key and logits alone). Logits of padded vocabulary
-    rows (ids >= vocab_size) must already be -inf."""
+    rows (ids >= vocab_size) must already be -inf. tree_P: the positions' sampling trees at
+    temperature 1 (vmap(sampling.mass_tree) of the flattened logits), reused by the `sample`
+    and `systematic` outputs at temperature 1 (the same draws as without it)."""
     n = out.num_draws
     lead = logits_xCxV.shape[:-1]
     keys_P = keys_xC.reshape(-1)
@@ -95,18 +101,25 @@ def output_targets(
         keys_P = jax.vmap(lambda k: jax.random.fold_in(k, out.stream))(keys_P)
     logits_PxV = logits_xCxV.reshape(-1, logits_xCxV.shape[-1])
 
-    def per_position(fn):
-        res = jax.vmap(fn)(keys_P, logits_PxV)
+    def per_position(fn, data=logits_PxV):
+        res = jax.vmap(fn)(keys_P, data)
         return jax.tree.map(lambda a: a.reshape(*lead, *a.shape[1:]), res)
 
+    shared = tree_P is not None and out.temperature == 1.0
     if out.method == "sample":
-        sc = per_position(lambda k, lg: sampling.sample_counts(k, lg, n, temperature=out.temperature))
+        if shared:
+            sc = per_position(lambda k, t: sampling.sample_counts_from_tree(k, t, n), tree_P)
+        else:
+            sc = per_position(lambda k, lg: sampling.sample_counts(k, lg, n, temperature=out.temperature))
         res = {"ids": sc.ids, "counts": sc.counts}
         if out.temperature != 1.0:  # importance weights t/q are no longer bare counts
             res["weights"] = sc.weights
         return res
     if out.method == "systematic":
-        sc = per_position(lambda k, lg: sampling.systematic_counts(k, lg, n, temperature=out.temperature))
+        if shared:
+            sc = per_position(lambda k, t: sampling.systematic_counts_from_tree(k, t, n), tree_P)
+        else:
+            sc = per_position(lambda k, lg: sampling.systematic_counts(k, lg, n, temperature=out.temperature))
         res = {"ids": sc.ids, "counts": sc.counts}
         if out.temperature != 1.0:
             res["weights"] = sc.weights
@@ -133,21 +146,27 @@ def output_targets(
     raise ValueError(f"unknown method {out.method!r}")
 
 
-def diagnostics(logits_xV: jax.Array, next_x: jax.Array) -> dict[str, jax.Array]:
+def diagnostics(
+    logits_xV: jax.Array, next_x: jax.Array, tree_P: sampling.MassTree | None = None
+) -> dict[str, jax.Array]:
     """Per position, float32: the teacher's log-prob of the next token ("gold_logprob"), its
     entropy in nats, and the log-partition "log_z" (NaN/inf iff a logit is NaN or +inf: the
-    finiteness check).
+    finiteness check). tree_P: the positions' sampling trees (vmap(sampling.mass_tree) of the
+    flattened logits), built here if None.
 
-    PERF: one exp pass over V (no log-softmax is materialised):
-    H = log Z - sum_v e_v x_v / Z with e = exp(x - max), log t(y) = x_y - log Z.
+    PERF: from the sampling tree, whose one pass over V after the max also sums
+    e_v x_v (e = exp(x - max)): H = log Z - sum_v e_v x_v / Z, log t(y) = x_y - log Z. The
+    cache step builds the tree once for these and its temperature-1 samplers.
     """
-    m_x = jnp.max(logits_xV, axis=-1)
-    e_xV = jnp.exp(logits_xV - m_x[..., None])
-    z_x = jnp.sum(e_xV, axis=-1)
-    log_z_x = m_x + jnp.log(z_x)
-    entropy_x = log_z_x - jnp.sum(jnp.where(e_xV > 0, e_xV * logits_xV, 0.0), axis=-1) / z_x
-    gold_x = jnp.take_along_axis(logits_xV, next_x[..., None], axis=-1)[..., 0] - log_z_x
-    return {"gold_logprob": gold_x, "entropy": entropy_x, "log_z": log_z_x}
+    lead = logits_xV.shape[:-1]
+    logits_PxV = logits_xV.reshape(-1, logits_xV.shape[-1])
+    if tree_P is None:
+        tree_P = jax.vmap(sampling.mass_tree)(logits_PxV)
+    log_z_P = tree_P.log_z
+    entropy_P = log_z_P - tree_P.moment / tree_P.root
+    gold_P = jnp.take_along_axis(logits_PxV, next_x.reshape(-1, 1), axis=-1)[:, 0] - log_z_P
+    out = {"gold_logprob": gold_P, "entropy": entropy_P, "log_z": log_z_P}
+    return {k: v.reshape(lead) for k, v in out.items()}
 
 
 def position_chunk(seq_len: int, rows: int, vocab: int, budget_bytes: int = CHUNK_BYTES) -> int:
@@ -183,6 +202,25 @@ def device_bytes_limit(device: Any) -> int | None:
     return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
 
 
+def lm_head_once(graphdef: Any, state: Any, devices: Iterable[Any]) -> jax.Array | None:
+    """The model's lm_head_weight() [D, V] as an array of its own where the devices are CPUs,
+    for the step's `head_DxV`; None elsewhere (the step then takes it from the state).
+
+    PERF: CPU XLA feeds its matmul a row-major [D, V] right-hand side, so a step that
+    transposes the [V, D] embedding copies it into a fresh buffer on every call (V x D floats:
+    600 MB at V = 262,144, D = 576), pays its page faults, and frees it after the step (a ~50
+    ms munmap that holds up the writer's next thread). Kept here, the step's logits are the
+    same bit for bit and the step 11-13% faster at V = 152k-262k (4-layer teacher, 512 tokens).
+    The price: the [D, V] copy stays in memory between steps, as it stood during each one.
+    Accelerators read the transposed operand in place: nothing is kept there.
+    """
+    if not all(d.platform == "cpu" for d in devices):
+        return None
+    from flax import nnx
+
+    return jax.jit(lambda s: nnx.merge(graphdef, s).lm_head_weight())(state)
+
+
 def make_step(
     graphdef: Any,
     outputs: Sequence[OutputConfig],
@@ -195,9 +233,11 @@ def make_step(
     batch_sharding: Any = None,
     positions: int | None = None,
 ) -> Callable:
-    """step(state, tokens_BxL, rows_B, split, docs=None) -> {"finite": [B] bool, "<output>":
-    {...}, "diagnostics": {...}}; jit it with the shardings of the caller's mesh. docs: {} /
-    None, or {"segment_ids", "positions"} int32 [B, L] (document masking, rskd_jax.documents).
+    """step(state, tokens_BxL, rows_B, split, docs=None, head_DxV=None) -> {"finite": [B] bool,
+    "<output>": {...}, "diagnostics": {...}}; jit it with the shardings of the caller's mesh.
+    docs: {} / None, or {"segment_ids", "positions"} int32 [B, L] (document masking,
+    rskd_jax.documents). head_DxV: the model's lm_head_weight(), if the caller keeps it
+    (`lm_head_once`); None: taken from the state in the step.
 
     The B rows are split over `batch_shards` devices (contiguous blocks, as the batch sharding
     lays them out); each device runs the teacher on `device_batch` of its rows at a time
@@ -234,17 +274,19 @@ def make_step(
             h_BxCxD, keys_BxC, next_BxC = xs
             logits_BxCxV = model.logits_from_hidden(h_BxCxD, w_DxV)  # + the final soft-cap (Gemma 2)
             logits_BxCxV = mask_padded_vocab(logits_BxCxV, vocab_size)
-            res = {o.name: output_targets(o, keys_BxC, logits_BxCxV, vocab_size) for o in outputs}
-            res["diagnostics"] = diagnostics(logits_BxCxV, next_BxC)
+            # the temperature-1 sampling trees: one pass over V for the diagnostics and samplers
+            tree_P = jax.vmap(sampling.mass_tree)(logits_BxCxV.reshape(-1, logits_BxCxV.shape[-1]))
+            res = {o.name: output_targets(o, keys_BxC, logits_BxCxV, vocab_size, tree_P) for o in outputs}
+            res["diagnostics"] = diagnostics(logits_BxCxV, next_BxC, tree_P)
             return res
 
         res = jax.lax.map(body, (to_chunks(h_BxLxD), to_chunks(keys_BxL), to_chunks(next_BxL)))
         return jax.tree.map(from_chunks, res)
 
-    def step(state, tokens_BxL, rows_B, split, docs=None):
+    def step(state, tokens_BxL, rows_B, split, docs=None, head_DxV=None):
         docs = docs or {}
         model = nnx.merge(graphdef, state)
-        w_DxV = model.lm_head_weight()
+        w_DxV = model.lm_head_weight() if head_DxV is None else head_DxV
         B, L = tokens_BxL.shape
         if B % (batch_shards * device_batch):
             raise ValueError(

@@ -41,7 +41,9 @@ from rskd_jax.sampling_tree import (
     SYSTEMATIC_SAMPLER as SYSTEMATIC_SAMPLER,  # the draws a key gives, recorded in store manifests
 )
 from rskd_jax.sampling_tree import WOR_SAMPLER as WOR_SAMPLER
+from rskd_jax.sampling_tree import MassTree as MassTree
 from rskd_jax.sampling_tree import _draw_one, _systematic_one, _unique_counts, _wor_one
+from rskd_jax.sampling_tree import mass_tree as mass_tree  # the samplers' O(V) pass, shared by the cache step
 
 # store method -> the version of the draws its sampler gives for a key, recorded in store
 # manifests ("sampler"): a resume or `inspect_store --verify` refuses a store of another version
@@ -108,8 +110,9 @@ def _sample(key, logits, num_draws, temperature):
     logits_PxV, lead = _flatten(logits)
     s_PxV = logits_PxV / temperature if temperature != 1.0 else logits_PxV
     keys_P = _position_keys(key, logits_PxV.shape[0])
-    ids_PxN, log_zq_P = jax.vmap(_draw_one, in_axes=(0, 0, None))(keys_P, s_PxV, num_draws)
-    return ids_PxN.reshape(*lead, num_draws), log_zq_P, logits_PxV, lead
+    tree_P = jax.vmap(mass_tree)(s_PxV)
+    ids_PxN = jax.vmap(_draw_one, in_axes=(0, 0, None))(keys_P, tree_P, num_draws)
+    return ids_PxN.reshape(*lead, num_draws), tree_P.log_z, logits_PxV, lead
 
 
 def _check_k(k: int, vocab: int) -> None:
@@ -274,7 +277,10 @@ def ghost_targets(teacher_logits: jax.Array, k: int) -> GhostTargets:
 # What `systematic_counts` draws for a given key, recorded in systematic stores so a resume
 # never mixes two samplers in one store. Version 1 (unnamed, no record) located the points
 # in a cumsum over V; v2 walks the tree's partial sums with the same u per key, so the same
-# law but other float rounding at interval boundaries: a point there may change ids.
+# law but other float rounding at interval boundaries: a point there may change ids. v3: the
+# tree's bottom row sums come from a two-output reduce (`mass_tree`, with the entropy's
+# moment), which XLA sums in another order: other rounding again (14 of 24,576 stored ids
+# moved at V = 151,936, N = 16).
 @functools.partial(jax.jit, static_argnames=("num_draws", "temperature"))
 def systematic_counts(
     key: jax.Array, teacher_logits: jax.Array, num_draws: int, *, temperature: float = 1.0
@@ -298,10 +304,40 @@ def systematic_counts(
     logits_PxV, lead = _flatten(teacher_logits)
     s_PxV = logits_PxV / temperature if temperature != 1.0 else logits_PxV
     keys_P = _position_keys(key, logits_PxV.shape[0])
-    ids_PxN, counts_PxN, log_zq_P = jax.vmap(_systematic_one, in_axes=(0, 0, None))(keys_P, s_PxV, num_draws)
-    w_PxN = _count_weights(logits_PxV, ids_PxN, counts_PxN, log_zq_P, num_draws, temperature)
+    tree_P = jax.vmap(mass_tree)(s_PxV)
+    ids_PxN, counts_PxN = jax.vmap(_systematic_one, in_axes=(0, 0, None))(keys_P, tree_P, num_draws)
+    w_PxN = _count_weights(logits_PxV, ids_PxN, counts_PxN, tree_P.log_z, num_draws, temperature)
     shape = (*lead, num_draws)
     return SampledCounts(ids_PxN.reshape(shape), counts_PxN.reshape(shape), w_PxN.reshape(shape))
+
+
+@functools.partial(jax.jit, static_argnames=("num_draws",))
+def sample_counts_from_tree(key: jax.Array, tree: MassTree, num_draws: int) -> SampledCounts:
+    """`sample_counts(key, logits_V, num_draws)` for ONE position at temperature 1, from its
+    tree `mass_tree(logits_V)` (the sampler's one O(V) pass), for a caller that uses the tree
+    for more: the cache step takes log Z and the entropy from the same tree. The same draws for
+    the same tree; XLA may round the tree's sums in the last bit otherwise in another program
+    (another fusion), which moves a near-tie draw, as the LM head's own rounding does. [N] each.
+
+    >>> logits = jnp.log(jnp.array([0.5, 0.25, 0.25]))
+    >>> a = sample_counts_from_tree(jax.random.key(0), mass_tree(logits), 4)
+    >>> b = sample_counts(jax.random.key(0), logits, 4)
+    >>> all(bool((x == y).all()) for x, y in zip(a, b))
+    True
+    """
+    _check_static(num_draws, 1.0)
+    ids_N = _draw_one(jax.random.fold_in(key, 0), tree, num_draws)  # position 0 of sample_counts
+    uniq_N, counts_N = _unique_counts(ids_N)
+    return SampledCounts(uniq_N, counts_N, counts_N.astype(jnp.float32) / num_draws)
+
+
+@functools.partial(jax.jit, static_argnames=("num_draws",))
+def systematic_counts_from_tree(key: jax.Array, tree: MassTree, num_draws: int) -> SampledCounts:
+    """`systematic_counts(key, logits_V, num_draws)` for ONE position at temperature 1, from
+    its tree `mass_tree(logits_V)`; see `sample_counts_from_tree`. [N] each."""
+    _check_static(num_draws, 1.0)
+    ids_N, counts_N = _systematic_one(jax.random.fold_in(key, 0), tree, num_draws)
+    return SampledCounts(ids_N, counts_N, counts_N.astype(jnp.float32) / num_draws)
 
 
 def _count_weights(logits_PxV, ids_PxN, counts_PxN, log_zq_P, num_draws, temperature, log_zt_P=None):
@@ -329,7 +365,8 @@ def _head_tail_one(key, l_V, head, num_draws, temperature):
     has_tail = log_ztail > -jnp.inf  # else every finite id is in the head: the tail is empty
     tail_V = jnp.where(has_tail, tail_V, 0.0)  # draws stay defined; their weight is m = 0
     s_V = tail_V / temperature if temperature != 1.0 else tail_V
-    ids_N, log_zq = _draw_one(key, s_V, num_draws)
+    tree = mass_tree(s_V)
+    ids_N, log_zq = _draw_one(key, tree, num_draws), tree.log_z
     uniq_N, counts_N = _unique_counts(ids_N)
     # r = tail / m with log-normaliser log_ztail; w = (c / N) (r / q) m, m = tail mass
     w_N = _count_weights(

@@ -441,6 +441,35 @@ def test_key_per_position_independent_of_batch_shape_and_vmap():
     np.testing.assert_array_equal(batched[1], _draw(keys[1], logits[1], 16))
 
 
+def test_mass_tree_entropy_terms_and_draws_from_a_shared_tree():
+    """The tree's one pass over V also sums the entropy's moment; the cache step draws from the
+    tree it shares with its diagnostics (`sample_counts_from_tree`, `systematic_counts_from_tree`)
+    and must draw what the samplers draw alone."""
+    vocab, positions = 49_152, 64
+    logits = np.stack([lm_like_logits(vocab, seed=40 + p, scale=3.0, padded=p % 3) for p in range(positions)])
+    logits_PxV = jnp.asarray(logits)
+    tree_P = jax.jit(jax.vmap(sampling.mass_tree))(logits_PxV)
+    x = np.where(np.isfinite(logits), logits, 0.0).astype(np.float64)
+    e_PxV = np.exp(logits.astype(np.float64) - logits.max(-1, keepdims=True))
+    np.testing.assert_allclose(tree_P.root, e_PxV.sum(-1), rtol=1e-5)
+    np.testing.assert_allclose(tree_P.moment, (e_PxV * x).sum(-1), rtol=1e-4)
+    np.testing.assert_allclose(tree_P.log_z, np.log(e_PxV.sum(-1)) + logits.max(-1), rtol=1e-6)
+    keys_P = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(41), jnp.arange(positions))
+
+    @jax.jit
+    def shared(keys_P, logits_PxV):  # as the cache step: one tree, read by the draws and the entropy
+        tree_P = jax.vmap(sampling.mass_tree)(logits_PxV)
+        iid = jax.vmap(lambda k, t: sampling.sample_counts_from_tree(k, t, 50))(keys_P, tree_P)
+        sys = jax.vmap(lambda k, t: sampling.systematic_counts_from_tree(k, t, 16))(keys_P, tree_P)
+        return iid, sys, tree_P.moment / tree_P.root
+
+    iid, sys, _ = shared(keys_P, logits_PxV)
+    alone = jax.jit(jax.vmap(lambda k, l: (_counts(k, l, 50), sampling.systematic_counts(k, l, 16))))
+    for a, b in zip((iid, sys), alone(keys_P, logits_PxV)):
+        for x_a, x_b in zip(a, b):
+            np.testing.assert_array_equal(x_a, x_b)
+
+
 def test_bfloat16_logits():
     """bfloat16 logits x are sampled as their (exact) float32 values: draws from
     q = softmax(x / T), float32 weights with E[w] = t = softmax(x)."""

@@ -10,7 +10,8 @@ with diagnostics into a tmp dir, and times, per repetition, on the same `--steps
 
   forward   the teacher alone: hidden states + the LM-head logits computed chunk-wise
             exactly as the cache step does (cache_step.position_chunk positions per row at a
-            time), each chunk reduced to a sum so that every logit is computed, none kept;
+            time, the LM head weight as the step reads it), each chunk reduced to a sum so that
+            every logit is computed, none kept;
   step      the cache step (forward + padded-vocab mask + sampling + diagnostics), fetched to
             the host, nothing written (where the dump's time goes): `Cacher.dispatch` (the real
             token reads, batch assembly and jitted step) then `Cacher.fetch`;
@@ -74,8 +75,9 @@ def _cpu_s() -> float:
 
 
 def make_forward(cacher):
-    """(state, tokens_BxL) -> scalar: the cache step's forward and chunked LM head, nothing else
-    (the baseline: no micro-batch loop, sampling or diagnostics)."""
+    """(state, tokens_BxL, head_DxV) -> scalar: the cache step's forward and chunked LM head,
+    nothing else (the baseline: no micro-batch loop, sampling or diagnostics); the LM head
+    weight as the step gets it (`cacher.head_DxV`, kept on CPU; None: from the state)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -86,10 +88,10 @@ def make_forward(cacher):
     chunk = cacher.position_chunk
     vocab = cacher.vocab
 
-    def forward(state, tokens_BxL):
+    def forward(state, tokens_BxL, head_DxV):
         model = nnx.merge(graphdef, state)
         h_BxLxD = model.hidden_states(tokens_BxL)
-        w_DxV = model.lm_head_weight()
+        w_DxV = model.lm_head_weight() if head_DxV is None else head_DxV
         B, L = tokens_BxL.shape
         h_NxBxCxD = jnp.swapaxes(h_BxLxD.reshape(B, L // chunk, chunk, -1), 0, 1)
 
@@ -100,7 +102,9 @@ def make_forward(cacher):
         return jnp.sum(jax.lax.map(body, h_NxBxCxD))
 
     state_shardings = sharding.param_shardings(cacher.state, cacher.mesh)
-    return jax.jit(forward, in_shardings=(state_shardings, sharding.batch_sharding(cacher.mesh, 2))), chunk
+    head_sharding = None if cacher.head_DxV is None else cacher.head_DxV.sharding
+    in_shardings = (state_shardings, sharding.batch_sharding(cacher.mesh, 2), head_sharding)
+    return jax.jit(forward, in_shardings=in_shardings), chunk
 
 
 def main(argv=None) -> None:
@@ -196,7 +200,7 @@ def measure(args: argparse.Namespace, tmp: str, extra: list[str], name: str = "t
         t = time.perf_counter()
         for rows_B in batches:
             tokens_BxL, _, _ = cacher.global_batch(cacher.read_tokens("train", rows_B), rows_B)
-            jax.block_until_ready(forward(cacher.state, tokens_BxL))
+            jax.block_until_ready(forward(cacher.state, tokens_BxL, cacher.head_DxV))
         return time.perf_counter() - t
 
     code = cacher.split_code("train")
