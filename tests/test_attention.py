@@ -131,6 +131,44 @@ def test_splash_matches_chunked(window, softcap, traced):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def _segments(b, l, seed=0):
+    """int32 [B, L] segment ids: documents of random lengths 1..99, boundaries inside blocks."""
+    rng = np.random.default_rng(seed)
+    starts = np.zeros((b, l), bool)
+    for row in starts:
+        ends = np.cumsum(rng.integers(1, 100, l))
+        row[ends[ends < l]] = True
+    return jnp.asarray(np.cumsum(starts, axis=1), jnp.int32)
+
+
+@pytest.mark.parametrize("window, traced", [(None, False), (7, False), (7, True)])
+def test_splash_and_the_cudnn_path_mask_segments_like_chunked(window, traced):
+    """Document masking on the accelerator paths: splash's SegmentIds (interpreted) and
+    dot_product_attention's same-segment mask (cudnn's code path, jax's default implementation
+    here) equal the chunked path with the same segment ids; L = 256, 2 rows, windows static
+    and traced (lax.cond between two kernels)."""
+    q, k, v = _qkv(b=2, kh=2, l=256, g=2, e=16)
+    q = q * 0.3
+    seg = _segments(2, 256)
+    assert min(len(np.unique(np.asarray(r))) for r in seg) > 3
+    want = jax.jit(lambda q, k, v: causal_attention(q, k, v, window=window, segment_ids=seg))(q, k, v)
+    unmasked = causal_attention(q, k, v, window=window)
+    assert np.abs(np.asarray(want - unmasked)).max() > 0.1  # the segments change the output
+
+    def splash(q, k, v, w):
+        return splash_attention(q, k, v, window=w, local_window=7, segment_ids=seg, interpret=True)
+
+    def dpa(q, k, v, w):
+        return dot_product_attention(q, k, v, window=w, implementation=None, local_window=7, segment_ids=seg)
+
+    for fn in (splash, dpa):
+        if traced:
+            got = jax.jit(fn)(q, k, v, jnp.int32(window))
+        else:
+            got = jax.jit(lambda q, k, v, fn=fn: fn(q, k, v, window))(q, k, v)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=fn.__name__)
+
+
 def test_attention_kinds_are_one_list():
     from rskd_jax import config
 

@@ -39,6 +39,12 @@ def test_gpu_bench_smoke(tmp_path):
     assert out["cache"]["store"]["mean_unique_ids"] > 0
     assert out["train"]["ce"]["tokens_per_s"] > 0 and out["train"]["rskd"]["tokens_per_s"] > 0
     assert out["cache"]["flops_per_token"] > 0 and out["train"]["flops_per_token"] > 0
+    for kind, check in out["attention"].items():  # bfloat16 outputs against the chunked path
+        assert max(check["max_abs_diff"].values()) < 0.05, (kind, check)
+    assert (
+        out["attention"]["splash"]["ran_as"] == "chunked"
+        and "TPU only" in out["attention"]["splash"]["fallback_reason"]
+    )
     for name, family in (("qwen3_1.7b", "qwen3"), ("gemma3_1b", "gemma3_text")):
         fam = out[name]
         assert fam["config"]["family"] == family and fam["cache"]["tokens_per_s"] > 0

@@ -18,6 +18,10 @@ families  (--families, default both) Qwen3-1.7B- and Gemma-3-1B-shaped RANDOM te
        (cuDNN flash attention on GPU; reported as "attention"): exported with save_pretrained,
        cached as above through the sharded load (256 x 1024 tokens, batch 16), and trained as
        the student (batch 8 x 1024), CE vs RS-KD. --smoke: tiny versions of the same families.
+attention  (always) the backend's attention paths (auto, xla; cudnn on GPU, splash on TPU) against
+       the chunked path on random bfloat16 q/k/v (2 x 1024 tokens, 8 / 2 heads, E = 128): causal,
+       a 256-token window, and document segment ids with each; max |diff| per case, and the
+       path each ran as (a fallback is reported, not hidden).
 MFU = model FLOPs/token x tokens/s / peak. FLOPs/token (PaLM convention, no causal halving):
 forward 2 N + 4 n_layers d L, train 6 N + 12 n_layers d L, with N the matmul parameters
 (layers + the LM head once). Peak: 989 TFLOP/s (H100/H200 SXM bf16 dense) unless --peak-tflops.
@@ -388,6 +392,44 @@ def bench_train(size: dict, peak, cfg=None) -> dict:
     return out
 
 
+def check_attention(smoke: bool) -> dict:
+    """Each attention kind against the chunked path, bfloat16, causal / window / segments."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from rskd_jax.models import attention as attn
+
+    b, kh, g, e = 2, 2, 4, (16 if smoke else 128)
+    length, window = (256, 64) if smoke else (1024, 256)
+    rng = np.random.default_rng(0)
+    q, k, v = (
+        jnp.asarray(rng.standard_normal(shape) * scale, jnp.bfloat16)
+        for shape, scale in (((b, kh, length, g, e), e**-0.5), ((b, kh, length, e), 1.0), ((b, kh, length, e), 1.0))
+    )
+    starts = np.zeros((b, length), np.int32)
+    starts[:, rng.integers(1, length, 12)] = 1
+    seg = jnp.asarray(np.cumsum(starts, axis=1), jnp.int32)
+    backend = jax.default_backend()
+    out: dict = {}
+    for kind in ("auto", "xla", "cudnn", "splash"):
+        impl, reason = attn.choose_attention(kind, backend=backend, dtype="bfloat16", length=length)
+        cases = {}
+        for case, w, s in (
+            ("causal", None, None),
+            ("window", window, None),
+            ("segments", None, seg),
+            ("window_segments", window, seg),
+        ):
+            ref = attn.causal_attention(q, k, v, window=w, segment_ids=s).astype(jnp.float32)
+            got = jax.jit(lambda q, k, v, w=w, s=s, kind=kind: attn.attention(kind, q, k, v, window=w, segment_ids=s))(
+                q, k, v
+            )
+            cases[case] = float(jnp.abs(got.astype(jnp.float32) - ref).max())
+        out[kind] = {"ran_as": impl, "fallback_reason": reason, "max_abs_diff": cases}
+    return out
+
+
 def main(argv=None) -> None:
     args = _parse(argv)
     t0 = time.perf_counter()
@@ -403,6 +445,7 @@ def main(argv=None) -> None:
         "jax": jax.__version__,
         "peak_tflops": peak,
     }
+    result["attention"] = check_attention(args.smoke)
     if not args.skip_cache:
         with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
             result["cache"] = bench_cache(size, tmp, peak)

@@ -254,14 +254,23 @@ def cudnn_attention(
     *,
     window: int | jax.Array | None = None,
     local_window: int | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """xla_attention with implementation="cudnn" (cuDNN flash attention; GPU, bf16/fp16).
 
     A traced window (mixed layer kinds) selects between the local_window kernel and the plain
-    causal one with lax.cond: cuDNN takes its window as a static size.
+    causal one with lax.cond: cuDNN takes its window as a static size. segment_ids: the
+    same-segment mask [B, 1, L, L], which jax hands cuDNN as an additive bias (B L^2 values
+    of q's dtype: 64 MB for 8 rows of 2,048 in bfloat16).
     """
     return dot_product_attention(
-        q_BxKVxLxGxE, k_BxKVxLxE, v_BxKVxLxE, window=window, implementation="cudnn", local_window=local_window
+        q_BxKVxLxGxE,
+        k_BxKVxLxE,
+        v_BxKVxLxE,
+        window=window,
+        implementation="cudnn",
+        local_window=local_window,
+        segment_ids=segment_ids,
     )
 
 
@@ -273,6 +282,7 @@ def splash_attention(
     window: int | jax.Array | None = None,
     softcap: float | None = None,
     local_window: int | None = None,
+    segment_ids: jax.Array | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """causal_attention through Pallas TPU splash attention (same arguments, same result).
@@ -280,8 +290,10 @@ def splash_attention(
     The mask is CausalMask, or LocalMask((W - 1, 0)) for a window W (causal too); soft-capping
     is the kernel's attn_logits_soft_cap. One kernel per batch row (vmap), query head
     h = kv * G + g reads kv head h // G (splash's MHA with fewer kv heads). A traced window
-    selects the local_window kernel or the causal one with lax.cond. interpret=True runs the
-    kernel in the Pallas interpreter (CPU; the tests). L must be a multiple of 128.
+    selects the local_window kernel or the causal one with lax.cond. segment_ids (int [B, L]):
+    the kernel's own SegmentIds, and-ed with the mask (blocks stay skipped by the static mask
+    only). interpret=True runs the kernel in the Pallas interpreter (CPU; the tests). L must
+    be a multiple of 128.
 
     PERF: under a multi-device jit the kernel is not partitioned by GSPMD (a Pallas call):
     its inputs are gathered to each device. Wrap it in shard_map over the batch / heads axes
@@ -315,7 +327,10 @@ def splash_attention(
             attn_logits_soft_cap=softcap,
             interpret=interpret,
         )
-        return jax.vmap(kernel)(q_BxHxLxE, k_BxKVxLxE, v_BxKVxLxE)
+        if segment_ids is None:
+            return jax.vmap(kernel)(q_BxHxLxE, k_BxKVxLxE, v_BxKVxLxE)
+        segments = lambda q, k, v, seg: kernel(q, k, v, segment_ids=sa.SegmentIds(q=seg, kv=seg))
+        return jax.vmap(segments)(q_BxHxLxE, k_BxKVxLxE, v_BxKVxLxE, segment_ids)
 
     if window is None or isinstance(window, int):
         o_BxHxLxE = run(window)
@@ -339,19 +354,16 @@ def attention(
     """Causal attention by implementation kind (resolve_attention for this backend, q's dtype,
     soft-cap and length); [B, KV, L, G, E] out. local_window: the static size a traced
     `window` takes on sliding layers (cudnn and splash build one kernel per mask).
-    segment_ids (int [B, L], optional): attend only within a segment (document masking); the
-    cudnn and splash paths take no segment mask here and fall back (xla, or chunked with a
-    soft-cap), with the reason logged once."""
+    segment_ids (int [B, L], optional): attend only within a segment (document masking), on
+    every path (splash: its SegmentIds; xla and cudnn: a same-segment mask)."""
     impl = resolve_attention(kind, softcap, dtype=q_BxKVxLxGxE.dtype, length=q_BxKVxLxGxE.shape[2])
-    if segment_ids is not None and impl in ("cudnn", "splash"):
-        fallback = "chunked" if softcap is not None else "xla"
-        _log_once(f"attention {impl!r} takes no segment mask here (document masking): using {fallback!r}")
-        impl = fallback
     q, k, v = q_BxKVxLxGxE, k_BxKVxLxE, v_BxKVxLxE
     if impl == "xla":
         return xla_attention(q, k, v, window=window, segment_ids=segment_ids)
     if impl == "cudnn":
-        return cudnn_attention(q, k, v, window=window, local_window=local_window)
+        return cudnn_attention(q, k, v, window=window, local_window=local_window, segment_ids=segment_ids)
     if impl == "splash":
-        return splash_attention(q, k, v, window=window, softcap=softcap, local_window=local_window)
+        return splash_attention(
+            q, k, v, window=window, softcap=softcap, local_window=local_window, segment_ids=segment_ids
+        )
     return causal_attention(q, k, v, window=window, softcap=softcap, segment_ids=segment_ids)
