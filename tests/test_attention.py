@@ -141,7 +141,10 @@ def _segments(b, l, seed=0):
     return jnp.asarray(np.cumsum(starts, axis=1), jnp.int32)
 
 
-@pytest.mark.parametrize("window, traced", [(None, False), (7, False), (7, True)])
+@pytest.mark.parametrize(
+    "window, traced",
+    [pytest.param(None, False, marks=pytest.mark.slow), pytest.param(7, False, marks=pytest.mark.slow), (7, True)],
+)
 def test_splash_and_the_cudnn_path_mask_segments_like_chunked(window, traced):
     """Document masking on the accelerator paths: splash's SegmentIds (interpreted) and
     dot_product_attention's same-segment mask (cudnn's code path, jax's default implementation
@@ -195,9 +198,13 @@ MIXED = LlamaConfig(
     "config",
     [
         MIXED,  # Gemma 3-like: traced window per layer
-        MIXED.replace(layer_types=None, rope_local_theta=None, qk_norm=False),  # Mistral-like
-        MIXED.replace(sliding_window=None, layer_types=None, rope_local_theta=None),  # plain
-    ],
+        pytest.param(  # Mistral-like
+            MIXED.replace(layer_types=None, rope_local_theta=None, qk_norm=False), marks=pytest.mark.slow
+        ),
+        pytest.param(
+            MIXED.replace(sliding_window=None, layer_types=None, rope_local_theta=None), marks=pytest.mark.slow
+        ),
+    ],  # test-fast keeps the mixed layers (both window kinds in one model)
     ids=["mixed", "all_sliding", "full"],
 )
 def test_model_attention_paths_agree(config):

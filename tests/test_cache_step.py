@@ -83,6 +83,7 @@ def test_outputs_draw_the_same_from_the_shared_trees(run):
         np.testing.assert_allclose(d["gold_logprob"], gold, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # compiles the step twice; test-fast keeps the shared-tree test above
 def test_step_with_the_kept_lm_head_is_the_same_step(run):
     """make_step's head_DxV (the LM head the cache keeps on CPU, `lm_head_once`) gives the same
     outputs bit for bit as the step taking it from the state: 2 micro-batches of 2 rows,

@@ -66,6 +66,7 @@ def test_sharded_load_equals_unsharded(checkpoint, mesh, param_dtype):
     assert sharded >= 10  # embed, lm_head and the projections are split, not replicated
 
 
+@pytest.mark.slow  # test-fast keeps the float32 sharded == unsharded load
 def test_bfloat16_checkpoint_loads_as_float32(tmp_path, mesh):
     model = init_model(CONFIG.replace(param_dtype="bfloat16"), seed=1)
     save_pretrained(model, tmp_path)

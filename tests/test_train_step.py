@@ -70,9 +70,9 @@ def test_one_step_matches_reference(setup):
     model, _, batch = setup
     alpha = 0.25
     _, params0 = ts.split_model(model)
-    (loss0, (ce0, kd0)), g = jax.value_and_grad(lambda p: _reference_loss(model, p, batch, alpha), has_aux=True)(
-        params0
-    )
+    (loss0, (ce0, kd0)), g = jax.jit(
+        jax.value_and_grad(lambda p: _reference_loss(model, p, batch, alpha), has_aux=True)
+    )(params0)
     state, hist = _run(model, batch, ts.LossSpec("sparse", alpha=alpha, vocab_size=VTOK), steps=2, clip=None)
     np.testing.assert_allclose(hist[0]["loss"], loss0, rtol=1e-5)
     np.testing.assert_allclose(hist[0]["ce"], ce0, rtol=1e-5)
@@ -83,7 +83,7 @@ def test_one_step_matches_reference(setup):
     want = jax.tree.map(lambda p, gg, m: p - LR * (gg / (jnp.abs(gg) + EPS) + WD * p * m), params0, g, mask)
     for a, b in zip(jax.tree.leaves(hist[0]["params"]), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, atol=1e-4)  # a sign error would be 2 lr = 2e-2
-    loss1, _ = _reference_loss(model, want, batch, alpha)
+    loss1, _ = jax.jit(lambda p: _reference_loss(model, p, batch, alpha))(want)
     np.testing.assert_allclose(hist[1]["loss"], loss1, rtol=1e-4)
     assert int(state.step) == 2
 
@@ -145,6 +145,7 @@ def test_chunked_equals_unchunked(setup, method, chunk):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_full_online_equals_full_cached(setup):
     model, teacher, batch = setup
     logprobs = jax.nn.log_softmax(teacher(jnp.asarray(batch["tokens"]))[..., :VTOK], -1)
@@ -178,6 +179,7 @@ def masked(setup):
     return batch, _run(model, batch, SPEC_MIX, steps=2)[1]
 
 
+@pytest.mark.slow  # test-fast keeps chunked == unchunked and sharded == one device
 def test_grad_accumulation_equals_big_batch(setup, masked):
     model, (batch, hb) = setup[0], masked
     _, ha = _run(model, batch, SPEC_MIX, micro=4)
