@@ -65,6 +65,12 @@ def main(argv=None) -> None:
     ap.add_argument("base", help="results.json to extend (rewritten in place)")
     ap.add_argument("others", nargs="+", help="results.json of runs in the same setting")
     ap.add_argument("--readme", help="README whose Results markers are re-rendered")
+    ap.add_argument(
+        "--reliability",
+        default="ce,top_k_12,rskd_n50,full_kd",
+        help="comma-separated methods of the reliability diagram, as the comparison's reproduce.reliability "
+        "(those missing from the merged rows are left out; default: %(default)s)",
+    )
     args = ap.parse_args(argv)
     with open(args.base, encoding="utf-8") as f:
         base = json.load(f)
@@ -78,11 +84,9 @@ def main(argv=None) -> None:
     out_dir = os.path.dirname(args.base)
     plots.plot_gap_bytes(merged, os.path.join(out_dir, "gap_bytes.png"))
     plots.plot_tradeoff(merged, os.path.join(out_dir, "ids_tradeoff.png"))
-    plots.plot_reliability(
-        merged,
-        [r["method"] for r in merged["methods"] if r["method"] in ("ce", "top_k_12", "rskd_n50", "full_kd")],
-        os.path.join(out_dir, "reliability.png"),
-    )
+    present = {r["method"] for r in merged["methods"]}
+    reliability = [m for m in args.reliability.split(",") if m in present]
+    plots.plot_reliability(merged, reliability, os.path.join(out_dir, "reliability.png"))
     if args.readme:
         section = report.render_section(merged, os.path.dirname(args.readme), out_dir)
         print(
