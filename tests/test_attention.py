@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from rskd_jax.documents import segments_and_positions
 from rskd_jax.models import LlamaConfig, init_model
 from rskd_jax.models import attention as attention_module
 from rskd_jax.models.attention import (
@@ -138,7 +139,7 @@ def _segments(b, l, seed=0):
     for row in starts:
         ends = np.cumsum(rng.integers(1, 100, l))
         row[ends[ends < l]] = True
-    return jnp.asarray(np.cumsum(starts, axis=1), jnp.int32)
+    return jnp.asarray(segments_and_positions(starts)[0])
 
 
 @pytest.mark.parametrize(

@@ -108,6 +108,8 @@ def test_step_with_the_kept_lm_head_is_the_same_step(run):
     rows_B, split = jnp.arange(4, dtype=jnp.int32), jnp.int32(0)
     a = jax.tree.map(np.asarray, step(state, tokens_BxL, rows_B, split))
     b = jax.tree.map(np.asarray, step(state, tokens_BxL, rows_B, split, None, head_DxV))
+    doubled = step(state, tokens_BxL, rows_B, split, None, head_DxV * 2)  # the step reads the head it is given
+    assert np.abs(np.asarray(doubled["diagnostics"]["entropy"]) - a["diagnostics"]["entropy"]).max() > 0.01
     assert a["finite"].all()
     for path, x in jax.tree_util.tree_flatten_with_path(a)[0]:
         y = b

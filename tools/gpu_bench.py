@@ -398,6 +398,7 @@ def check_attention(smoke: bool) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
+    from rskd_jax.documents import segments_and_positions
     from rskd_jax.models import attention as attn
 
     b, kh, g, e = 2, 2, 4, (16 if smoke else 128)
@@ -407,26 +408,28 @@ def check_attention(smoke: bool) -> dict:
         jnp.asarray(rng.standard_normal(shape) * scale, jnp.bfloat16)
         for shape, scale in (((b, kh, length, g, e), e**-0.5), ((b, kh, length, e), 1.0), ((b, kh, length, e), 1.0))
     )
-    starts = np.zeros((b, length), np.int32)
-    starts[:, rng.integers(1, length, 12)] = 1
-    seg = jnp.asarray(np.cumsum(starts, axis=1), jnp.int32)
+    starts = np.zeros((b, length), bool)
+    starts[:, rng.integers(1, length, 12)] = True
+    seg = jnp.asarray(segments_and_positions(starts)[0])
+    cases = {
+        "causal": (None, None),
+        "window": (window, None),
+        "segments": (None, seg),
+        "window_segments": (window, seg),
+    }
+    refs = {
+        case: attn.causal_attention(q, k, v, window=w, segment_ids=s).astype(jnp.float32)
+        for case, (w, s) in cases.items()
+    }
     backend = jax.default_backend()
     out: dict = {}
     for kind in ("auto", "xla", "cudnn", "splash"):
         impl, reason = attn.choose_attention(kind, backend=backend, dtype="bfloat16", length=length)
-        cases = {}
-        for case, w, s in (
-            ("causal", None, None),
-            ("window", window, None),
-            ("segments", None, seg),
-            ("window_segments", window, seg),
-        ):
-            ref = attn.causal_attention(q, k, v, window=w, segment_ids=s).astype(jnp.float32)
-            got = jax.jit(lambda q, k, v, w=w, s=s, kind=kind: attn.attention(kind, q, k, v, window=w, segment_ids=s))(
-                q, k, v
-            )
-            cases[case] = float(jnp.abs(got.astype(jnp.float32) - ref).max())
-        out[kind] = {"ran_as": impl, "fallback_reason": reason, "max_abs_diff": cases}
+        diffs = {}
+        for case, (w, s) in cases.items():
+            run = jax.jit(lambda q, k, v, w=w, s=s, kind=kind: attn.attention(kind, q, k, v, window=w, segment_ids=s))
+            diffs[case] = float(jnp.abs(run(q, k, v).astype(jnp.float32) - refs[case]).max())
+        out[kind] = {"ran_as": impl, "fallback_reason": reason, "max_abs_diff": diffs}
     return out
 
 
