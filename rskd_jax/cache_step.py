@@ -208,9 +208,10 @@ def lm_head_once(graphdef: Any, state: Any, devices: Iterable[Any]) -> jax.Array
 
     PERF: CPU XLA feeds its matmul a row-major [D, V] right-hand side, so a step that
     transposes the [V, D] embedding copies it into a fresh buffer on every call (V x D floats:
-    600 MB at V = 262,144, D = 576), pays its page faults, and frees it after the step. Kept here, the step's logits are the
-    same bit for bit and the step 13% / 10% faster at V = 151,936 / 262,144 (4-layer d = 576
-    teacher, 4 x 128 tokens, step + fetch, interleaved medians of 3).
+    600 MB at V = 262,144, D = 576), pays its page faults, and frees it after the step. Kept
+    here, the step's logits are the same bit for bit and the step 13% / 10% faster at
+    V = 151,936 / 262,144 (4-layer d = 576 teacher, 4 x 128 tokens, step + fetch, interleaved
+    medians of 3).
     The price: the [D, V] copy stays in memory between steps, as it stood during each one.
     Accelerators read the transposed operand in place: nothing is kept there.
     """
